@@ -1,0 +1,205 @@
+"""`SelfDistillConfig`: the training arguments of on-policy self-distillation, in TRL's style.
+
+Every field carries a help string; every check lives in ``__post_init__`` so a bad combination fails when the
+config is built, not at step 300.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from selfdistill.losses import CLIPS, DIVERGENCES, SUPPORTS, TOPK_SOURCES, LossSpec
+
+TEACHER_POLICIES = ("live", "initial", "ema", "sync")
+PI_OVERFLOW = ("truncate", "error")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+@dataclass
+class SelfDistillConfig(TrainingArguments):
+    r"""Configuration for [`SelfDistillTrainer`].
+
+    Beside [`~transformers.TrainingArguments`], the fields fall into four groups: generation (how the student samples
+    its rollouts), loss (divergence, support and clipping, METHODS.md §1), rollout reuse, and the teacher (which
+    weights score the rollouts). ``per_device_train_batch_size`` counts *rollouts*, as in TRL's GRPO: with
+    ``num_generations=4`` a batch of 8 holds 2 prompts with 4 rollouts each.
+
+    The default loss is the token-level reverse KL(student || teacher) over the full vocabulary with a per-token
+    cap ``min(D_t, clip_tau)`` and an importance-ratio cap ``c = 2`` on stale rollouts: "reverse KL with clipping".
+    """
+
+    # Overrides of TrainingArguments defaults.
+    learning_rate: float = field(
+        default=1e-5,
+        metadata={"help": "Initial learning rate for AdamW (1e-5 suits full fine-tuning of ~100M models)."},
+    )
+    logging_steps: float = field(
+        default=10, metadata={"help": "Log every X update steps (a float in [0, 1) is a ratio of total steps)."}
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Keep every dataset column: privileged-information sources and reward functions read them."},
+    )
+
+    model_init_kwargs: dict | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for from_pretrained when the model is given as a name or path "
+                  "(e.g. {'dtype': 'bfloat16'})."},
+    )
+
+    # Generation
+    num_generations: int = field(
+        default=4, metadata={"help": "Rollouts G sampled per prompt. The rollout batch must be divisible by G."}
+    )
+    max_prompt_length: int | None = field(
+        default=512,
+        metadata={"help": "Longest student prompt in tokens; a longer prompt is an error naming the row "
+                  "(None: no limit)."},
+    )
+    max_completion_length: int = field(default=256, metadata={"help": "New tokens sampled per rollout at most."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: keep the smallest set with this mass."})
+    top_k: int | None = field(default=None, metadata={"help": "Sample among the k most likely tokens (None: all)."})
+
+    # Loss
+    divergence: str = field(
+        default="reverse_kl",
+        metadata={"help": "Token divergence: 'reverse_kl' = KL(student||teacher), 'forward_kl', or 'jsd' "
+                  "(see jsd_beta)."},
+    )
+    jsd_beta: float = field(
+        default=0.5,
+        metadata={"help": "JSD mixture weight in (0, 1): m = beta*p_T + (1-beta)*p_S, "
+                  "D = beta KL(T||m) + (1-beta) KL(S||m)."},
+    )
+    support: str = field(
+        default="full",
+        metadata={"help": "Vocabulary support: 'full' (exact), 'topk' (see support_top_k), or 'sampled' (the realised "
+                  "token only, REINFORCE surrogate; reverse KL)."},
+    )
+    support_top_k: int = field(default=64, metadata={"help": "k of the top-k support."})
+    topk_from: str = field(
+        default="student", metadata={"help": "Whose top-k forms the support: 'student', 'teacher' or 'union'."}
+    )
+    tail_bucket: bool = field(
+        default=True,
+        metadata={"help": "Top-k support: add one bucket holding the uncaptured mass (True) or renormalise (False)."},
+    )
+    clip: str = field(
+        default="token",
+        metadata={"help": "Divergence clip: 'token' caps each token's divergence min(D_t, clip_tau); 'entry' caps each "
+                  "vocabulary term (OPSD, tau 0.05); 'none'."},
+    )
+    clip_tau: float = field(default=1.0, metadata={"help": "Threshold tau of the divergence clip, in nats."})
+    ratio_clip: float | None = field(
+        default=2.0,
+        metadata={"help": "Cap c of the importance ratio min(pi_theta/pi_old, c) on reused rollouts (None: off). "
+                  "Required when rollouts are reused (num_iterations > 1 or steps_per_generation > "
+                  "gradient_accumulation_steps)."},
+    )
+
+    # Rollout reuse
+    steps_per_generation: int | None = field(
+        default=None,
+        metadata={"help": "Micro-batches served from one generation round (None: gradient_accumulation_steps)."},
+    )
+    num_iterations: int = field(
+        default=1, metadata={"help": "Optimisation passes over each generation round (> 1 reuses rollouts)."}
+    )
+
+    # Teacher
+    teacher_policy: str = field(
+        default="initial",
+        metadata={"help": "Teacher weights: 'initial' (frozen start; under LoRA the adapter disabled), 'live' (the "
+                  "current student, no grad), 'ema' (moving average), 'sync' (hard copy every teacher_update_every)."},
+    )
+    teacher_ema_rate: float = field(
+        default=0.05, metadata={"help": "EMA rate alpha: theta_T <- (1-alpha) theta_T + alpha theta at each update."}
+    )
+    teacher_update_every: int = field(
+        default=1, metadata={"help": "Optimizer steps between teacher updates ('ema' and 'sync')."}
+    )
+    max_teacher_length: int | None = field(
+        default=None,
+        metadata={"help": "Longest teacher sequence (context + completion) in tokens; None: the model's "
+                  "max_position_embeddings."},
+    )
+    pi_overflow: str = field(
+        default="truncate",
+        metadata={"help": "When a teacher sequence is too long: 'truncate' the privileged text (counted in "
+                  "metrics) or 'error'. Completion tokens are never truncated."},
+    )
+
+    # Logging
+    log_completions: int = field(
+        default=0, metadata={"help": "Print this many sample rollouts with their rewards at each logging step."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _choice("divergence", self.divergence, DIVERGENCES)
+        _choice("support", self.support, SUPPORTS)
+        _choice("topk_from", self.topk_from, TOPK_SOURCES)
+        _choice("clip", self.clip, CLIPS)
+        _choice("teacher_policy", self.teacher_policy, TEACHER_POLICIES)
+        _choice("pi_overflow", self.pi_overflow, PI_OVERFLOW)
+        if self.num_generations < 1:
+            raise ValueError(f"num_generations={self.num_generations} must be >= 1")
+        if self.max_completion_length < 1:
+            raise ValueError(f"max_completion_length={self.max_completion_length} must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0; rollouts are sampled, not greedy")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.steps_per_generation is None:
+            self.steps_per_generation = self.gradient_accumulation_steps
+        if self.steps_per_generation < 1 or self.num_iterations < 1:
+            raise ValueError("steps_per_generation and num_iterations must be >= 1")
+        if self.steps_per_generation % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"steps_per_generation={self.steps_per_generation} must be a multiple of gradient_accumulation_steps="
+                f"{self.gradient_accumulation_steps}, so that each optimizer step's global token count (the loss "
+                "normaliser) is known when its loss is computed"
+            )
+        rollouts = self.per_device_train_batch_size * self.steps_per_generation
+        if rollouts % self.num_generations:
+            raise ValueError(
+                f"the rollout batch per_device_train_batch_size x steps_per_generation = {rollouts} is not divisible "
+                f"by num_generations={self.num_generations}; make per_device_train_batch_size a multiple of "
+                f"{self.num_generations}"
+            )
+        reused = self.num_iterations > 1 or self.steps_per_generation > self.gradient_accumulation_steps
+        if reused and self.ratio_clip is None:
+            raise ValueError(
+                "rollouts are reused (num_iterations > 1 or steps_per_generation > gradient_accumulation_steps) "
+                "but ratio_clip is None; the stale rollouts need the importance ratio: set ratio_clip=2.0"
+            )
+        if self.teacher_policy == "ema" and not 0 < self.teacher_ema_rate <= 1:
+            raise ValueError(f"teacher_ema_rate={self.teacher_ema_rate} must be in (0, 1] for teacher_policy='ema'")
+        if self.teacher_update_every < 1:
+            raise ValueError(f"teacher_update_every={self.teacher_update_every} must be >= 1")
+        self.loss_spec()  # validates the loss combination with the loss module's own messages
+
+    @property
+    def reuses_rollouts(self) -> bool:
+        return self.num_iterations > 1 or self.steps_per_generation > self.gradient_accumulation_steps
+
+    def loss_spec(self) -> LossSpec:
+        """The loss this config asks for, as the pure loss module's spec."""
+        return LossSpec(
+            divergence=self.divergence,
+            jsd_beta=self.jsd_beta,
+            support=self.support,
+            top_k=self.support_top_k,
+            topk_from=self.topk_from,
+            tail_bucket=self.tail_bucket,
+            clip=self.clip,
+            clip_tau=self.clip_tau,
+            ratio_clip=self.ratio_clip,
+        )

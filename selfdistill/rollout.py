@@ -1,0 +1,119 @@
+"""Student rollouts with transformers ``generate`` and reward scoring in TRL's reward-function convention."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from selfdistill.sequences import splice
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Generated:
+    completion_ids: list[list[int]]  # exact sampled ids, cut after the first EOS (EOS kept)
+    truncated: list[bool]  # True where max_completion_length was hit before EOS
+
+
+def eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every id that ends a rollout: the generation config's EOS ids plus the tokenizer's."""
+    ids: set[int] = set()
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (config_eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(int(v) for v in value)
+    if not ids:
+        raise ValueError("neither the model's generation config nor the tokenizer names an EOS token; set one")
+    return sorted(ids)
+
+
+@torch.no_grad()
+def sample_completions(
+    model: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    eos: Sequence[int],
+    max_new_tokens: int,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+) -> Generated:
+    """Sample one completion per prompt (prompts repeated G times upstream) with left padding."""
+    batch = splice(prompt_ids, [[] for _ in prompt_ids], pad_id)
+    width = batch.context_width
+    device = next(model.parameters()).device
+    kwargs: dict[str, Any] = {"do_sample": do_sample, "max_new_tokens": max_new_tokens}
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k if top_k else 0)
+    out = model.generate(
+        input_ids=batch.input_ids[:, :width].to(device),
+        attention_mask=batch.attention_mask[:, :width].to(device),
+        pad_token_id=pad_id,
+        eos_token_id=list(eos),
+        **kwargs,
+    )
+    new = out[:, width:].tolist()
+    eos_set = set(eos)
+    completions, truncated = [], []
+    for row in new:
+        cut = next((i for i, tok in enumerate(row) if tok in eos_set), None)
+        if cut is None:
+            completions.append(row[:max_new_tokens])
+            truncated.append(True)
+        else:
+            completions.append(row[: cut + 1])
+            truncated.append(False)
+    return Generated(completions, truncated)
+
+
+def reward_name(func: Callable) -> str:
+    return getattr(func, "__name__", None) or type(func).__name__
+
+
+def score_rollouts(
+    reward_funcs: Sequence[Callable],
+    weights: Sequence[float],
+    prompts: list[Any],
+    completions: list[Any],
+    completion_ids: list[list[int]],
+    rows: list[dict[str, Any]],
+) -> tuple[list[float], dict[str, list[float]], int]:
+    """Weighted sum of the reward functions per rollout, the per-function values and the count of failures.
+
+    Functions follow TRL's convention ``f(prompts, completions, completion_ids, **columns) -> list[float | None]``.
+    A function that raises is counted as a failure and contributes NaN for that batch instead of crashing the run;
+    a NaN or None reward is left out of the weighted sum.
+    """
+    columns = {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
+    columns.pop("prompt", None)
+    per_func: dict[str, list[float]] = {}
+    failures = 0
+    for func in reward_funcs:
+        name = reward_name(func)
+        try:
+            values = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+            values = [math.nan if v is None else float(v) for v in values]
+            if len(values) != len(completions):
+                raise ValueError(f"returned {len(values)} rewards for {len(completions)} completions")
+        except Exception as err:  # a verifier bug must not kill a long run; it is counted and logged
+            failures += 1
+            logger.warning("reward function %s failed on this batch (%s: %s); counted as a failure", name,
+                           type(err).__name__, err)
+            values = [math.nan] * len(completions)
+        per_func[name] = values
+    totals = []
+    for i in range(len(completions)):
+        parts = [w * per_func[reward_name(f)][i] for f, w in zip(reward_funcs, weights)]
+        finite = [p for p in parts if not math.isnan(p)]
+        totals.append(sum(finite) if finite else math.nan)
+    return totals, per_func, failures

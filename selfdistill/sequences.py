@@ -1,0 +1,163 @@
+"""Token sequences for the student and teacher passes.
+
+Both passes score the same completion token ids after different contexts. A context (the student's prompt, or
+the teacher's prompt plus privileged information) is rendered with the tokenizer's chat template and a generation
+prompt, tokenised, and the rollout's *exact* completion ids are spliced after it. The completion text is never
+re-tokenised: BPE merges at the seam would change the tokens the teacher scores.
+
+Layout of a spliced batch: contexts left-padded to a common width ``W``, completions right-padded to ``T``. The
+logits that predict completion token ``t`` sit at position ``W - 1 + t`` in every row, so one
+``logits_to_keep=T + 1`` forward serves the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from selfdistill.sources.base import Prompt, TeacherView
+
+
+def render_context(tokenizer: Any, context: Prompt) -> list[int]:
+    """Token ids of a context: chat messages through the chat template with a generation prompt, or a raw string."""
+    if isinstance(context, str):
+        return list(tokenizer(context, add_special_tokens=True)["input_ids"])
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            "the prompt is a list of chat messages but the tokenizer has no chat template; set "
+            "tokenizer.chat_template or give prompts as plain strings"
+        )
+    text = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
+    # The template already holds any BOS it wants; adding special tokens again would double it.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class TeacherContextTooLong(ValueError):
+    """A teacher sequence does not fit the model and its privileged text cannot be shortened enough."""
+
+
+def fit_view(
+    tokenizer: Any, view: TeacherView, completion_length: int, max_length: int, overflow: str = "truncate"
+) -> tuple[list[int], bool]:
+    """Render a teacher view so that context + completion fits ``max_length``.
+
+    The privileged text (``view.pi``) is shortened from its end when needed; completion tokens never are.
+    Returns the context ids and whether the privileged text was truncated.
+    """
+    ids = render_context(tokenizer, view.context)
+    excess = len(ids) + completion_length - max_length
+    if excess <= 0:
+        return ids, False
+    fix = (
+        f"raise max_teacher_length (now {max_length}), shorten the privileged text, or lower max_completion_length"
+    )
+    if overflow == "error" or not view.pi:
+        raise TeacherContextTooLong(
+            f"teacher view {view.name!r} needs {len(ids)} context + {completion_length} completion tokens > "
+            f"{max_length}; {fix}" + ("" if view.pi else " (this view marks no privileged text to shorten)")
+        )
+    pi_ids = tokenizer(view.pi, add_special_tokens=False)["input_ids"]
+    marker = " [...]"
+    context = view.context
+    for _ in range(4):  # a decode/re-encode round trip can shift a few tokens; retry with a larger cut
+        keep = len(pi_ids) - excess - len(tokenizer(marker, add_special_tokens=False)["input_ids"]) - 2
+        if keep <= 0:
+            raise TeacherContextTooLong(
+                f"teacher view {view.name!r} does not fit in {max_length} tokens even without its privileged text; "
+                f"{fix}"
+            )
+        short = tokenizer.decode(pi_ids[:keep], skip_special_tokens=True) + marker
+        context = _replace_text(view.context, view.pi, short)
+        ids = render_context(tokenizer, context)
+        new_excess = len(ids) + completion_length - max_length
+        if new_excess <= 0:
+            return ids, True
+        pi_ids = pi_ids[:keep]
+        excess = new_excess
+    raise TeacherContextTooLong(f"could not shorten teacher view {view.name!r} to fit {max_length} tokens; {fix}")
+
+
+def _replace_text(context: Prompt, old: str, new: str) -> Prompt:
+    if isinstance(context, str):
+        if old not in context:
+            raise ValueError("the view's pi text does not occur in its context; pi must be a substring of it")
+        return context.replace(old, new, 1)
+    out, found = [], False
+    for message in context:
+        message = dict(message)
+        content = message.get("content")
+        if not found and isinstance(content, str) and old in content:
+            message["content"] = content.replace(old, new, 1)
+            found = True
+        out.append(message)
+    if not found:
+        raise ValueError("the view's pi text does not occur in its context; pi must be a substring of a message")
+    return out
+
+
+@dataclass
+class SplicedBatch:
+    """Contexts left-padded to ``context_width``, completions right-padded; all tensors ``[B, W + T]`` or ``[B, T]``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    completion_ids: torch.Tensor  # [B, T]
+    completion_mask: torch.Tensor  # [B, T], 1 on real completion tokens
+    context_width: int
+
+    @property
+    def completion_width(self) -> int:
+        return self.completion_ids.shape[1]
+
+    def to(self, device: torch.device | str) -> SplicedBatch:
+        return SplicedBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.position_ids.to(device),
+            self.completion_ids.to(device),
+            self.completion_mask.to(device),
+            self.context_width,
+        )
+
+
+def splice(contexts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int) -> SplicedBatch:
+    """Put each completion's exact ids right after its context (see the module docstring for the layout)."""
+    if len(contexts) != len(completions):
+        raise ValueError(f"{len(contexts)} contexts for {len(completions)} completions")
+    if any(len(c) == 0 for c in contexts):
+        raise ValueError("an empty context: every teacher or student sequence needs at least one context token")
+    width = max(len(c) for c in contexts)
+    t = max([len(c) for c in completions] + [1])
+    b = len(contexts)
+    input_ids = torch.full((b, width + t), pad_id, dtype=torch.long)
+    attention = torch.zeros((b, width + t), dtype=torch.long)
+    comp_ids = torch.full((b, t), pad_id, dtype=torch.long)
+    comp_mask = torch.zeros((b, t), dtype=torch.long)
+    for i, (ctx, comp) in enumerate(zip(contexts, completions)):
+        input_ids[i, width - len(ctx) : width] = torch.tensor(list(ctx), dtype=torch.long)
+        attention[i, width - len(ctx) : width] = 1
+        if comp:
+            input_ids[i, width : width + len(comp)] = torch.tensor(list(comp), dtype=torch.long)
+            attention[i, width : width + len(comp)] = 1
+            comp_ids[i, : len(comp)] = torch.tensor(list(comp), dtype=torch.long)
+            comp_mask[i, : len(comp)] = 1
+    # Positions count real tokens only, as generate() does with left padding; padding gets position 0.
+    position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
+    return SplicedBatch(input_ids, attention, position_ids, comp_ids, comp_mask, width)
+
+
+def completion_logits(model: Any, batch: SplicedBatch) -> torch.Tensor:
+    """``[B, T, V]`` logits predicting each completion position (only those positions are computed)."""
+    t = batch.completion_width
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=t + 1,
+        use_cache=False,
+    )
+    return out.logits[:, :-1, :]

@@ -1,0 +1,118 @@
+"""The privileged-information (PI) source interface.
+
+A source turns a batch of finished rollouts into teacher contexts. For every rollout it returns one or more
+:class:`TeacherView` objects: the teacher's context (the task plus the privileged information, as chat messages
+or a raw string) that the trainer tokenises and splices in front of the rollout's exact completion ids. With one
+view per rollout the views are used as they are; several views per rollout are combined by the source's
+``combine`` rule. A stateful source (e.g. a skill bank) observes finished rollouts and saves its state with each
+checkpoint.
+
+Adding a method means writing one subclass of :class:`PrivilegedSource` in this package.
+"""
+
+from __future__ import annotations
+
+import difflib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+Messages = list[dict[str, Any]]
+Prompt = Messages | str
+
+
+@dataclass
+class TeacherView:
+    """One teacher context for one rollout.
+
+    Attributes:
+        context: chat messages (rendered with the tokenizer's chat template and a generation prompt, the same way
+            the student's prompt is) or a raw string used as is.
+        pi: the privileged text inside ``context``. When the teacher sequence is too long, the trainer shortens this
+            text (never the completion) and counts the truncation; ``None`` means the view cannot be shortened.
+        name: the view's name, used in metrics (``full_solution``, ``answer_only``, ...).
+        completion_ids: the ids the teacher scores; ``None`` means the rollout's own completion ids (the usual case).
+    """
+
+    context: Prompt
+    pi: str | None = None
+    name: str = "teacher"
+    completion_ids: list[int] | None = None
+
+
+@dataclass
+class Rollout:
+    """A finished rollout as a source sees it."""
+
+    row: dict[str, Any]  # the dataset row it was sampled for
+    prompt: Prompt  # the student's context
+    completion: str  # decoded completion text (special tokens removed)
+    completion_ids: list[int]  # the exact sampled ids, EOS included when sampled
+    reward: float | None = None  # summed weighted reward, when reward functions are given
+    group: int = 0  # index of its prompt within the generation batch (its G siblings share it)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class PrivilegedSource(ABC):
+    """Builds the teacher's privileged contexts for a batch of rollouts."""
+
+    #: How several views of one rollout become one target ("identity" requires exactly one view).
+    combine: str = "identity"
+    #: Dataset columns the source reads; checked against the dataset before training starts.
+    required_columns: tuple[str, ...] = ()
+    #: Whether the source needs rewards (then the trainer requires reward functions).
+    needs_rewards: bool = False
+
+    @abstractmethod
+    def views(self, rollouts: Sequence[Rollout]) -> list[list[TeacherView]]:
+        """One list of teacher views per rollout, in rollout order."""
+
+    def observe(self, rollouts: Sequence[Rollout]) -> None:  # noqa: B027 - optional hook
+        """Called with every finished batch; stateful sources update themselves here."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state saved with each checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Restores :meth:`state_dict` when training resumes."""
+
+    def check_dataset(self, column_names: Sequence[str]) -> None:
+        """Raises a clear error when a column this source reads is missing."""
+        for column in self.required_columns:
+            if column not in column_names:
+                close = difflib.get_close_matches(column, list(column_names), n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise KeyError(
+                    f"column {column!r} missing from the dataset; {type(self).__name__} reads it.{hint} Set the "
+                    f"source's column name to one of: {', '.join(map(repr, column_names))}"
+                )
+
+
+def with_user_text(prompt: Prompt, text: str) -> Prompt:
+    """The student's prompt with its last user message replaced by ``text`` (a string prompt becomes ``text``).
+
+    System messages and earlier turns are kept, so both sides share the same template and history.
+    """
+    if isinstance(prompt, str):
+        return text
+    messages = [dict(m) for m in prompt]
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            message["content"] = text
+            return messages
+    raise ValueError("the prompt has no user message to attach the privileged information to")
+
+
+def user_text(prompt: Prompt) -> str:
+    """The task text: the last user message of a chat prompt, or the prompt string itself."""
+    if isinstance(prompt, str):
+        return prompt
+    for message in reversed(prompt):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):  # multimodal-style content parts
+                return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+            return str(content)
+    raise ValueError("the prompt has no user message")

@@ -1,0 +1,486 @@
+"""`SelfDistillTrainer`: on-policy self-distillation as a `transformers.Trainer` subclass.
+
+One optimizer step, as data flows (docs/architecture.md):
+  dataset rows -> student rollouts (``generate``) -> rewards (optional) -> privileged source (teacher views)
+  -> teacher sequences (context ids ++ the exact completion ids) -> teacher pass (no grad, teacher weights)
+  -> student pass -> loss (divergence x support x clip x ratio, / global token count) -> backward
+  -> optimizer -> teacher update (ema / sync) -> metrics, checkpoint (teacher and source state included).
+
+The trainer wires these parts and holds no method-specific logic: a method is a `PrivilegedSource`.
+Rollouts are generated once per ``steps_per_generation`` micro-batches (TRL's GRPO layout), so the number of
+completion tokens of each optimizer step is known before its first backward and the loss is normalised by it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, Trainer, TrainerCallback
+from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.utils import RepeatSampler
+
+from selfdistill.config import SelfDistillConfig
+from selfdistill.losses import distillation_loss
+from selfdistill.modeling import ensure_pad_token, load_model, load_tokenizer
+from selfdistill.rollout import eos_ids, reward_name, sample_completions, score_rollouts
+from selfdistill.sequences import completion_logits, fit_view, render_context, splice
+from selfdistill.sources.base import PrivilegedSource, Rollout
+from selfdistill.teacher import TeacherWeights
+
+TEACHER_STATE = "teacher_state.pt"
+SOURCE_STATE = "privileged_source.json"
+
+
+def _collate_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return rows
+
+
+class NonFiniteLogits(FloatingPointError):
+    """NaN or inf logits in the student or teacher pass."""
+
+
+class _TeacherUpdate(TrainerCallback):
+    def __init__(self, trainer: SelfDistillTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        if self.trainer.teacher.update(model, state.global_step):
+            self.trainer._record("train", "teacher/updates", 1.0, 1.0, reduce="sum")
+
+
+class SelfDistillTrainer(Trainer):
+    """Trains a model to match itself conditioned on privileged information, on its own rollouts.
+
+    Args:
+        model: a model name or path (``"smollm2-135m-instruct"`` is the embedded default), a ``PreTrainedModel`` or
+            a ``PeftModel``.
+        args: a :class:`SelfDistillConfig`.
+        train_dataset: a ``datasets.Dataset`` with a ``prompt`` column (chat messages or a string) and the columns
+            the privileged source reads.
+        eval_dataset: optional, same format; evaluation reports the distillation loss on fresh rollouts.
+        processing_class: the tokenizer (loaded from the model when omitted).
+        privileged: the privileged-information source, e.g. ``ReferenceSolution(column="solution")``.
+        reward_funcs: callables in TRL's convention ``f(prompts, completions, completion_ids, **columns)``; their
+            weighted sum is logged and handed to the source (a reviser needs it).
+        reward_weights: one weight per reward function (default 1.0 each).
+        callbacks, optimizers: as in ``transformers.Trainer``.
+        peft_config: a ``peft`` config; the model is wrapped with ``get_peft_model``.
+    """
+
+    _tag_names = ["selfdistill", "self-distillation"]
+    # compute_loss already divides by the global token count of the whole optimizer step.
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | torch.nn.Module,
+        args: SelfDistillConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        privileged: PrivilegedSource | None = None,
+        reward_funcs: Callable | Sequence[Callable] | None = None,
+        reward_weights: Sequence[float] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        peft_config: Any = None,
+    ):
+        if args is None:
+            args = SelfDistillConfig(output_dir="selfdistill-output")
+        if not isinstance(args, SelfDistillConfig):
+            raise TypeError(f"args must be a SelfDistillConfig, got {type(args).__name__}")
+        if privileged is None:
+            raise ValueError(
+                "privileged= is required: the source of the teacher's privileged information, e.g. "
+                "selfdistill.sources.ReferenceSolution(column='solution')"
+            )
+        if isinstance(model, str):
+            name = model
+            model = load_model(name, args.model_init_kwargs)
+            if processing_class is None:
+                processing_class = load_tokenizer(name)
+        if processing_class is None:
+            processing_class = load_tokenizer(model.config._name_or_path)
+        ensure_pad_token(processing_class)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+
+        if callable(reward_funcs):
+            reward_funcs = [reward_funcs]
+        self.reward_funcs = list(reward_funcs or [])
+        for func in self.reward_funcs:
+            if not callable(func):
+                raise TypeError(f"reward function {func!r} is not callable; pass functions in TRL's convention")
+        if reward_weights is None:
+            reward_weights = [1.0] * len(self.reward_funcs)
+        if len(reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"{len(reward_weights)} reward_weights for {len(self.reward_funcs)} reward_funcs")
+        self.reward_weights = [float(w) for w in reward_weights]
+        if privileged.needs_rewards and not self.reward_funcs:
+            raise ValueError(f"{type(privileged).__name__} needs rewards; pass reward_funcs=[...] (a verifier)")
+
+        for split, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            columns = getattr(dataset, "column_names", None)
+            if isinstance(columns, list):
+                if "prompt" not in columns:
+                    raise KeyError(
+                        f"{split} has no 'prompt' column (columns: {', '.join(columns)}); rename the task column "
+                        "with dataset.rename_column(old, 'prompt')"
+                    )
+                privileged.check_dataset(columns)
+
+        self.privileged = privileged
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=_collate_rows,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self.loss_spec = args.loss_spec()
+        self.pad_id = processing_class.pad_token_id
+        self.eos = eos_ids(self.model, processing_class)
+        self.max_teacher_length = args.max_teacher_length or getattr(
+            self.model.config, "max_position_embeddings", None
+        ) or 2048
+        self.teacher = TeacherWeights(
+            self.accelerator.unwrap_model(self.model),
+            policy=args.teacher_policy,
+            ema_rate=args.teacher_ema_rate,
+            update_every=args.teacher_update_every,
+        )
+        self.add_callback(_TeacherUpdate(self))
+        self._step = 0
+        self._buffered: list[dict[str, Any]] | None = None
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(lambda: [0.0, 0.0]),
+                                                             "eval": defaultdict(lambda: [0.0, 0.0])}
+        self._last_log_step = 0
+        self._samples: list[dict[str, Any]] = []
+        self._clock = 0.0
+
+    # ----------------------------------------------------------------------------------------------- data
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt"]
+
+    def _rollout_batch_size(self) -> int:
+        return self._train_batch_size * self.args.steps_per_generation
+
+    def get_train_dataloader(self):
+        if self.train_dataset is None:
+            raise ValueError("SelfDistillTrainer needs a train_dataset to train")
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Training",
+            batch_size=self._rollout_batch_size(),
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    def _get_train_sampler(self, dataset=None):
+        # Each prompt appears G times in a row; one block of prompts is served num_iterations x
+        # steps_per_generation times, which the buffer in _prepare_inputs turns into micro-batches.
+        dataset = dataset if dataset is not None else self.train_dataset
+        global_rollouts = self._rollout_batch_size() * self.accelerator.num_processes
+        return RepeatSampler(
+            data_source=dataset,
+            mini_repeat_count=self.args.num_generations,
+            batch_size=global_rollouts // self.args.num_generations,
+            repeat_count=self.args.num_iterations * self.args.steps_per_generation,
+            shuffle=True,
+            seed=self.args.seed,
+        )
+
+    def _get_eval_sampler(self, eval_dataset):
+        return RepeatSampler(
+            data_source=eval_dataset,
+            mini_repeat_count=self.args.num_generations,
+            seed=self.args.seed,
+            shuffle=False,
+        )
+
+    # ------------------------------------------------------------------------------------------- rollouts
+    def _prepare_inputs(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.model.training:
+            every = self.args.steps_per_generation * self.args.num_iterations
+            if self._buffered is None or self._step % every == 0:
+                self._buffered = self._make_rollouts(batch, "train", self.args.steps_per_generation)
+            return self._buffered[self._step % self.args.steps_per_generation]
+        return self._make_rollouts(batch, "eval", 1)[0]
+
+    def _make_rollouts(self, rows: list[dict[str, Any]], mode: str, n_micro: int) -> list[dict[str, Any]]:
+        """Sample, score and build teacher contexts for a generation batch; split it into micro-batches."""
+        tokenizer = self.processing_class
+        prompts = [row["prompt"] for row in rows]
+        prompt_ids = [render_context(tokenizer, p) for p in prompts]
+        limit = self.args.max_prompt_length
+        for row, ids in zip(rows, prompt_ids):
+            if limit is not None and len(ids) > limit:
+                raise ValueError(
+                    f"a prompt has {len(ids)} tokens > max_prompt_length={limit}: {str(row['prompt'])[:120]!r}...; "
+                    "raise max_prompt_length or filter long prompts from the dataset"
+                )
+
+        start = time.perf_counter()
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
+            generated = sample_completions(
+                unwrapped,
+                prompt_ids,
+                pad_id=self.pad_id,
+                eos=self.eos,
+                max_new_tokens=self.args.max_completion_length,
+                temperature=self.args.temperature,
+                top_p=self.args.top_p,
+                top_k=self.args.top_k,
+            )
+        elapsed = time.perf_counter() - start
+        self._clock += elapsed
+        self._record(mode, "time/generation", elapsed, reduce="sum")
+
+        texts = tokenizer.batch_decode(generated.completion_ids, skip_special_tokens=True)
+        conversational = not isinstance(prompts[0], str)
+        completions = [[{"role": "assistant", "content": t}] if conversational else t for t in texts]
+        rewards: list[float | None] = [None] * len(rows)
+        if self.reward_funcs:
+            totals, per_func, failures = score_rollouts(
+                self.reward_funcs, self.reward_weights, prompts, completions, generated.completion_ids, rows
+            )
+            rewards = [None if math.isnan(r) else r for r in totals]
+            for name, values in per_func.items():
+                finite = [v for v in values if not math.isnan(v)]
+                if finite:
+                    self._record(mode, f"rewards/{name}", sum(finite) / len(finite), len(finite))
+            finite = [r for r in rewards if r is not None]
+            if finite:
+                self._record(mode, "reward", sum(finite) / len(finite), len(finite))
+            self._record(mode, "reward_failures", failures, 1.0, reduce="sum")
+
+        g = self.args.num_generations
+        rollouts = [
+            Rollout(row=row, prompt=prompt, completion=text, completion_ids=ids, reward=reward, group=i // g)
+            for i, (row, prompt, text, ids, reward) in enumerate(
+                zip(rows, prompts, texts, generated.completion_ids, rewards)
+            )
+        ]
+        views = self.privileged.views(rollouts)
+        if mode == "train":
+            self.privileged.observe(rollouts)
+        if len(views) != len(rollouts):
+            raise ValueError(
+                f"{type(self.privileged).__name__}.views returned {len(views)} view lists for {len(rollouts)} rollouts"
+            )
+        teacher_ids, teacher_completions, truncated_pi = [], [], 0
+        for rollout, rollout_views in zip(rollouts, views):
+            if len(rollout_views) != 1:
+                raise ValueError(
+                    f"{type(self.privileged).__name__} returned {len(rollout_views)} views for one rollout but its "
+                    f"combine rule is {self.privileged.combine!r}, which takes exactly one view"
+                )
+            view = rollout_views[0]
+            scored = view.completion_ids if view.completion_ids is not None else rollout.completion_ids
+            if len(scored) != len(rollout.completion_ids):
+                raise ValueError(
+                    f"teacher view {view.name!r} scores {len(scored)} tokens for a {len(rollout.completion_ids)}-token "
+                    "rollout; a view must score exactly the rollout's completion tokens"
+                )
+            ids, cut = fit_view(tokenizer, view, len(scored), self.max_teacher_length, self.args.pi_overflow)
+            truncated_pi += int(cut)
+            teacher_ids.append(ids)
+            teacher_completions.append(list(scored))
+
+        lengths = [len(c) for c in generated.completion_ids]
+        n = len(rows)
+        self._record(mode, "completions/mean_length", sum(lengths) / n, n)
+        self._record(mode, "completions/truncated_fraction", sum(generated.truncated) / n, n)
+        self._record(mode, "completions/empty", sum(1 for x in lengths if x == 0), 1.0, reduce="sum")
+        self._record(mode, "pi_truncated", truncated_pi, 1.0, reduce="sum")
+        self._samples = [
+            {"prompt": p, "completion": t, "reward": r} for p, t, r in zip(prompts, texts, rewards)
+        ][: max(self.args.log_completions, 0)]
+
+        old_logps = None
+        if mode == "train" and self.args.reuses_rollouts:
+            old_logps = self._sampling_logps(prompt_ids, generated.completion_ids)
+
+        micro = []
+        size = math.ceil(n / n_micro)
+        for k in range(n_micro):
+            sl = slice(k * size, (k + 1) * size)
+            micro.append({
+                "prompt_ids": prompt_ids[sl],
+                "completion_ids": generated.completion_ids[sl],
+                "teacher_ids": teacher_ids[sl],
+                "teacher_completion_ids": teacher_completions[sl],
+                "old_logps": None if old_logps is None else old_logps[sl],
+                "tokens": sum(len(c) for c in generated.completion_ids[sl]),
+            })
+        self._set_normalizers(micro, mode)
+        return micro
+
+    def _set_normalizers(self, micro: list[dict[str, Any]], mode: str) -> None:
+        """Each micro-batch's loss is divided by the completion-token count of its whole optimizer step."""
+        window = self.args.gradient_accumulation_steps if mode == "train" else 1
+        counts = []
+        for start in range(0, len(micro), window):
+            counts.append(sum(m["tokens"] for m in micro[start : start + window]))
+        counts_t = torch.tensor(counts, dtype=torch.float64, device=self.accelerator.device)
+        global_counts = counts_t
+        if self.accelerator.num_processes > 1:
+            global_counts = self.accelerator.gather(counts_t[None]).sum(0)
+        for i, m in enumerate(micro):
+            total = float(global_counts[i // window])
+            if total == 0:
+                raise ValueError(
+                    "every rollout of this optimizer step has zero completion tokens; check max_completion_length "
+                    "and that the EOS token is not forced at the first position"
+                )
+            # DDP averages gradients over ranks, so each rank divides by its share of the global count.
+            m["normalizer"] = total / self.accelerator.num_processes
+
+    @torch.no_grad()
+    def _sampling_logps(self, prompt_ids: list[list[int]], completions: list[list[int]]) -> list[torch.Tensor]:
+        """log pi_old(y_t) of each rollout under the weights that sampled it (for the importance ratio)."""
+        model = self.accelerator.unwrap_model(self.model)
+        out = []
+        step = max(self.args.per_device_train_batch_size, 1)
+        for i in range(0, len(prompt_ids), step):
+            batch = splice(prompt_ids[i : i + step], completions[i : i + step], self.pad_id).to(self.accelerator.device)
+            logits = completion_logits(model, batch).float()
+            logps = torch.log_softmax(logits, -1).gather(-1, batch.completion_ids[..., None])[..., 0]
+            for row, comp in zip(logps, completions[i : i + step]):
+                out.append(row[: len(comp)].cpu())
+        return out
+
+    # ---------------------------------------------------------------------------------------------- loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("SelfDistillTrainer.compute_loss does not return model outputs")
+        mode = "train" if model.training else "eval"
+        device = self.accelerator.device
+        unwrapped = self.accelerator.unwrap_model(model)
+
+        start = time.perf_counter()
+        teacher_batch = splice(inputs["teacher_ids"], inputs["teacher_completion_ids"], self.pad_id).to(device)
+        mask = teacher_batch.completion_mask.bool()
+        with self.teacher.scoring(unwrapped) as teacher_model:
+            teacher_logits = completion_logits(teacher_model, teacher_batch)[mask]
+        _check_finite(teacher_logits, "teacher")
+        elapsed = time.perf_counter() - start
+        self._clock += elapsed
+        self._record(mode, "time/teacher", elapsed, reduce="sum")
+
+        student_batch = splice(inputs["prompt_ids"], inputs["completion_ids"], self.pad_id).to(device)
+        student_logits = completion_logits(model, student_batch)[student_batch.completion_mask.bool()]
+        _check_finite(student_logits, "student")
+        tokens = student_batch.completion_ids[student_batch.completion_mask.bool()]
+        old = None
+        if inputs.get("old_logps") is not None and mode == "train":
+            old = torch.cat(inputs["old_logps"]).to(device)
+        out = distillation_loss(
+            student_logits, teacher_logits, tokens, self.loss_spec, old_logps=old, normalizer=inputs["normalizer"]
+        )
+        n = float(tokens.numel())
+        for key, value in out.metrics.items():
+            self._record(mode, key, value, n)
+        return out.loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        start = time.perf_counter()
+        self._clock = 0.0  # generation and teacher seconds spent inside this call
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step += 1
+        # What is left of the call's wall time is the student's forward and backward (and the optimizer).
+        self._record("train", "time/student", max(time.perf_counter() - start - self._clock, 0.0), reduce="sum")
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ------------------------------------------------------------------------------------------- metrics
+    def _record(self, mode: str, key: str, value: float, weight: float = 1.0, reduce: str = "mean") -> None:
+        slot = self._metrics[mode][key if reduce == "mean" else f"{key}|sum"]
+        if reduce == "mean":
+            slot[0] += float(value) * weight
+            slot[1] += weight
+        else:
+            slot[0] += float(value)
+            slot[1] = 1.0
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        steps = max(self.state.global_step - self._last_log_step, 1) if mode == "train" else 1
+        extra = {}
+        for key, (total, weight) in self._metrics[mode].items():
+            if key.endswith("|sum"):
+                name = key[:-4]
+                # Seconds are reported per optimizer step; counts are totals over the logging window.
+                extra[name] = total / steps if name.startswith("time/") else total
+            elif weight > 0:
+                extra[key] = total / weight
+        if mode == "eval":
+            extra = {f"eval_{k}": v for k, v in extra.items()}
+        else:
+            self._last_log_step = self.state.global_step
+        self._metrics[mode].clear()
+        logs = {**logs, **extra}
+        super().log(logs, start_time)
+        if self._samples and mode == "train" and self.is_world_process_zero():
+            for sample in self._samples:
+                print(f"--- reward={sample['reward']} ---\n{sample['completion']}")
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        state = self.teacher.state_dict()
+        if state:
+            torch.save(state, os.path.join(folder, TEACHER_STATE))
+        with open(os.path.join(folder, SOURCE_STATE), "w") as f:
+            json.dump(self.privileged.state_dict(), f, indent=1)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        teacher_file = os.path.join(resume_from_checkpoint, TEACHER_STATE)
+        if self.teacher.params:
+            if not os.path.exists(teacher_file):
+                raise FileNotFoundError(
+                    f"{teacher_file} is missing: the checkpoint has no teacher state for teacher_policy="
+                    f"{self.args.teacher_policy!r}; resume from a checkpoint written by SelfDistillTrainer"
+                )
+            self.teacher.load_state_dict(torch.load(teacher_file, map_location="cpu", weights_only=True))
+        source_file = os.path.join(resume_from_checkpoint, SOURCE_STATE)
+        if os.path.exists(source_file):
+            with open(source_file) as f:
+                self.privileged.load_state_dict(json.load(f))
+        self._buffered = None
+
+    def reward_names(self) -> list[str]:
+        return [reward_name(f) for f in self.reward_funcs]
+
+
+def _check_finite(logits: torch.Tensor, side: str) -> None:
+    if not torch.isfinite(logits).all():
+        bad = (~torch.isfinite(logits)).any(-1).sum().item()
+        raise NonFiniteLogits(
+            f"the {side} pass produced NaN/inf logits at {bad} completion tokens; the weights have diverged or "
+            "overflowed. Lower the learning rate, enable max_grad_norm, or train in float32/bfloat16 instead of "
+            "float16"
+        )
