@@ -15,6 +15,16 @@ from selfdistill.sequences import splice
 logger = logging.getLogger(__name__)
 
 
+class NonFiniteLogits(FloatingPointError):
+    """NaN or inf logits in the student or teacher pass."""
+
+
+NON_FINITE_FIX = (
+    "the weights have diverged or overflowed. Lower the learning rate, enable max_grad_norm, or train in "
+    "float32/bfloat16 instead of float16"
+)
+
+
 @dataclass
 class Generated:
     completion_ids: list[list[int]]  # exact sampled ids, cut after the first EOS (EOS kept)
@@ -55,13 +65,18 @@ def sample_completions(
     kwargs: dict[str, Any] = {"do_sample": do_sample, "max_new_tokens": max_new_tokens}
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k if top_k else 0)
-    out = model.generate(
-        input_ids=batch.input_ids[:, :width].to(device),
-        attention_mask=batch.attention_mask[:, :width].to(device),
-        pad_token_id=pad_id,
-        eos_token_id=list(eos),
-        **kwargs,
-    )
+    try:
+        out = model.generate(
+            input_ids=batch.input_ids[:, :width].to(device),
+            attention_mask=batch.attention_mask[:, :width].to(device),
+            pad_token_id=pad_id,
+            eos_token_id=list(eos),
+            **kwargs,
+        )
+    except RuntimeError as err:
+        if "probability tensor contains" in str(err):
+            raise NonFiniteLogits(f"the student produced NaN/inf logits while sampling rollouts; {NON_FINITE_FIX}") from err
+        raise
     new = out[:, width:].tolist()
     eos_set = set(eos)
     completions, truncated = [], []

@@ -29,7 +29,7 @@ from trl.trainer.utils import RepeatSampler
 from selfdistill.config import SelfDistillConfig
 from selfdistill.losses import distillation_loss
 from selfdistill.modeling import ensure_pad_token, load_model, load_tokenizer
-from selfdistill.rollout import eos_ids, reward_name, sample_completions, score_rollouts
+from selfdistill.rollout import NON_FINITE_FIX, NonFiniteLogits, eos_ids, reward_name, sample_completions, score_rollouts
 from selfdistill.sequences import completion_logits, fit_view, render_context, splice
 from selfdistill.sources.base import PrivilegedSource, Rollout
 from selfdistill.teacher import TeacherWeights
@@ -40,10 +40,6 @@ SOURCE_STATE = "privileged_source.json"
 
 def _collate_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
-
-
-class NonFiniteLogits(FloatingPointError):
-    """NaN or inf logits in the student or teacher pass."""
 
 
 class _TeacherUpdate(TrainerCallback):
@@ -480,7 +476,5 @@ def _check_finite(logits: torch.Tensor, side: str) -> None:
     if not torch.isfinite(logits).all():
         bad = (~torch.isfinite(logits)).any(-1).sum().item()
         raise NonFiniteLogits(
-            f"the {side} pass produced NaN/inf logits at {bad} completion tokens; the weights have diverged or "
-            "overflowed. Lower the learning rate, enable max_grad_norm, or train in float32/bfloat16 instead of "
-            "float16"
+            f"the {side} pass produced NaN/inf logits at {bad} completion tokens; {NON_FINITE_FIX}"
         )

@@ -17,7 +17,7 @@ def _brute_force(student_logits, teacher_logits, tokens, spec, old_logps=None):
     for i in range(student_logits.shape[0]):
         zs = [student_logits[i, v] for v in range(V)]
         zt = [float(teacher_logits[i, v]) for v in range(V)]
-        zmax = max(float(z) for z in zs)
+        zmax = max(float(z.detach()) for z in zs)
         log_zs = zmax + torch.log(sum(torch.exp(z - zmax) for z in zs))
         ls = [z - log_zs for z in zs]
         log_zt = math.log(sum(math.exp(z) for z in zt))

@@ -1,0 +1,79 @@
+"""Token splicing: the teacher scores exactly the student's completion ids."""
+
+import pytest
+import torch
+from conftest import build_model
+
+from selfdistill.sequences import completion_logits, fit_view, render_context, splice
+from selfdistill.sources import ReferenceSolution, Rollout, TeacherView
+
+
+def test_splice_layout_and_positions():
+    batch = splice([[1, 2, 3], [4]], [[7, 8], [9, 10, 11]], pad_id=0)
+    assert batch.context_width == 3
+    assert batch.input_ids.tolist() == [[1, 2, 3, 7, 8, 0], [0, 0, 4, 9, 10, 11]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 4], [0, 0, 0, 1, 2, 3]]
+    assert batch.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+@pytest.mark.parametrize("text", ["  two  spaces\n\ttab", "Héllo wörld ✓ 数学", "“quotes” — dash", "42"])
+def test_teacher_sequence_holds_the_exact_completion_ids(tokenizer, text):
+    # A non-canonical split of the completion (one token per byte-level piece) must survive untouched:
+    # re-tokenising the text would merge it differently.
+    canonical = tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.convert_ids_to_tokens(canonical)]
+    split = []
+    for token in tokenizer.convert_ids_to_tokens(pieces):
+        split.extend(tokenizer.convert_tokens_to_ids(list(token)))
+    completion = split + [tokenizer.eos_token_id]
+    assert tokenizer(tokenizer.decode(split), add_special_tokens=False)["input_ids"] != split or len(split) == len(
+        canonical
+    )
+    rollout = Rollout(
+        row={"solution": "x = 1"},
+        prompt=[{"role": "user", "content": "Q?"}],
+        completion=tokenizer.decode(split),
+        completion_ids=completion,
+    )
+    (view,) = ReferenceSolution().views([rollout])[0:1][0]
+    context, cut = fit_view(tokenizer, view, len(completion), 10_000)
+    assert not cut
+    batch = splice([context, [5]], [completion, [3]], pad_id=tokenizer.pad_token_id)
+    w = batch.context_width
+    assert batch.input_ids[0, w : w + len(completion)].tolist() == completion
+    assert batch.input_ids[0, :w][batch.attention_mask[0, :w].bool()].tolist() == context
+
+
+def test_student_and_teacher_share_the_chat_template(tokenizer):
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]
+    rollout = Rollout(row={"solution": "2 + 2 = 4"}, prompt=prompt, completion="4", completion_ids=[1])
+    (view,) = ReferenceSolution().views([rollout])[0]
+    student = tokenizer.decode(render_context(tokenizer, prompt))
+    teacher = tokenizer.decode(render_context(tokenizer, view.context))
+    assert student.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert teacher.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert student.endswith("<|im_start|>assistant\n") and teacher.endswith("<|im_start|>assistant\n")
+    assert "2 + 2 = 4" in teacher and "2 + 2 = 4" not in student
+
+
+def test_logits_at_completion_positions_match_an_unpadded_forward(tokenizer):
+    model = build_model(tokenizer)
+    contexts, completions = [[5, 6, 7, 8], [9]], [[10, 11], [12, 13, 14]]
+    batch = splice(contexts, completions, pad_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = completion_logits(model, batch)
+        for i, (ctx, comp) in enumerate(zip(contexts, completions)):
+            alone = model(input_ids=torch.tensor([ctx + comp])).logits[0, len(ctx) - 1 : len(ctx) + len(comp) - 1]
+            torch.testing.assert_close(logits[i, : len(comp)], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_fit_view_truncates_only_the_privileged_text(tokenizer):
+    pi = "step " * 200
+    view = TeacherView(context=[{"role": "user", "content": "Q? " + pi + " Now answer."}], pi=pi)
+    ids, cut = fit_view(tokenizer, view, completion_length=20, max_length=120)
+    assert cut and len(ids) + 20 <= 120
+    text = tokenizer.decode(ids)
+    assert "Q? " in text and "Now answer." in text and "[...]" in text
+    with pytest.raises(ValueError, match="raise max_teacher_length"):
+        fit_view(tokenizer, view, completion_length=20, max_length=120, overflow="error")

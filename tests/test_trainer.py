@@ -1,0 +1,266 @@
+"""SelfDistillTrainer end to end on a tiny model: steps, metrics, resume, LoRA, bad input."""
+
+import math
+
+import pytest
+import torch
+from conftest import build_dataset, build_model
+
+import selfdistill.trainer as trainer_module
+from selfdistill import ReferenceSolution, SelfDistillConfig, SelfDistillTrainer
+from selfdistill.rollout import Generated
+from selfdistill.sources.base import PrivilegedSource, TeacherView
+from selfdistill.trainer import NonFiniteLogits
+
+
+def make_args(tmp_path, **overrides):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=6,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        learning_rate=3e-3,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    base.update(overrides)
+    return SelfDistillConfig(**base)
+
+
+def exact_reward(prompts, completions, answer, **kwargs):
+    return [float(a in c[0]["content"]) for c, a in zip(completions, answer)]
+
+
+def make_trainer(tmp_path, tokenizer, model=None, dataset=None, privileged=None, **overrides):
+    return SelfDistillTrainer(
+        model=model if model is not None else build_model(tokenizer),
+        args=make_args(tmp_path, **overrides),
+        train_dataset=dataset if dataset is not None else build_dataset(),
+        processing_class=tokenizer,
+        privileged=privileged or ReferenceSolution(column="solution"),
+        reward_funcs=[exact_reward],
+    )
+
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_three_steps_change_weights_and_log_metrics(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer)
+    before = params(trainer.model)
+    trainer.train()
+    after = params(trainer.model)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3
+    for key in ["loss", "divergence", "clip_fraction", "ratio_clip_fraction", "teacher_student_logp_gap",
+                "completions/mean_length", "completions/truncated_fraction", "reward", "time/generation",
+                "time/teacher", "time/student", "pi_truncated"]:
+        assert key in logs[0], key
+        assert math.isfinite(logs[0][key])
+    # With a frozen initial teacher and a moving student, the divergence is what the loss minimises.
+    assert logs[0]["loss"] == pytest.approx(min(logs[0]["divergence"], trainer.args.clip_tau), rel=1e-4)
+
+
+class _RecordingSource(ReferenceSolution):
+    def __init__(self):
+        super().__init__(column="solution")
+        self.seen = []
+
+    def views(self, rollouts):
+        self.seen.extend(rollouts)
+        return super().views(rollouts)
+
+
+def test_teacher_scores_exactly_the_student_completion_ids(tmp_path, tokenizer, monkeypatch):
+    source = _RecordingSource()
+    trainer = make_trainer(tmp_path, tokenizer, privileged=source, max_steps=1)
+    captured = {}
+    original = trainer_module.splice
+
+    def spy(contexts, completions, pad_id):
+        batch = original(contexts, completions, pad_id)
+        captured.setdefault("calls", []).append((contexts, completions, batch))
+        return batch
+
+    monkeypatch.setattr(trainer_module, "splice", spy)
+    trainer.train()
+    teacher_contexts, teacher_completions, teacher_batch = captured["calls"][0]
+    _, student_completions, student_batch = captured["calls"][1]
+    assert teacher_completions == student_completions
+    w = teacher_batch.context_width
+    for i, comp in enumerate(teacher_completions):
+        assert teacher_batch.input_ids[i, w : w + len(comp)].tolist() == comp
+        assert student_batch.input_ids[i, student_batch.context_width :][: len(comp)].tolist() == comp
+        # The teacher context really holds the reference solution.
+        assert source.seen[i].row["solution"] in tokenizer.decode(teacher_contexts[i])
+
+
+def test_resume_continues_as_if_never_interrupted(tmp_path, tokenizer):
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, teacher_policy="ema", teacher_ema_rate=0.5)
+    straight = make_trainer(tmp_path / "a", tokenizer, **common)
+    straight.train()
+    checkpoint = tmp_path / "a" / "out" / "checkpoint-2"
+    assert (checkpoint / "teacher_state.pt").exists()
+    assert (checkpoint / "privileged_source.json").exists()
+
+    resumed = make_trainer(tmp_path / "b", tokenizer, **common)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for name, value in params(straight.model).items():
+        torch.testing.assert_close(params(resumed.model)[name], value, rtol=1e-5, atol=1e-6)
+    for name, value in straight.teacher.params.items():
+        torch.testing.assert_close(resumed.teacher.params[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_initial_teacher_never_moves(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, teacher_policy="initial")
+    start = params(trainer.model)
+    trainer.train()
+    for name, tensor in trainer.teacher.params.items():
+        assert torch.equal(tensor, start[name])
+    # and the swap put the student's weights back after each teacher pass
+    assert any(not torch.equal(p, start[n]) for n, p in params(trainer.model).items())
+
+
+def test_gradient_accumulation_normalises_by_the_step_token_count(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    micro = [{"tokens": 3}, {"tokens": 5}, {"tokens": 7}, {"tokens": 1}]
+    trainer._set_normalizers(micro, "train")
+    assert [m["normalizer"] for m in micro] == [8.0, 8.0, 8.0, 8.0]
+    trainer._set_normalizers(micro[:2], "eval")
+    assert [m["normalizer"] for m in micro[:2]] == [3.0, 5.0]
+
+
+def test_lora_initial_teacher_is_the_base_model(tmp_path, tokenizer):
+    from peft import LoraConfig
+
+    trainer = SelfDistillTrainer(
+        model=build_model(tokenizer),
+        args=make_args(tmp_path, learning_rate=5e-2),
+        train_dataset=build_dataset(),
+        processing_class=tokenizer,
+        privileged=ReferenceSolution(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    assert trainer.teacher.use_disabled_adapter and not trainer.teacher.params
+    base = build_model(tokenizer)  # same seed: the weights the adapter started from
+    ids = torch.tensor([[5, 6, 7, 8]])
+    trainer.train()
+    model = trainer.model
+    with torch.no_grad():
+        student = model(input_ids=ids).logits
+        with trainer.teacher.scoring(model) as teacher:
+            teacher_logits = teacher(input_ids=ids).logits
+        reference = base(input_ids=ids).logits
+    torch.testing.assert_close(teacher_logits, reference)
+    assert not torch.allclose(student, reference)
+
+
+def test_missing_pi_column_names_the_fix(tmp_path, tokenizer):
+    with pytest.raises(KeyError, match="column 'solutions' missing.*Did you mean 'solution'"):
+        make_trainer(tmp_path, tokenizer, privileged=ReferenceSolution(column="solutions"))
+    with pytest.raises(KeyError, match="no 'prompt' column"):
+        make_trainer(tmp_path, tokenizer, dataset=build_dataset().rename_column("prompt", "question"))
+
+
+def test_missing_source_is_a_clear_error(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="privileged= is required"):
+        SelfDistillTrainer(model=build_model(tokenizer), args=make_args(tmp_path), train_dataset=build_dataset(),
+                           processing_class=tokenizer)
+
+
+def test_long_reference_is_truncated_and_counted_never_the_completion(tmp_path, tokenizer):
+    long = build_dataset().map(lambda r: {"solution": r["solution"] + " and so on" * 80})
+    trainer = make_trainer(tmp_path, tokenizer, dataset=long, max_teacher_length=400, max_steps=1)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs[0]["pi_truncated"] == 4  # every rollout of the step had its reference shortened
+
+    strict = make_trainer(tmp_path, tokenizer, dataset=long, max_teacher_length=400, max_steps=1, pi_overflow="error")
+    with pytest.raises(ValueError, match="raise max_teacher_length"):
+        strict.train()
+
+
+class _NoPISource(PrivilegedSource):
+    def views(self, rollouts):
+        return [[TeacherView(context=r.prompt + [{"role": "user", "content": "x " * 300}])] for r in rollouts]
+
+
+def test_context_that_cannot_shrink_is_an_error(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, privileged=_NoPISource(), max_teacher_length=64, max_steps=1)
+    with pytest.raises(ValueError, match="marks no privileged text"):
+        trainer.train()
+
+
+def test_empty_rollouts_are_counted_and_left_out(tmp_path, tokenizer, monkeypatch):
+    real = trainer_module.sample_completions
+
+    def with_one_empty(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return Generated([[]] + out.completion_ids[1:], [False] + out.truncated[1:])
+
+    monkeypatch.setattr(trainer_module, "sample_completions", with_one_empty)
+    trainer = make_trainer(tmp_path, tokenizer, max_steps=1)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs[0]["completions/empty"] == 1
+    assert math.isfinite(logs[0]["loss"])
+
+    monkeypatch.setattr(trainer_module, "sample_completions", lambda *a, **k: Generated([[]] * 4, [False] * 4))
+    trainer = make_trainer(tmp_path, tokenizer, max_steps=1)
+    with pytest.raises(ValueError, match="zero completion tokens"):
+        trainer.train()
+
+
+def test_nan_logits_raise_a_named_error(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, max_steps=1, teacher_policy="initial")
+    trainer.teacher.params["lm_head.weight"][:] = float("nan")  # only the teacher's copy diverged
+    with pytest.raises(NonFiniteLogits, match="teacher pass produced NaN"):
+        trainer.train()
+
+    model = build_model(tokenizer)
+    with torch.no_grad():
+        model.lm_head.weight[:] = float("nan")
+    trainer = make_trainer(tmp_path, tokenizer, model=model, max_steps=1)
+    with pytest.raises(NonFiniteLogits, match="student produced NaN"):
+        trainer.train()
+
+
+def test_raising_reward_function_is_counted(tmp_path, tokenizer):
+    def broken(prompts, completions, **kwargs):
+        raise RuntimeError("verifier crashed")
+
+    trainer = SelfDistillTrainer(model=build_model(tokenizer), args=make_args(tmp_path, max_steps=1),
+                                 train_dataset=build_dataset(), processing_class=tokenizer,
+                                 privileged=ReferenceSolution(), reward_funcs=[broken, exact_reward])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs[0]["reward_failures"] == 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(per_device_train_batch_size=3, num_generations=2), "not divisible by num_generations"),
+    (dict(num_iterations=2, ratio_clip=None), "set ratio_clip"),
+    (dict(teacher_policy="frozen"), "teacher_policy='frozen' is not valid"),
+    (dict(divergence="jsd", jsd_beta=0.0), "outside \\(0, 1\\)"),
+    (dict(support="sampled", clip="entry"), "use clip='token'"),
+    (dict(gradient_accumulation_steps=2, steps_per_generation=3), "multiple of gradient_accumulation_steps"),
+])
+def test_config_rejects_bad_combinations(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, **overrides)
+
+
+def test_rollout_reuse_uses_the_importance_ratio(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, num_iterations=2, max_steps=2, learning_rate=3e-2)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
+    # the second step reused the first step's rollouts: no generation happened in it
+    assert "time/generation" in logs[0] and "time/generation" not in logs[1]
