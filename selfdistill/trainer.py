@@ -166,6 +166,8 @@ class SelfDistillTrainer(Trainer):
         self._last_log_step = 0
         self._samples: list[dict[str, Any]] = []
         self._clock = 0.0
+        self.rollouts_generated = 0  # training rollouts sampled on this rank
+        self.tokens_generated = 0  # their completion tokens
 
     # ----------------------------------------------------------------------------------------------- data
     def _set_signature_columns_if_needed(self):
@@ -299,6 +301,9 @@ class SelfDistillTrainer(Trainer):
 
         lengths = [len(c) for c in generated.completion_ids]
         n = len(rows)
+        if mode == "train":
+            self.rollouts_generated += n
+            self.tokens_generated += sum(lengths)
         self._record(mode, "completions/mean_length", sum(lengths) / n, n)
         self._record(mode, "completions/truncated_fraction", sum(generated.truncated) / n, n)
         self._record(mode, "completions/empty", sum(1 for x in lengths if x == 0), 1.0, reduce="sum")

@@ -1,0 +1,64 @@
+"""The ``selfdistill`` command: ``train``, ``eval`` and ``recipes``.
+
+Runs unchanged under ``accelerate launch -m selfdistill train RECIPE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from selfdistill.recipes import RecipeError, list_recipes, load_recipe
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfdistill", description="On-policy self-distillation recipes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="evaluate, train and evaluate a recipe; writes <output_dir>/results.json")
+    train.add_argument("recipe", help="path to a recipe YAML (see `selfdistill recipes`)")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. training.max_steps=10")
+    train.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    ev = sub.add_parser("eval", help="greedy accuracy and pass@k of a model on the recipe's held-out split")
+    ev.add_argument("recipe")
+    ev.add_argument("overrides", nargs="*")
+    ev.add_argument("--model", help="a trained model folder (default: the recipe's model)")
+    ev.add_argument("--output", help="write the result as JSON here")
+    ev.add_argument("--no-progress", action="store_true")
+    sub.add_parser("recipes", help="list the shipped recipes")
+    check = sub.add_parser("check", help="validate recipes without loading a model")
+    check.add_argument("recipes", nargs="+")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "recipes":
+            for path, description in list_recipes():
+                print(f"{path}\n    {description}")
+            return 0
+        if args.command == "check":
+            for path in args.recipes:
+                load_recipe(path)
+                print(f"ok  {path}")
+            return 0
+        recipe = load_recipe(args.recipe, args.overrides)
+        from selfdistill.run import run_eval, run_train
+
+        if args.command == "train":
+            run_train(recipe, progress=not args.no_progress)
+            return 0
+        result = run_eval(recipe, args.model, progress=not args.no_progress)
+        print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump(result, f, indent=1, default=str)
+        return 0
+    except RecipeError as err:
+        print(f"selfdistill: recipe error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

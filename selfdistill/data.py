@@ -1,0 +1,85 @@
+"""Datasets for recipes: the built-in arithmetic task, local files, or a hub dataset, with a column mapping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datasets import Dataset, DatasetDict, load_dataset
+
+from selfdistill.recipes import DataSpec, RecipeError
+
+_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _format_of(files: Any) -> str:
+    first = files[0] if isinstance(files, list) else files
+    for suffix, fmt in _FILE_FORMATS.items():
+        if str(first).endswith(suffix):
+            return fmt
+    raise RecipeError(f"data file {first!r}: use .json, .jsonl, .parquet or .csv")
+
+
+def _as_chat(value: Any, system_prompt: str | None) -> Any:
+    if isinstance(value, str):
+        messages = [{"role": "user", "content": value}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        return messages
+    return value
+
+
+def _map_columns(ds: Dataset, spec: DataSpec, split: str) -> Dataset:
+    # columns maps the library's names to the dataset's: {prompt: question, solution: worked_answer}
+    for ours, theirs in spec.columns.items():
+        if theirs not in ds.column_names:
+            raise RecipeError(
+                f"data.columns.{ours}: column {theirs!r} not in the {split} split (columns: {', '.join(ds.column_names)})"
+            )
+        if ours != theirs:
+            if ours in ds.column_names:
+                ds = ds.remove_columns(ours)
+            ds = ds.rename_column(theirs, ours)
+    if "prompt" not in ds.column_names:
+        raise RecipeError(
+            f"the {split} split has no 'prompt' column (columns: {', '.join(ds.column_names)}); map one with "
+            "data.columns: {prompt: <your question column>}"
+        )
+    return ds.map(lambda row: {"prompt": _as_chat(row["prompt"], spec.system_prompt)})
+
+
+def load_splits(spec: DataSpec) -> tuple[Dataset, Dataset | None]:
+    """Train and test splits as ``datasets.Dataset`` with a chat ``prompt`` column."""
+    if spec.task == "arithmetic":
+        from selfdistill.tasks.arithmetic import make_arithmetic_dataset
+
+        dd = make_arithmetic_dataset(
+            2000 if spec.n_train is None else spec.n_train,
+            200 if spec.n_test is None else spec.n_test,
+            seed=spec.seed,
+            digits=spec.digits,
+            ops=spec.ops,
+        )
+        return dd["train"], dd["test"]
+    if spec.train_files:
+        files = {"train": spec.train_files}
+        if spec.test_files:
+            files["test"] = spec.test_files
+        dd = load_dataset(_format_of(spec.train_files), data_files=files)
+        train_split, test_split = "train", "test" if spec.test_files else None
+    else:
+        dd = load_dataset(spec.hub, spec.hub_config)
+        train_split, test_split = spec.train_split, spec.test_split if spec.test_split in dd else None
+    if not isinstance(dd, DatasetDict) or train_split not in dd:
+        raise RecipeError(f"the dataset has no {train_split!r} split; set data.train_split")
+    train = dd[train_split]
+    test = dd[test_split] if test_split else None
+    if test is None and spec.test_size:
+        parts = train.train_test_split(test_size=spec.test_size, seed=spec.seed)
+        train, test = parts["train"], parts["test"]
+    train = _map_columns(train, spec, "train")
+    test = _map_columns(test, spec, "test") if test is not None else None
+    if spec.n_train is not None and len(train) > spec.n_train:
+        train = train.shuffle(seed=spec.seed).select(range(spec.n_train))
+    if test is not None and spec.n_test is not None and len(test) > spec.n_test:
+        test = test.select(range(spec.n_test))
+    return train, test

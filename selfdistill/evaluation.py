@@ -1,0 +1,128 @@
+"""Held-out evaluation: greedy accuracy and pass@k with a verifier, and a learning-curve callback."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from selfdistill.rollout import eos_ids, sample_completions
+from selfdistill.sequences import render_context
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    reward_fn: Callable,
+    *,
+    n: int | None = None,
+    batch_size: int = 64,
+    max_new_tokens: int = 32,
+    pass_k: int = 0,
+    temperature: float = 1.0,
+    desc: str = "eval",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Greedy accuracy (and pass@k from k samples per problem) of ``model`` on ``dataset``.
+
+    ``reward_fn`` is a verifier in TRL's convention; a reward >= 0.5 counts as correct. pass@k is the fraction of
+    problems with at least one correct sample among k (the unbiased estimator with n = k samples).
+    """
+    rows = dataset.to_list() if n is None else dataset.select(range(min(n, len(dataset)))).to_list()
+    was_training = model.training
+    model.eval()
+    eos = eos_ids(model, tokenizer)
+    start = time.perf_counter()
+    correct, samples, tokens = [], [], 0
+    passes: list[bool] = []
+    bar = tqdm(total=len(rows) * (1 + pass_k), desc=desc, disable=not progress, unit="gen")
+    try:
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            prompts = [r["prompt"] for r in chunk]
+            ids = [render_context(tokenizer, p) for p in prompts]
+            out = sample_completions(model, ids, pad_id=tokenizer.pad_token_id, eos=eos,
+                                     max_new_tokens=max_new_tokens, do_sample=False)
+            tokens += sum(len(c) for c in out.completion_ids)
+            ok = _score(reward_fn, tokenizer, prompts, out.completion_ids, chunk)
+            correct.extend(ok)
+            if len(samples) < 5:
+                texts = tokenizer.batch_decode(out.completion_ids[:5], skip_special_tokens=True)
+                samples.extend({"prompt": p, "completion": t, "correct": c} for p, t, c in zip(prompts, texts, ok))
+            bar.update(len(chunk))
+            if pass_k:
+                step = max(batch_size // pass_k, 1)
+                for j in range(0, len(chunk), step):
+                    sub = chunk[j : j + step]
+                    rep_rows = [r for r in sub for _ in range(pass_k)]
+                    rep_ids = [x for x in ids[j : j + step] for _ in range(pass_k)]
+                    sampled = sample_completions(model, rep_ids, pad_id=tokenizer.pad_token_id, eos=eos,
+                                                 max_new_tokens=max_new_tokens, temperature=temperature)
+                    hits = _score(reward_fn, tokenizer, [r["prompt"] for r in rep_rows], sampled.completion_ids,
+                                  rep_rows)
+                    passes.extend(any(hits[q * pass_k : (q + 1) * pass_k]) for q in range(len(sub)))
+                    bar.update(len(sub) * pass_k)
+    finally:
+        bar.close()
+        model.train(was_training)
+    result = {
+        "n": len(rows),
+        "greedy_accuracy": sum(correct) / max(len(rows), 1),
+        "mean_completion_tokens": tokens / max(len(rows), 1),
+        "seconds": time.perf_counter() - start,
+        "samples": samples[:5],
+    }
+    if pass_k:
+        result[f"pass@{pass_k}"] = sum(passes) / max(len(passes), 1)
+    return result
+
+
+def _score(reward_fn, tokenizer, prompts, completion_ids, rows) -> list[bool]:
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    conversational = not isinstance(prompts[0], str)
+    completions = [[{"role": "assistant", "content": t}] if conversational else t for t in texts]
+    columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+    rewards = reward_fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+    return [r is not None and r >= 0.5 for r in rewards]
+
+
+class LearningCurve(TrainerCallback):
+    """Greedy accuracy on a fixed slice of the test split every ``every`` optimizer steps (and at step 0)."""
+
+    def __init__(self, trainer: Any, dataset: Any, reward_fn: Callable, every: int, n: int, **eval_kwargs: Any):
+        self.trainer = trainer
+        self.dataset = dataset
+        self.reward_fn = reward_fn
+        self.every = every
+        self.n = n
+        self.eval_kwargs = eval_kwargs
+        self.points: list[dict[str, float]] = []
+        self.seconds = 0.0
+
+    def measure(self, step: int) -> None:
+        if not self.trainer.accelerator.is_main_process:
+            return
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        result = evaluate(model, self.trainer.processing_class, self.dataset, self.reward_fn, n=self.n,
+                          progress=False, **self.eval_kwargs)
+        self.seconds += result["seconds"]
+        self.points.append({
+            "step": step,
+            "rollouts": self.trainer.rollouts_generated,
+            "generated_tokens": self.trainer.tokens_generated,
+            "greedy_accuracy": result["greedy_accuracy"],
+        })
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not self.points:
+            self.measure(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self.measure(state.global_step)

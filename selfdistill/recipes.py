@@ -1,0 +1,269 @@
+"""Recipe files: YAML, safe-loaded, validated completely before any model loads.
+
+A recipe names a model, a dataset, a privileged source, optional verifiers, the evaluation and the
+``SelfDistillConfig`` fields under ``training``. Unknown keys are rejected with the closest valid key, wrong types
+and impossible combinations with a message that names the fix. ``key=value`` overrides use dotted paths
+(``training.learning_rate=3e-5``, ``data.n_train=500``); values are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from selfdistill.config import SelfDistillConfig
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run, with the key at fault and the fix."""
+
+
+@dataclass
+class DataSpec:
+    """Where the rows come from: the built-in ``task`` or files / a hub dataset with a column mapping."""
+
+    task: str | None = "arithmetic"
+    n_train: int | None = None  # built-in task: 2000; files/hub: all rows
+    n_test: int | None = None  # built-in task: 200; files/hub: all rows
+    digits: Any = 2
+    ops: Any = ("add",)
+    seed: int = 0
+    train_files: Any = None
+    test_files: Any = None
+    hub: str | None = None
+    hub_config: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    test_size: float | None = None
+    columns: dict = field(default_factory=dict)
+    system_prompt: str | None = None
+
+
+@dataclass
+class SourceSpec:
+    """The privileged-information source and its arguments (defaults follow the method)."""
+
+    type: str | None = None
+    column: str = "solution"
+    answer_column: str | None = None
+    template: str | None = None
+
+
+@dataclass
+class EvalSpec:
+    """Held-out evaluation: greedy accuracy (and pass@k) before and after training, plus a learning curve."""
+
+    before: bool = True
+    after: bool = True
+    n: int | None = None
+    batch_size: int = 64
+    max_new_tokens: int = 32
+    pass_k: int = 0
+    temperature: float = 1.0
+    every_steps: int = 0
+    curve_n: int = 100
+
+
+@dataclass
+class Recipe:
+    description: str = ""
+    method: str = "opsd"
+    model: str = "smollm2-135m-instruct"
+    data: DataSpec = field(default_factory=DataSpec)
+    source: SourceSpec = field(default_factory=SourceSpec)
+    rewards: list = field(default_factory=list)
+    peft: dict | None = None
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    training: dict = field(default_factory=dict)
+    path: str | None = None
+
+    def config(self) -> SelfDistillConfig:
+        return build_config(self.training)
+
+
+METHODS = {"opsd": "reference"}
+SOURCES = ("reference",)
+_SECTIONS = {"data": DataSpec, "source": SourceSpec, "eval": EvalSpec}
+_TOP = {f.name for f in dataclasses.fields(Recipe)} - {"path"}
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(sorted(valid))}."
+
+
+def _check_type(where: str, value: Any, default: Any) -> None:
+    if value is None or default is None:
+        return
+    expected: tuple[type, ...]
+    if isinstance(default, bool):
+        expected = (bool,)
+    elif isinstance(default, int):
+        expected = (int,)
+    elif isinstance(default, float):
+        expected = (int, float)
+    elif isinstance(default, str):
+        expected = (str,)
+    else:
+        return
+    if isinstance(value, bool) and expected != (bool,):
+        raise RecipeError(f"{where}: expected {expected[-1].__name__}, got the boolean {value!r}")
+    if not isinstance(value, expected):
+        raise RecipeError(f"{where}: expected {expected[-1].__name__}, got {type(value).__name__} {value!r}")
+
+
+def _build_section(name: str, cls: type, raw: Any) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{name}: expected a mapping of keys to values, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in raw.items():
+        if key not in fields:
+            raise RecipeError(f"unknown key {name}.{key}.{_suggest(key, list(fields))}")
+        f = fields[key]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        _check_type(f"{name}.{key}", value, default)
+    return cls(**raw)
+
+
+def build_config(training: dict[str, Any]) -> SelfDistillConfig:
+    """``SelfDistillConfig(**training)`` with unknown keys and wrong types named before the config runs."""
+    fields = {f.name: f for f in dataclasses.fields(SelfDistillConfig) if f.init}
+    for key, value in training.items():
+        if key not in fields:
+            raise RecipeError(f"unknown key training.{key}.{_suggest(key, list(fields))}")
+        default = fields[key].default
+        _check_type(f"training.{key}", value, None if default is dataclasses.MISSING else default)
+    kwargs = dict(training)
+    kwargs.setdefault("output_dir", "outputs/selfdistill")
+    kwargs.setdefault("report_to", [])
+    try:
+        return SelfDistillConfig(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise RecipeError(f"training: {err}") from err
+
+
+def parse_recipe(raw: Any, path: str | None = None) -> Recipe:
+    """Validate a recipe mapping (already YAML-loaded) and return it; builds the config to check it."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"a recipe is a YAML mapping of sections; {path or 'the input'} holds {type(raw).__name__}")
+    for key in raw:
+        if key not in _TOP:
+            raise RecipeError(f"unknown top-level key {key!r}.{_suggest(key, sorted(_TOP))}")
+    method = raw.get("method", "opsd")
+    if method not in METHODS:
+        raise RecipeError(f"method={method!r} is not available; choose one of: {', '.join(METHODS)}")
+    sections = {name: _build_section(name, cls, raw.get(name)) for name, cls in _SECTIONS.items()}
+    source = sections["source"]
+    if source.type is None:
+        source.type = METHODS[method]
+    if source.type not in SOURCES:
+        raise RecipeError(f"source.type={source.type!r} is not available; choose one of: {', '.join(SOURCES)}")
+    rewards = raw.get("rewards") or []
+    if isinstance(rewards, str):
+        rewards = [rewards]
+    if not isinstance(rewards, list) or not all(isinstance(r, str) for r in rewards):
+        raise RecipeError("rewards: expected a list of names ('arithmetic') or dotted paths ('pkg.module.func')")
+    peft = raw.get("peft")
+    if peft is not None and not isinstance(peft, dict):
+        raise RecipeError("peft: expected a mapping of LoraConfig arguments (r, lora_alpha, target_modules, ...)")
+    training = raw.get("training") or {}
+    if not isinstance(training, dict):
+        raise RecipeError("training: expected a mapping of SelfDistillConfig fields")
+    for key in ("model", "description"):
+        if key in raw and not isinstance(raw[key], str):
+            raise RecipeError(f"{key}: expected a string, got {type(raw[key]).__name__}")
+    data = sections["data"]
+    if data.task is None and not (data.train_files or data.hub):
+        raise RecipeError("data: give a built-in task (task: arithmetic), train_files (json/jsonl/parquet/csv) or hub")
+    if data.task is not None and data.task != "arithmetic":
+        raise RecipeError(f"data.task={data.task!r} is not a built-in task; use 'arithmetic' or set task: null and "
+                          "give train_files or hub")
+    recipe = Recipe(
+        description=raw.get("description", ""),
+        method=method,
+        model=raw.get("model", "smollm2-135m-instruct"),
+        data=data,
+        source=source,
+        rewards=rewards,
+        peft=peft,
+        eval=sections["eval"],
+        training=training,
+        path=path,
+    )
+    recipe.config()
+    _check_peft(peft)
+    return recipe
+
+
+def _check_peft(peft: dict | None) -> None:
+    if not peft:
+        return
+    from peft import LoraConfig
+
+    try:
+        LoraConfig(**peft)
+    except TypeError as err:
+        valid = [f.name for f in dataclasses.fields(LoraConfig)]
+        bad = str(err).split("'")[-2] if "'" in str(err) else ""
+        raise RecipeError(f"peft: {err}.{_suggest(bad, valid) if bad else ''}") from err
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides to a raw recipe mapping (values parsed as YAML scalars)."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} is not key=value (e.g. training.learning_rate=3e-5)")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError(f"recipe {path} does not exist; `selfdistill recipes` lists the shipped ones")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
+    return parse_recipe(apply_overrides(raw, overrides or []), str(path))
+
+
+def recipe_dirs() -> list[Path]:
+    """Where shipped recipes live: ./recipes and the repository's recipes folder."""
+    here = Path(__file__).resolve().parent.parent / "recipes"
+    dirs = [Path("recipes").resolve(), here]
+    out = []
+    for d in dirs:
+        if d.is_dir() and d not in out:
+            out.append(d)
+    return out
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """(path, description) of every recipe YAML found in :func:`recipe_dirs`."""
+    found = []
+    for folder in recipe_dirs():
+        for path in sorted(folder.glob("*.yaml")):
+            try:
+                raw = yaml.safe_load(path.read_text()) or {}
+                description = str(raw.get("description", "")).strip().splitlines()[0] if raw.get("description") else ""
+            except yaml.YAMLError:
+                description = "(invalid YAML)"
+            found.append((str(path), description))
+    return found
