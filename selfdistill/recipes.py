@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,17 @@ def _suggest(key: str, valid: list[str]) -> str:
     return f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(sorted(valid))}."
 
 
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _coerce(value: Any, default: Any) -> Any:
+    """YAML 1.1 reads ``3e-5`` (no dot) as a string; a float field takes it as the number it means."""
+    if isinstance(default, float) and not isinstance(default, bool) and isinstance(value, str):
+        if _FLOAT.match(value.strip()):
+            return float(value)
+    return value
+
+
 def _check_type(where: str, value: Any, default: Any) -> None:
     if value is None or default is None:
         return
@@ -128,6 +140,7 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
             raise RecipeError(f"unknown key {name}.{key}.{_suggest(key, list(fields))}")
         f = fields[key]
         default = f.default if f.default is not dataclasses.MISSING else None
+        raw[key] = value = _coerce(value, default)
         _check_type(f"{name}.{key}", value, default)
     return cls(**raw)
 
@@ -135,12 +148,14 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
 def build_config(training: dict[str, Any]) -> SelfDistillConfig:
     """``SelfDistillConfig(**training)`` with unknown keys and wrong types named before the config runs."""
     fields = {f.name: f for f in dataclasses.fields(SelfDistillConfig) if f.init}
+    kwargs = dict(training)
     for key, value in training.items():
         if key not in fields:
             raise RecipeError(f"unknown key training.{key}.{_suggest(key, list(fields))}")
         default = fields[key].default
-        _check_type(f"training.{key}", value, None if default is dataclasses.MISSING else default)
-    kwargs = dict(training)
+        default = None if default is dataclasses.MISSING else default
+        kwargs[key] = value = _coerce(value, default)
+        _check_type(f"training.{key}", value, default)
     kwargs.setdefault("output_dir", "outputs/selfdistill")
     kwargs.setdefault("report_to", [])
     try:
@@ -227,7 +242,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        parsed = yaml.safe_load(value) if value.strip() else None
+        if isinstance(parsed, str) and _FLOAT.match(parsed.strip()):
+            parsed = float(parsed)
+        node[parts[-1]] = parsed
     return raw
 
 

@@ -46,7 +46,7 @@ def tokenizer():
 
 def build_model(tokenizer, seed=0, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=len(tokenizer),
         hidden_size=16,
         intermediate_size=32,
@@ -58,8 +58,8 @@ def build_model(tokenizer, seed=0, **overrides) -> LlamaForCausalLM:
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
         tie_word_embeddings=False,
-        **overrides,
     )
+    config = LlamaConfig(**{**settings, **overrides})
     return LlamaForCausalLM(config)
 
 

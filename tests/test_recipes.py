@@ -1,0 +1,92 @@
+"""Recipe validation, the shipped recipes, and a CLI smoke run on a tiny model."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import build_model
+
+from selfdistill.cli import main
+from selfdistill.recipes import RecipeError, apply_overrides, list_recipes, load_recipe, parse_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_shipped_recipe_validates():
+    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
+    assert recipes, "no recipes shipped"
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert recipe.description, f"{path.name} needs a description"
+    assert {Path(p).name for p, _ in list_recipes()} >= {p.name for p in recipes}
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"modle": "x"}, "unknown top-level key 'modle'. Did you mean 'model'"),
+    ({"training": {"learning_rat": 1e-5}}, "training.learning_rat. Did you mean 'learning_rate'"),
+    ({"training": {"max_steps": "ten"}}, "training.max_steps: expected int, got str"),
+    ({"training": {"per_device_train_batch_size": 3, "num_generations": 2}}, "not divisible by num_generations"),
+    ({"training": {"teacher_policy": "frozen"}}, "teacher_policy='frozen' is not valid"),
+    ({"data": {"n_trian": 5}}, "data.n_trian. Did you mean 'n_train'"),
+    ({"eval": {"before": "yes"}}, "eval.before: expected bool"),
+    ({"method": "magic"}, "method='magic' is not available"),
+    ({"data": {"task": None}}, "give a built-in task"),
+    ({"peft": {"r": 8, "lora_alfa": 16}}, "lora_alfa"),
+    ({"rewards": [3]}, "rewards: expected a list"),
+])
+def test_bad_recipes_name_the_fix(raw, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(raw)
+
+
+def test_overrides_are_dotted_and_typed():
+    raw = apply_overrides({"training": {"max_steps": 5}}, ["training.max_steps=7", "training.learning_rate=3e-5",
+                                                            "data.n_train=10", "eval.before=false"])
+    assert raw == {"training": {"max_steps": 7, "learning_rate": 3e-5}, "data": {"n_train": 10},
+                   "eval": {"before": False}}
+    with pytest.raises(RecipeError, match="not key=value"):
+        apply_overrides({}, ["training.max_steps"])
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: [unclosed")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    assert main(["check", str(bad)]) == 2
+
+
+def test_cli_smoke_run_writes_complete_results(tmp_path, tokenizer, capsys):
+    model_dir = tmp_path / "tiny"
+    build_model(tokenizer, max_position_embeddings=1024).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    recipe = {
+        "description": "smoke",
+        "model": str(model_dir),
+        "data": {"task": "arithmetic", "n_train": 16, "n_test": 8, "digits": 1},
+        "rewards": ["arithmetic"],
+        "eval": {"n": 8, "batch_size": 8, "max_new_tokens": 4, "pass_k": 2, "every_steps": 1, "curve_n": 4},
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 4,
+                     "num_generations": 2, "max_completion_length": 4, "logging_steps": 1, "use_cpu": True,
+                     "save_strategy": "no", "disable_tqdm": True},
+    }
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    for key in ["method", "model", "steps", "rollouts", "generated_tokens", "train_seconds", "wall_seconds",
+                "eval_before", "eval_after", "learning_curve"]:
+        assert key in results, key
+    assert results["steps"] == 2 and results["rollouts"] == 8
+    assert 0 <= results["eval_after"]["greedy_accuracy"] <= 1 and "pass@2" in results["eval_after"]
+    assert [p["step"] for p in results["learning_curve"]] == [0, 1, 2]
+    assert (tmp_path / "out" / "learning_curve.png").exists()
+    assert (tmp_path / "out" / "final" / "config.json").exists()
+    assert "greedy accuracy" in capsys.readouterr().out
+
+    assert main(["eval", str(path), "--model", str(tmp_path / "out" / "final"), "--no-progress",
+                 "--output", str(tmp_path / "eval.json")]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["n"] == 8
