@@ -83,8 +83,8 @@ class Recipe:
     training: dict = field(default_factory=dict)
     path: str | None = None
 
-    def config(self) -> SelfDistillConfig:
-        return build_config(self.training)
+    def config(self, hardware_checks: bool = True) -> SelfDistillConfig:
+        return build_config(self.training, hardware_checks)
 
 
 METHODS = {"opsd": "reference"}
@@ -145,8 +145,12 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
     return cls(**raw)
 
 
-def build_config(training: dict[str, Any]) -> SelfDistillConfig:
-    """``SelfDistillConfig(**training)`` with unknown keys and wrong types named before the config runs."""
+def build_config(training: dict[str, Any], hardware_checks: bool = True) -> SelfDistillConfig:
+    """``SelfDistillConfig(**training)`` with unknown keys and wrong types named before the config runs.
+
+    ``hardware_checks=False`` validates a GPU recipe on a machine without one: mixed precision, which
+    ``TrainingArguments`` checks against the hardware present, is switched off for the check only.
+    """
     fields = {f.name: f for f in dataclasses.fields(SelfDistillConfig) if f.init}
     kwargs = dict(training)
     for key, value in training.items():
@@ -155,7 +159,12 @@ def build_config(training: dict[str, Any]) -> SelfDistillConfig:
         default = fields[key].default
         default = None if default is dataclasses.MISSING else default
         kwargs[key] = value = _coerce(value, default)
+        annotation = str(fields[key].type)
+        if isinstance(value, list) and "list" in annotation or isinstance(value, dict) and "dict" in annotation:
+            continue
         _check_type(f"training.{key}", value, default)
+    if not hardware_checks:
+        kwargs.update(bf16=False, fp16=False)
     kwargs.setdefault("output_dir", "outputs/selfdistill")
     kwargs.setdefault("report_to", [])
     try:
@@ -164,7 +173,7 @@ def build_config(training: dict[str, Any]) -> SelfDistillConfig:
         raise RecipeError(f"training: {err}") from err
 
 
-def parse_recipe(raw: Any, path: str | None = None) -> Recipe:
+def parse_recipe(raw: Any, path: str | None = None, hardware_checks: bool = True) -> Recipe:
     """Validate a recipe mapping (already YAML-loaded) and return it; builds the config to check it."""
     if not isinstance(raw, dict):
         raise RecipeError(f"a recipe is a YAML mapping of sections; {path or 'the input'} holds {type(raw).__name__}")
@@ -212,7 +221,7 @@ def parse_recipe(raw: Any, path: str | None = None) -> Recipe:
         training=training,
         path=path,
     )
-    recipe.config()
+    recipe.config(hardware_checks)
     _check_peft(peft)
     return recipe
 
@@ -249,7 +258,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, hardware_checks: bool = True) -> Recipe:
     path = Path(path)
     if not path.exists():
         raise RecipeError(f"recipe {path} does not exist; `selfdistill recipes` lists the shipped ones")
@@ -259,7 +268,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{path} is not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
-    return parse_recipe(apply_overrides(raw, overrides or []), str(path))
+    return parse_recipe(apply_overrides(raw, overrides or []), str(path), hardware_checks)
 
 
 def recipe_dirs() -> list[Path]:

@@ -18,7 +18,10 @@ from selfdistill.modeling import load_model, load_tokenizer
 from selfdistill.recipes import Recipe, RecipeError
 from selfdistill.sources import PrivilegedSource, ReferenceSolution
 
-BUILTIN_REWARDS = {"arithmetic": "selfdistill.tasks.arithmetic:arithmetic_reward"}
+BUILTIN_REWARDS = {
+    "arithmetic": "selfdistill.tasks.arithmetic:arithmetic_reward",
+    "math": "selfdistill.rewards:math_reward",
+}
 
 
 def resolve_reward(name: str) -> Callable:

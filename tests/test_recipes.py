@@ -17,7 +17,7 @@ def test_every_shipped_recipe_validates():
     recipes = sorted((ROOT / "recipes").glob("*.yaml"))
     assert recipes, "no recipes shipped"
     for path in recipes:
-        recipe = load_recipe(path)
+        recipe = load_recipe(path, hardware_checks=False)
         assert recipe.description, f"{path.name} needs a description"
     assert {Path(p).name for p, _ in list_recipes()} >= {p.name for p in recipes}
 

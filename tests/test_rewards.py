@@ -1,0 +1,24 @@
+"""The math verifier on equivalent, malformed and empty answers."""
+
+from selfdistill.rewards import completion_text, math_reward
+
+
+def test_equivalent_forms_and_chat_completions():
+    gold = ["so the result is $\\boxed{\\frac{1}{2}}$"] * 3
+    completions = ["It is $0.5$.", [{"role": "assistant", "content": "\\boxed{1/2}"}], "It is $0.25$."]
+    assert math_reward(None, completions, solution=gold) == [1.0, 1.0, 0.0]
+
+
+def test_malformed_and_empty_completions_score_zero():
+    assert math_reward(None, ["", "no answer here", "}}{{\\boxed{"], answer=["42"] * 3) == [0.0, 0.0, 0.0]
+
+
+def test_unparseable_gold_is_left_out():
+    # a gold with no mathematical answer is not a wrong answer: None leaves it out of the reward mean
+    assert math_reward(None, ["42"], solution=["no boxed answer at all"]) == [None]
+
+
+def test_completion_text():
+    assert completion_text("x") == "x"
+    assert completion_text([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]) == "a"
+    assert completion_text(None) == ""
