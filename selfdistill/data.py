@@ -33,7 +33,8 @@ def _map_columns(ds: Dataset, spec: DataSpec, split: str) -> Dataset:
     for ours, theirs in spec.columns.items():
         if theirs not in ds.column_names:
             raise RecipeError(
-                f"data.columns.{ours}: column {theirs!r} not in the {split} split (columns: {', '.join(ds.column_names)})"
+                f"data.columns.{ours}: column {theirs!r} not in the {split} split "
+                f"(columns: {', '.join(ds.column_names)})"
             )
         if ours != theirs:
             if ours in ds.column_names:

@@ -75,7 +75,8 @@ def sample_completions(
         )
     except RuntimeError as err:
         if "probability tensor contains" in str(err):
-            raise NonFiniteLogits(f"the student produced NaN/inf logits while sampling rollouts; {NON_FINITE_FIX}") from err
+            message = f"the student produced NaN/inf logits while sampling rollouts; {NON_FINITE_FIX}"
+            raise NonFiniteLogits(message) from err
         raise
     new = out[:, width:].tolist()
     eos_set = set(eos)

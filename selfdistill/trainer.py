@@ -29,7 +29,14 @@ from trl.trainer.utils import RepeatSampler
 from selfdistill.config import SelfDistillConfig
 from selfdistill.losses import distillation_loss
 from selfdistill.modeling import ensure_pad_token, load_model, load_tokenizer
-from selfdistill.rollout import NON_FINITE_FIX, NonFiniteLogits, eos_ids, reward_name, sample_completions, score_rollouts
+from selfdistill.rollout import (
+    NON_FINITE_FIX,
+    NonFiniteLogits,
+    eos_ids,
+    reward_name,
+    sample_completions,
+    score_rollouts,
+)
 from selfdistill.sequences import completion_logits, fit_view, render_context, splice
 from selfdistill.sources.base import PrivilegedSource, Rollout
 from selfdistill.teacher import TeacherWeights
