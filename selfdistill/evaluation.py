@@ -118,6 +118,8 @@ class LearningCurve(TrainerCallback):
             "generated_tokens": self.trainer.tokens_generated,
             "greedy_accuracy": result["greedy_accuracy"],
         })
+        print(f"[curve] step {step}: held-out greedy accuracy {result['greedy_accuracy']:.1%} "
+              f"({self.trainer.rollouts_generated} rollouts)", flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not self.points:
