@@ -29,6 +29,15 @@ CONFIGS: dict[str, list[str]] = {
     "lr2e-5": ["training.learning_rate=2e-5"],
     "entry_clip_0.05": ["training.clip=entry", "training.clip_tau=0.05"],
     "sampled_token": ["training.support=sampled"],
+    # rollouts nearer the greedy path: the held-out metric is greedy accuracy
+    "temp0.6": ["training.temperature=0.6"],
+    "temp0.6_lr2e-5": ["training.temperature=0.6", "training.learning_rate=2e-5"],
+    "temp0.6_lora_r16_lr5e-4_70steps": ["training.temperature=0.6", LORA, "training.learning_rate=5e-4",
+                                         "training.max_steps=70"],
+    "temp0.6_no_clip": ["training.temperature=0.6", "training.clip=none"],
+    "temp0.6_scale_clip": ["training.temperature=0.6", "training.clip=scale"],
+    "temp0.6_scale_clip_lora_r16_lr5e-4_70steps": ["training.temperature=0.6", "training.clip=scale", LORA,
+                                                    "training.learning_rate=5e-4", "training.max_steps=70"],
 }
 
 

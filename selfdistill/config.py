@@ -93,8 +93,9 @@ class SelfDistillConfig(TrainingArguments):
     )
     clip: str = field(
         default="token",
-        metadata={"help": "Divergence clip: 'token' caps each token's divergence min(D_t, clip_tau); 'entry' caps each "
-                  "vocabulary term (OPSD, tau 0.05); 'none'."},
+        metadata={"help": "Divergence clip: 'token' caps each token's divergence min(D_t, clip_tau) (no gradient "
+                  "above tau); 'scale' has the same value but scales the token's gradient by tau/D_t; 'entry' caps "
+                  "each vocabulary term (OPSD, tau 0.05); 'none'."},
     )
     clip_tau: float = field(default=1.0, metadata={"help": "Threshold tau of the divergence clip, in nats."})
     ratio_clip: float | None = field(

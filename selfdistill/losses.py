@@ -5,7 +5,8 @@ completion tokens only, flattened to ``[N, V]`` (N tokens, V vocabulary), so pad
 math. One call computes, per token t:
 
     D_t   the divergence over a support S of the vocabulary (full, top-k or the sampled token),
-    L_t   the loss after clipping (per-entry ``min(term, tau)``, per-token ``min(D_t, tau)``),
+    L_t   the loss after clipping: per-entry ``sum_v min(term_v, tau)``; per-token cap ``min(D_t, tau)`` (no
+          gradient above tau); per-token scale ``D_t * min(1, tau / sg(D_t))`` (same value, gradient scaled),
     w_t   an importance weight ``sg(min(exp(log pi_theta(y_t) - log pi_old(y_t)), c))`` when rollouts are stale,
 
 and returns ``sum_t w_t * L_t / normalizer``. The normalizer is the number of valid completion tokens of the
@@ -35,7 +36,7 @@ import torch
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 SUPPORTS = ("full", "topk", "sampled")
 TOPK_SOURCES = ("student", "teacher", "union")
-CLIPS = ("none", "entry", "token")
+CLIPS = ("none", "entry", "token", "scale")
 
 # Log-probabilities below this are treated as zero probability: exp(-1000) is 0 in float32 and float64, and it
 # keeps 0 * (-inf) = NaN out of the sums when a logit is -inf.
@@ -206,7 +207,7 @@ def token_losses(
 
     if spec.support == "sampled":
         divergence = (s_y - t_y).detach()
-        coef = divergence.clamp(max=spec.clip_tau) if spec.clip == "token" else divergence
+        coef = divergence.clamp(max=spec.clip_tau) if spec.clip in ("token", "scale") else divergence
         clipped = (divergence > coef).to(divergence.dtype)
         # value = coef, gradient = coef * grad log p_S(y): the REINFORCE surrogate.
         loss = coef + coef * (s_y - s_y.detach())
@@ -230,6 +231,13 @@ def token_losses(
         elif spec.clip == "token":
             summed = terms.sum(-1)
             loss = summed.clamp(max=spec.clip_tau)
+            clipped = (divergence > spec.clip_tau).to(divergence.dtype)
+        elif spec.clip == "scale":
+            # value min(D, tau) like the cap, but the gradient is scaled by tau / D instead of zeroed: a token far
+            # from the teacher still moves towards it, with at most tau's worth of weight.
+            summed = terms.sum(-1)
+            scale = (spec.clip_tau / divergence.clamp_min(torch.finfo(divergence.dtype).tiny)).clamp(max=1.0)
+            loss = summed * scale
             clipped = (divergence > spec.clip_tau).to(divergence.dtype)
         else:
             loss = terms.sum(-1)

@@ -28,7 +28,7 @@ def _brute_force(student_logits, teacher_logits, tokens, spec, old_logps=None):
             weight = min(math.exp(max(min(float(ls[y]) - float(old_logps[i]), 20.0), -20.0)), spec.ratio_clip)
         if spec.support == "sampled":
             delta = float(ls[y]) - lt[y]
-            coef = min(delta, spec.clip_tau) if spec.clip == "token" else delta
+            coef = min(delta, spec.clip_tau) if spec.clip in ("token", "scale") else delta
             total = total + weight * (coef + coef * (ls[y] - float(ls[y])))
             continue
         if spec.support == "full":
@@ -63,6 +63,9 @@ def _brute_force(student_logits, teacher_logits, tokens, spec, old_logps=None):
             token_loss = sum(torch.clamp(x, max=spec.clip_tau) for x in terms)
         elif spec.clip == "token":
             token_loss = torch.clamp(sum(terms), max=spec.clip_tau)
+        elif spec.clip == "scale":
+            d = float(sum(terms))
+            token_loss = sum(terms) * min(1.0, spec.clip_tau / d) if d > 0 else sum(terms)
         else:
             token_loss = sum(terms)
         total = total + weight * token_loss
@@ -85,12 +88,12 @@ VARIANTS = [
         ["full", "topk"],
         ["student", "teacher", "union"],
         [True, False],
-        ["none", "entry", "token"],
+        ["none", "entry", "token", "scale"],
         [0.05, 0.4],
     )
     if not (s == "full" and (src != "student" or not tail))
 ] + [
-    LossSpec(divergence="reverse_kl", support="sampled", clip=c, clip_tau=0.3) for c in ["none", "token"]
+    LossSpec(divergence="reverse_kl", support="sampled", clip=c, clip_tau=0.3) for c in ["none", "token", "scale"]
 ]
 
 
@@ -182,3 +185,13 @@ def test_bad_specs_name_the_fix():
         LossSpec(divergence="kl")
     with pytest.raises(ValueError, match="differ"):
         distillation_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, dtype=torch.long), LossSpec())
+
+
+def test_scale_clip_keeps_the_direction_the_cap_drops():
+    student, teacher, tokens, _ = _inputs(7, scale=4.0)
+    cap = distillation_loss(student, teacher, tokens, LossSpec(clip="token", clip_tau=0.01, ratio_clip=None))
+    scale = distillation_loss(student, teacher, tokens, LossSpec(clip="scale", clip_tau=0.01, ratio_clip=None))
+    torch.testing.assert_close(cap.loss, scale.loss)  # same value
+    (g_cap,) = torch.autograd.grad(cap.loss, student)
+    (g_scale,) = torch.autograd.grad(scale.loss, student)
+    assert g_cap.abs().max() == 0 and g_scale.abs().max() > 0  # every token capped: only scale still learns
