@@ -30,8 +30,9 @@ class SelfDistillConfig(TrainingArguments):
     weights score the rollouts). ``per_device_train_batch_size`` counts *rollouts*, as in TRL's GRPO: with
     ``num_generations=4`` a batch of 8 holds 2 prompts with 4 rollouts each.
 
-    The default loss is the token-level reverse KL(student || teacher) over the full vocabulary with a per-token
-    cap ``min(D_t, clip_tau)`` and an importance-ratio cap ``c = 2`` on stale rollouts: "reverse KL with clipping".
+    The default loss is the token-level reverse KL(student || teacher) over the full vocabulary, clipped per token
+    (``clip="scale"``: each token contributes at most ``clip_tau`` nats, its gradient scaled by ``clip_tau / D_t``
+    above that), with an importance-ratio cap ``c = 2`` on stale rollouts: "reverse KL with clipping".
     """
 
     # Overrides of TrainingArguments defaults.
@@ -92,7 +93,7 @@ class SelfDistillConfig(TrainingArguments):
         metadata={"help": "Top-k support: add one bucket holding the uncaptured mass (True) or renormalise (False)."},
     )
     clip: str = field(
-        default="token",
+        default="scale",
         metadata={"help": "Divergence clip: 'token' caps each token's divergence min(D_t, clip_tau) (no gradient "
                   "above tau); 'scale' has the same value but scales the token's gradient by tau/D_t; 'entry' caps "
                   "each vocabulary term (OPSD, tau 0.05); 'none'."},

@@ -55,7 +55,7 @@ class LossSpec:
     top_k: int = 64
     topk_from: str = "student"
     tail_bucket: bool = True
-    clip: str = "token"
+    clip: str = "scale"
     clip_tau: float = 1.0
     ratio_clip: float | None = 2.0
 
