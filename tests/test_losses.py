@@ -64,7 +64,7 @@ def _brute_force(student_logits, teacher_logits, tokens, spec, old_logps=None):
         elif spec.clip == "token":
             token_loss = torch.clamp(sum(terms), max=spec.clip_tau)
         elif spec.clip == "scale":
-            d = float(sum(terms))
+            d = float(sum(terms).detach())
             token_loss = sum(terms) * min(1.0, spec.clip_tau / d) if d > 0 else sum(terms)
         else:
             token_loss = sum(terms)
