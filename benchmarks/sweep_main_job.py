@@ -38,6 +38,9 @@ CONFIGS: dict[str, list[str]] = {
                                           "training.max_steps=60"],
     "temp0.6_scale_clip_lr2e-5_len16_70steps": [T06, "training.clip=scale", "training.learning_rate=2e-5",
                                                 "training.max_completion_length=16", "training.max_steps=70"],
+    "temp0.4_scale_clip_lr2e-5_len16_70steps": ["training.temperature=0.4", "training.clip=scale",
+                                                "training.learning_rate=2e-5", "training.max_completion_length=16",
+                                                "training.max_steps=70"],
     "temp0.6_entry_clip_0.05": [T06, "training.clip=entry", "training.clip_tau=0.05", "training.max_steps=50"],
     "temp0.6_sampled_token": [T06, "training.support=sampled", "training.clip=scale", "training.max_steps=50"],
 }
