@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from selfdistill.rewards import as_completions
 from selfdistill.rollout import eos_ids, sample_completions
 from selfdistill.sequences import render_context
 
@@ -85,8 +86,7 @@ def evaluate(
 
 def _score(reward_fn, tokenizer, prompts, completion_ids, rows) -> list[bool]:
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    conversational = not isinstance(prompts[0], str)
-    completions = [[{"role": "assistant", "content": t}] if conversational else t for t in texts]
+    completions = as_completions(prompts, texts)
     columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
     rewards = reward_fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
     return [r is not None and r >= 0.5 for r in rewards]

@@ -6,14 +6,30 @@ from typing import Any
 
 
 def completion_text(completion: Any) -> str:
-    """The text of a completion given as a string or as chat messages (the last assistant message)."""
+    """The text of a completion: a string, or the last assistant message of a conversation ("" when none).
+
+    Content given as a list of parts (multimodal style) is joined from its text parts.
+    """
     if isinstance(completion, str):
         return completion
-    if isinstance(completion, list):
-        for message in reversed(completion):
-            if isinstance(message, dict) and message.get("role") == "assistant":
-                return str(message.get("content") or "")
-    return ""
+    if isinstance(completion, dict):
+        completion = [completion]
+    if not isinstance(completion, (list, tuple)) or not completion:
+        return ""
+    messages = [m for m in completion if isinstance(m, dict)]
+    assistant = [m for m in messages if m.get("role") == "assistant"] or messages
+    if not assistant:
+        return ""
+    content = assistant[-1].get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
+
+
+def as_completions(prompts: list[Any], texts: list[str]) -> list[Any]:
+    """Completions in TRL's convention: chat messages when the prompts are chats, else plain strings."""
+    conversational = bool(prompts) and not isinstance(prompts[0], str)
+    return [[{"role": "assistant", "content": t}] if conversational else t for t in texts]
 
 
 def math_reward(

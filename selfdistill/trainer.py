@@ -29,11 +29,11 @@ from trl.trainer.utils import RepeatSampler
 from selfdistill.config import SelfDistillConfig
 from selfdistill.losses import distillation_loss
 from selfdistill.modeling import ensure_pad_token, load_model, load_tokenizer
+from selfdistill.rewards import as_completions
 from selfdistill.rollout import (
     NON_FINITE_FIX,
     NonFiniteLogits,
     eos_ids,
-    reward_name,
     sample_completions,
     score_rollouts,
 )
@@ -256,8 +256,7 @@ class SelfDistillTrainer(Trainer):
         self._record(mode, "time/generation", elapsed, reduce="sum")
 
         texts = tokenizer.batch_decode(generated.completion_ids, skip_special_tokens=True)
-        conversational = not isinstance(prompts[0], str)
-        completions = [[{"role": "assistant", "content": t}] if conversational else t for t in texts]
+        completions = as_completions(prompts, texts)
         rewards: list[float | None] = [None] * len(rows)
         if self.reward_funcs:
             totals, per_func, failures = score_rollouts(
@@ -479,9 +478,6 @@ class SelfDistillTrainer(Trainer):
             with open(source_file) as f:
                 self.privileged.load_state_dict(json.load(f))
         self._buffered = None
-
-    def reward_names(self) -> list[str]:
-        return [reward_name(f) for f in self.reward_funcs]
 
 
 def _check_finite(logits: torch.Tensor, side: str) -> None:

@@ -1,23 +1,6 @@
 """Built-in tasks with verifiable answers."""
 
-from selfdistill.tasks.arithmetic import (
-    DEFAULT_PROMPT_TEMPLATE,
-    OPERATIONS,
-    REFERENCE_TEMPLATE,
-    arithmetic_reward,
-    count_problems,
-    extract_final_integer,
-    make_arithmetic_dataset,
-    with_reference_solution,
-)
+from selfdistill.tasks import arithmetic
+from selfdistill.tasks.arithmetic import *  # noqa: F403 - the task's public names, listed once in its __all__
 
-__all__ = [
-    "DEFAULT_PROMPT_TEMPLATE",
-    "OPERATIONS",
-    "REFERENCE_TEMPLATE",
-    "arithmetic_reward",
-    "count_problems",
-    "extract_final_integer",
-    "make_arithmetic_dataset",
-    "with_reference_solution",
-]
+__all__ = list(arithmetic.__all__)

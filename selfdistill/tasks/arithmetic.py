@@ -24,6 +24,8 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from selfdistill.rewards import completion_text
+
 if TYPE_CHECKING:
     from datasets import DatasetDict
 
@@ -310,24 +312,6 @@ def extract_final_integer(text: Any) -> int | None:
     return -value if last.group("sign") else value
 
 
-def _completion_text(completion: Any) -> str | None:
-    """Text of a completion: a string, or the last assistant message of a conversation."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict):
-        completion = [completion]
-    if not isinstance(completion, (list, tuple)) or not completion:
-        return None
-    messages = [m for m in completion if isinstance(m, dict)]
-    assistant = [m for m in messages if m.get("role") == "assistant"] or messages
-    if not assistant:
-        return None
-    content = assistant[-1].get("content")
-    if isinstance(content, list):  # multimodal-style content parts
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return content if isinstance(content, str) else None
-
-
 def _parse_answer(answer: Any) -> int | None:
     if isinstance(answer, bool):
         return None
@@ -356,7 +340,7 @@ def arithmetic_reward(
     rewards: list[float] = []
     for completion, reference in zip(completions, answer):
         try:
-            predicted = extract_final_integer(_completion_text(completion))
+            predicted = extract_final_integer(completion_text(completion))
             target = _parse_answer(reference)
             rewards.append(1.0 if predicted is not None and predicted == target else 0.0)
         except Exception:  # noqa: BLE001 - a reward function must never take the training loop down
