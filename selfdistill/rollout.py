@@ -114,8 +114,10 @@ def score_rollouts(
     columns.pop("prompt", None)
     per_func: dict[str, list[float]] = {}
     failures = 0
-    for func in reward_funcs:
+    for index, func in enumerate(reward_funcs):
         name = reward_name(func)
+        if name in per_func:  # two functions with one name (lambdas, partials) keep separate metrics
+            name = f"{name}_{index}"
         try:
             values = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
             values = [math.nan if v is None else float(v) for v in values]
@@ -127,9 +129,10 @@ def score_rollouts(
                            type(err).__name__, err)
             values = [math.nan] * len(completions)
         per_func[name] = values
+    columns_by_func = list(per_func.values())
     totals = []
     for i in range(len(completions)):
-        parts = [w * per_func[reward_name(f)][i] for f, w in zip(reward_funcs, weights)]
+        parts = [w * values[i] for values, w in zip(columns_by_func, weights)]
         finite = [p for p in parts if not math.isnan(p)]
         totals.append(sum(finite) if finite else math.nan)
     return totals, per_func, failures

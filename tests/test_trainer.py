@@ -264,3 +264,13 @@ def test_rollout_reuse_uses_the_importance_ratio(tmp_path, tokenizer):
     assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
     # the second step reused the first step's rollouts: no generation happened in it
     assert "time/generation" in logs[0] and "time/generation" not in logs[1]
+
+
+def test_reward_functions_with_one_name_are_kept_apart():
+    from selfdistill.rollout import score_rollouts
+
+    funcs = [lambda prompts, completions, **kw: [1.0] * len(completions),
+             lambda prompts, completions, **kw: [0.5] * len(completions)]
+    totals, per_func, failures = score_rollouts(funcs, [1.0, 2.0], ["p"], ["c"], [[1]], [{"prompt": "p"}])
+    assert totals == [2.0] and failures == 0
+    assert list(per_func) == ["<lambda>", "<lambda>_1"]
