@@ -163,6 +163,50 @@ def _divergence_terms(s: torch.Tensor, t: torch.Tensor, spec: LossSpec) -> torch
     return beta * t.exp() * (t - log_m) + (1.0 - beta) * s.exp() * (s - log_m)
 
 
+def sampled_losses(
+    s_y: torch.Tensor, t_y: torch.Tensor, spec: LossSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The single-sample reverse-KL surrogate on the realised token: ``(loss, divergence, clipped)``, each ``[N]``.
+
+    ``s_y`` carries the student's gradient, ``t_y`` is the (stop-gradient) target log-prob of the same token. The
+    value is ``coef = s_y - t_y`` (capped at tau by the token/scale clip) and the gradient ``coef * grad s_y``.
+    """
+    divergence = (s_y - t_y).detach()
+    coef = divergence.clamp(max=spec.clip_tau) if spec.clip in ("token", "scale") else divergence
+    clipped = (divergence > coef).to(divergence.dtype)
+    return coef + coef * (s_y - s_y.detach()), divergence, clipped
+
+
+def support_losses(
+    s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor | None, spec: LossSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Divergence and clip over a support: ``(loss, divergence, clipped)``, each ``[N]``.
+
+    ``s`` and ``t`` are ``[N, K]`` student and (stop-gradient) target log-probabilities on the same K support
+    entries; ``valid`` masks entries that are not real (duplicates), ``None`` when all are.
+    """
+    terms = _divergence_terms(s, t, spec)
+    if valid is not None:
+        terms = torch.where(valid, terms, torch.zeros_like(terms))
+    divergence = terms.sum(-1).detach()
+    if spec.clip == "entry":
+        loss = terms.clamp(max=spec.clip_tau).sum(-1)
+        clipped = (terms.detach() > spec.clip_tau).any(-1).to(divergence.dtype)
+    elif spec.clip == "token":
+        loss = terms.sum(-1).clamp(max=spec.clip_tau)
+        clipped = (divergence > spec.clip_tau).to(divergence.dtype)
+    elif spec.clip == "scale":
+        # value min(D, tau) like the cap, but the gradient is scaled by tau / D instead of zeroed: a token far
+        # from the teacher still moves towards it, with at most tau's worth of weight.
+        scale = (spec.clip_tau / divergence.clamp_min(torch.finfo(divergence.dtype).tiny)).clamp(max=1.0)
+        loss = terms.sum(-1) * scale
+        clipped = (divergence > spec.clip_tau).to(divergence.dtype)
+    else:
+        loss = terms.sum(-1)
+        clipped = torch.zeros_like(divergence)
+    return loss, divergence, clipped
+
+
 def importance_ratio(
     student_token_logp: torch.Tensor, old_token_logp: torch.Tensor | None, cap: float | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,42 +250,16 @@ def token_losses(
     ratio, ratio_clipped = importance_ratio(s_y, old_logps, spec.ratio_clip)
 
     if spec.support == "sampled":
-        divergence = (s_y - t_y).detach()
-        coef = divergence.clamp(max=spec.clip_tau) if spec.clip in ("token", "scale") else divergence
-        clipped = (divergence > coef).to(divergence.dtype)
-        # value = coef, gradient = coef * grad log p_S(y): the REINFORCE surrogate.
-        loss = coef + coef * (s_y - s_y.detach())
+        loss, divergence, clipped = sampled_losses(s_y, t_y, spec)
     else:
         if spec.support == "full":
-            s, t = s_all, t_all
-            valid = None
+            s, t, valid = s_all, t_all, None
         else:
             ids, valid = _support_ids(s_all, t_all, spec)
             s, valid_s = _restrict_to_support(s_all, ids, valid, spec.tail_bucket)
             t, _ = _restrict_to_support(t_all, ids, valid, spec.tail_bucket)
             valid = valid_s
-        terms = _divergence_terms(s, t, spec)
-        if valid is not None:
-            terms = torch.where(valid, terms, torch.zeros_like(terms))
-        divergence = terms.sum(-1).detach()
-        if spec.clip == "entry":
-            clipped_terms = terms.clamp(max=spec.clip_tau)
-            clipped = (terms.detach() > spec.clip_tau).any(-1).to(divergence.dtype)
-            loss = clipped_terms.sum(-1)
-        elif spec.clip == "token":
-            summed = terms.sum(-1)
-            loss = summed.clamp(max=spec.clip_tau)
-            clipped = (divergence > spec.clip_tau).to(divergence.dtype)
-        elif spec.clip == "scale":
-            # value min(D, tau) like the cap, but the gradient is scaled by tau / D instead of zeroed: a token far
-            # from the teacher still moves towards it, with at most tau's worth of weight.
-            summed = terms.sum(-1)
-            scale = (spec.clip_tau / divergence.clamp_min(torch.finfo(divergence.dtype).tiny)).clamp(max=1.0)
-            loss = summed * scale
-            clipped = (divergence > spec.clip_tau).to(divergence.dtype)
-        else:
-            loss = terms.sum(-1)
-            clipped = torch.zeros_like(divergence)
+        loss, divergence, clipped = support_losses(s, t, valid, spec)
     return TokenLosses(
         loss=loss * ratio,
         divergence=divergence,
