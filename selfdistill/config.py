@@ -138,10 +138,24 @@ class SelfDistillConfig(TrainingArguments):
                   "metrics) or 'error'. Completion tokens are never truncated."},
     )
 
+    # Rewards
+    reward_timeout: float | None = field(
+        default=60.0,
+        metadata={"help": "Seconds a reward function may take on one batch; a slower call counts its rollouts as "
+                  "verifier failures (NaN reward) instead of stalling the run. None: no limit."},
+    )
+
     # Logging
     log_completions: int = field(
         default=0, metadata={"help": "Print this many sample rollouts with their rewards at each logging step."}
     )
+    heatmap_steps: int = field(
+        default=0,
+        metadata={"help": "Every this many optimizer steps, render the per-token teacher-student divergence of "
+                  "heatmap_samples rollouts as HTML and PNG under <output_dir>/heatmaps (and to wandb when it is a "
+                  "report_to target). 0: off."},
+    )
+    heatmap_samples: int = field(default=4, metadata={"help": "Rollouts per divergence heatmap."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -186,6 +200,10 @@ class SelfDistillConfig(TrainingArguments):
             raise ValueError(f"teacher_ema_rate={self.teacher_ema_rate} must be in (0, 1] for teacher_policy='ema'")
         if self.teacher_update_every < 1:
             raise ValueError(f"teacher_update_every={self.teacher_update_every} must be >= 1")
+        if self.reward_timeout is not None and not self.reward_timeout > 0:
+            raise ValueError(f"reward_timeout={self.reward_timeout} must be > 0 seconds (or None for no limit)")
+        if self.heatmap_steps < 0 or self.heatmap_samples < 1:
+            raise ValueError("heatmap_steps must be >= 0 (0 switches heatmaps off) and heatmap_samples >= 1")
         self.loss_spec()  # validates the loss combination with the loss module's own messages
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 import yaml
 
 from selfdistill.config import SelfDistillConfig
+from selfdistill.revision import RevisionConfig
+from selfdistill.sources import SOURCES, PrivilegedSource
 
 
 class RecipeError(ValueError):
@@ -47,12 +50,14 @@ class DataSpec:
 
 @dataclass
 class SourceSpec:
-    """The privileged-information source and its arguments (defaults follow the method)."""
+    """The privileged-information source: its ``type`` and its constructor arguments (the other keys).
+
+    In YAML the arguments sit beside ``type`` (``source: {type: reference, column: solution}``); they are checked
+    against the source class's signature, so a misspelt argument is named with the closest valid one.
+    """
 
     type: str | None = None
-    column: str = "solution"
-    answer_column: str | None = None
-    template: str | None = None
+    args: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +82,7 @@ class Recipe:
     model: str = "smollm2-135m-instruct"
     data: DataSpec = field(default_factory=DataSpec)
     source: SourceSpec = field(default_factory=SourceSpec)
+    srt: RevisionConfig | None = None
     rewards: list = field(default_factory=list)
     peft: dict | None = None
     eval: EvalSpec = field(default_factory=EvalSpec)
@@ -87,9 +93,9 @@ class Recipe:
         return build_config(self.training, hardware_checks)
 
 
-METHODS = {"opsd": "reference"}
-SOURCES = ("reference",)
-_SECTIONS = {"data": DataSpec, "source": SourceSpec, "eval": EvalSpec}
+#: method name -> the source type it uses by default
+METHODS = {"opsd": "reference", "sdzero": "reviser"}
+_SECTIONS = {"data": DataSpec, "eval": EvalSpec}
 _TOP = {f.name for f in dataclasses.fields(Recipe)} - {"path"}
 
 
@@ -184,11 +190,20 @@ def parse_recipe(raw: Any, path: str | None = None, hardware_checks: bool = True
     if method not in METHODS:
         raise RecipeError(f"method={method!r} is not available; choose one of: {', '.join(METHODS)}")
     sections = {name: _build_section(name, cls, raw.get(name)) for name, cls in _SECTIONS.items()}
-    source = sections["source"]
-    if source.type is None:
-        source.type = METHODS[method]
-    if source.type not in SOURCES:
-        raise RecipeError(f"source.type={source.type!r} is not available; choose one of: {', '.join(SOURCES)}")
+    source = parse_source(raw.get("source"), METHODS[method])
+    srt = None
+    if raw.get("srt") is not None:
+        if source.type != "reviser":
+            raise RecipeError(
+                f"srt: self-revision training is SD-Zero's phase 1 and needs source.type: reviser (this recipe uses "
+                f"{source.type!r}); remove the srt section or use method: sdzero"
+            )
+        try:
+            srt = _build_section("srt", RevisionConfig, raw["srt"])
+        except RecipeError:
+            raise
+        except ValueError as err:
+            raise RecipeError(str(err)) from err
     rewards = raw.get("rewards") or []
     if isinstance(rewards, str):
         rewards = [rewards]
@@ -215,6 +230,7 @@ def parse_recipe(raw: Any, path: str | None = None, hardware_checks: bool = True
         model=raw.get("model", "smollm2-135m-instruct"),
         data=data,
         source=source,
+        srt=srt,
         rewards=rewards,
         peft=peft,
         eval=sections["eval"],
@@ -223,7 +239,46 @@ def parse_recipe(raw: Any, path: str | None = None, hardware_checks: bool = True
     )
     recipe.config(hardware_checks)
     _check_peft(peft)
+    source_instance = build_source(recipe.source)
+    if source_instance.needs_rewards and not rewards:
+        raise RecipeError(
+            f"source.type={source.type!r} needs a verifier; add one under rewards (e.g. rewards: [arithmetic])"
+        )
     return recipe
+
+
+def parse_source(raw: Any, default_type: str) -> SourceSpec:
+    """``type`` plus constructor arguments checked against the source class's signature."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"source: expected a mapping of keys to values, got {type(raw).__name__}")
+    args = dict(raw)
+    kind = args.pop("type", None) or default_type
+    if kind not in SOURCES:
+        raise RecipeError(f"source.type={kind!r} is not available.{_suggest(str(kind), list(SOURCES))}")
+    params = {
+        name: p for name, p in inspect.signature(SOURCES[kind].__init__).parameters.items()
+        if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+    for key, value in args.items():
+        if key not in params:
+            raise RecipeError(
+                f"unknown key source.{key} for source.type={kind!r}.{_suggest(key, list(params) + ['type'])}"
+            )
+        default = params[key].default
+        default = None if default is inspect.Parameter.empty else default
+        args[key] = value = _coerce(value, default)
+        _check_type(f"source.{key}", value, default)
+    return SourceSpec(type=kind, args=args)
+
+
+def build_source(spec: SourceSpec) -> PrivilegedSource:
+    """The source object a recipe describes; bad argument values become a :class:`RecipeError`."""
+    try:
+        return SOURCES[spec.type](**spec.args)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"source ({spec.type}): {err}") from err
 
 
 def _check_peft(peft: dict | None) -> None:

@@ -42,8 +42,14 @@ def math_reward(
     Equivalent forms count (``\\frac{1}{2}`` and ``0.5``). A gold that cannot be parsed gives ``None`` (left
     out of the reward mean, not scored as wrong); parsing and verification run with math-verify's timeouts.
     """
+    import threading
+
     from math_verify import parse, verify
 
+    # math-verify's own timeouts use signal.alarm, which only works in the main thread; elsewhere (the trainer's
+    # reward_timeout runs verifiers in a thread) the caller's timeout is the guard.
+    timeouts = {} if threading.current_thread() is threading.main_thread() else {"parsing_timeout": None}
+    verify_timeouts = {} if not timeouts else {"timeout_seconds": None}
     golds = answer if answer is not None else solution
     if golds is None:
         raise KeyError("math_reward needs an 'answer' or 'solution' column; map one in the recipe's data.columns")
@@ -52,10 +58,10 @@ def math_reward(
         gold_src = str(gold_text)
         if answer is not None and "\\boxed" not in gold_src and "$" not in gold_src:
             gold_src = f"${gold_src}$"
-        gold = parse(gold_src)
+        gold = parse(gold_src, **timeouts)
         if not gold:
             rewards.append(None)
             continue
-        predicted = parse(completion_text(completion))
-        rewards.append(1.0 if predicted and verify(gold, predicted) else 0.0)
+        predicted = parse(completion_text(completion), **timeouts)
+        rewards.append(1.0 if predicted and verify(gold, predicted, **verify_timeouts) else 0.0)
     return rewards

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +97,41 @@ def reward_name(func: Callable) -> str:
     return getattr(func, "__name__", None) or type(func).__name__
 
 
+class VerifierTimeout(TimeoutError):
+    """A reward function did not return within the configured time."""
+
+
+def _call(func: Callable, timeout: float | None, kwargs: dict[str, Any]) -> Any:
+    """``func(**kwargs)``, abandoned after ``timeout`` seconds (a Python thread cannot be killed: a hung verifier
+    keeps its thread, but the run goes on)."""
+    if not timeout:
+        return func(**kwargs)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = func(**kwargs)
+        except BaseException as err:  # re-raised in the caller's thread
+            box["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True, name=f"verifier-{reward_name(func)}")
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise VerifierTimeout(f"did not return within {timeout:g} s (reward_timeout)")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _values(func: Callable, timeout: float | None, kwargs: dict[str, Any], n: int) -> list[float]:
+    values = _call(func, timeout, kwargs)
+    values = [math.nan if v is None else float(v) for v in values]
+    if len(values) != n:
+        raise ValueError(f"returned {len(values)} rewards for {n} completions")
+    return values
+
+
 def score_rollouts(
     reward_funcs: Sequence[Callable],
     weights: Sequence[float],
@@ -103,35 +139,50 @@ def score_rollouts(
     completions: list[Any],
     completion_ids: list[list[int]],
     rows: list[dict[str, Any]],
+    timeout: float | None = None,
 ) -> tuple[list[float], dict[str, list[float]], int]:
     """Weighted sum of the reward functions per rollout, the per-function values and the count of failures.
 
     Functions follow TRL's convention ``f(prompts, completions, completion_ids, **columns) -> list[float | None]``.
-    A function that raises is counted as a failure and contributes NaN for that batch instead of crashing the run;
-    a NaN or None reward is left out of the weighted sum.
+    A verifier must never kill a long run: when a batch call raises, each rollout is retried alone, so one
+    malformed completion costs only its own reward; a call that raises or exceeds ``timeout`` seconds gives NaN
+    for the rollouts it covered and each of them is counted as a failure. NaN or None rewards are left out of the
+    weighted sum (a rollout with no finite reward gets NaN).
     """
     columns = {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
     columns.pop("prompt", None)
     per_func: dict[str, list[float]] = {}
     failures = 0
+    n = len(completions)
     for index, func in enumerate(reward_funcs):
         name = reward_name(func)
         if name in per_func:  # two functions with one name (lambdas, partials) keep separate metrics
             name = f"{name}_{index}"
+        kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
         try:
-            values = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-            values = [math.nan if v is None else float(v) for v in values]
-            if len(values) != len(completions):
-                raise ValueError(f"returned {len(values)} rewards for {len(completions)} completions")
-        except Exception as err:  # a verifier bug must not kill a long run; it is counted and logged
-            failures += 1
-            logger.warning("reward function %s failed on this batch (%s: %s); counted as a failure", name,
+            values = _values(func, timeout, kwargs, n)
+        except VerifierTimeout as err:
+            # Retrying item by item could cost n timeouts; the whole batch is given up instead.
+            failures += n
+            logger.warning("reward function %s %s; %d rollouts counted as failures", name, err, n)
+            values = [math.nan] * n
+        except Exception as err:
+            logger.warning("reward function %s failed on a batch (%s: %s); retrying rollout by rollout", name,
                            type(err).__name__, err)
-            values = [math.nan] * len(completions)
+            values = []
+            for i in range(n):
+                one = {key: value[i : i + 1] for key, value in kwargs.items()}
+                try:
+                    values.extend(_values(func, timeout, one, 1))
+                except Exception as item_err:
+                    failures += 1
+                    logger.warning("reward function %s failed on rollout %d (%s: %s); counted as a failure", name,
+                                   i, type(item_err).__name__, item_err)
+                    values.append(math.nan)
         per_func[name] = values
     columns_by_func = list(per_func.values())
     totals = []
-    for i in range(len(completions)):
+    for i in range(n):
         parts = [w * values[i] for values, w in zip(columns_by_func, weights)]
         finite = [p for p in parts if not math.isnan(p)]
         totals.append(sum(finite) if finite else math.nan)

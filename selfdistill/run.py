@@ -15,8 +15,8 @@ from transformers import set_seed
 from selfdistill.data import load_splits
 from selfdistill.evaluation import LearningCurve, evaluate
 from selfdistill.modeling import load_model, load_tokenizer
-from selfdistill.recipes import Recipe, RecipeError
-from selfdistill.sources import PrivilegedSource, ReferenceSolution
+from selfdistill.recipes import Recipe, RecipeError, build_source
+from selfdistill.revision import self_revision_training
 
 BUILTIN_REWARDS = {
     "arithmetic": "selfdistill.tasks.arithmetic:arithmetic_reward",
@@ -42,16 +42,6 @@ def resolve_reward(name: str) -> Callable:
     return func
 
 
-def build_source(recipe: Recipe) -> PrivilegedSource:
-    spec = recipe.source
-    if spec.type == "reference":
-        kwargs: dict[str, Any] = {"column": spec.column, "answer_column": spec.answer_column}
-        if spec.template:
-            kwargs["template"] = spec.template
-        return ReferenceSolution(**kwargs)
-    raise RecipeError(f"source.type={spec.type!r} is not available")
-
-
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -66,7 +56,7 @@ def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     train, test = load_splits(recipe.data)
     rewards = [resolve_reward(r) for r in recipe.rewards]
     verifier = rewards[0] if rewards else None
-    source = build_source(recipe)
+    source = build_source(recipe.source)
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model, args.model_init_kwargs)
     setup_seconds = time.perf_counter() - start
@@ -79,6 +69,18 @@ def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         before = evaluate(model, tokenizer, test, verifier, n=ev.n, pass_k=ev.pass_k, desc="eval before",
                           progress=progress, **eval_kwargs)
         print(f"before training: greedy accuracy {before['greedy_accuracy']:.1%} on {before['n']} held-out problems")
+
+    srt, after_srt = None, None
+    if recipe.srt is not None and recipe.srt.enabled:
+        # SD-Zero phase 1: the trainer below is built on the fine-tuned model, so its initial teacher is the reviser.
+        srt = self_revision_training(model, tokenizer, train, source, rewards, recipe.srt,
+                                     output_dir=str(out_dir / "srt"), training_args=args, progress=progress)
+        print(f"self-revision training: {srt['examples']} accepted revisions from {srt['prompts']} prompts, "
+              f"{srt['sft_steps']} SFT steps")
+        if main and ev.after and can_eval:
+            after_srt = evaluate(model, tokenizer, test, verifier, n=ev.n, pass_k=ev.pass_k, desc="eval after srt",
+                                 progress=progress, **eval_kwargs)
+            print(f"after self-revision training: greedy accuracy {after_srt['greedy_accuracy']:.1%}")
 
     peft_config = None
     if recipe.peft:
@@ -118,6 +120,8 @@ def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         "wall_seconds": round(time.perf_counter() - start, 1),
         "config": {k: recipe.training[k] for k in sorted(recipe.training)},
         "eval_before": before,
+        "srt": srt,
+        "eval_after_srt": after_srt,
         "eval_after": after,
         "learning_curve": curve.points if curve else [],
         "final_train_metrics": _last_train_logs(trainer.state.log_history),
@@ -167,6 +171,11 @@ def summary_table(results: dict[str, Any]) -> str:
         ("training seconds", f"{results['train_seconds']:.0f}"),
         ("greedy accuracy", f"{acc(before, 'greedy_accuracy')} -> {acc(after, 'greedy_accuracy')}"),
     ]
+    if results.get("srt"):
+        srt = results["srt"]
+        rows.insert(3, ("self-revision", f"{srt['examples']} examples from {srt['generations']} generations, "
+                                         f"{srt['sft_steps']} SFT steps"))
+        rows.append(("after self-revision", acc(results.get("eval_after_srt"), "greedy_accuracy")))
     for key in (after or {}):
         if key.startswith("pass@"):
             rows.append((key, f"{acc(before, key)} -> {acc(after, key)}"))

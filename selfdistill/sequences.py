@@ -35,6 +35,17 @@ def render_context(tokenizer: Any, context: Prompt) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def continuation_ids(tokenizer: Any, segments: Sequence[Sequence[int] | str]) -> list[int]:
+    """Ids of a view's continuation: id lists spliced as they are, strings tokenised without special tokens."""
+    out: list[int] = []
+    for segment in segments:
+        if isinstance(segment, str):
+            out.extend(tokenizer(segment, add_special_tokens=False)["input_ids"])
+        else:
+            out.extend(int(i) for i in segment)
+    return out
+
+
 class TeacherContextTooLong(ValueError):
     """A teacher sequence does not fit the model and its privileged text cannot be shortened enough."""
 
@@ -45,9 +56,11 @@ def fit_view(
     """Render a teacher view so that context + completion fits ``max_length``.
 
     The privileged text (``view.pi``) is shortened from its end when needed; completion tokens never are.
-    Returns the context ids and whether the privileged text was truncated.
+    Returns the context ids (the rendered context followed by the view's continuation segments) and whether the
+    privileged text was truncated.
     """
-    ids = render_context(tokenizer, view.context)
+    tail = continuation_ids(tokenizer, view.continuation)
+    ids = render_context(tokenizer, view.context) + tail
     excess = len(ids) + completion_length - max_length
     if excess <= 0:
         return ids, False
@@ -71,7 +84,7 @@ def fit_view(
             )
         short = tokenizer.decode(pi_ids[:keep], skip_special_tokens=True) + marker
         context = _replace_text(view.context, view.pi, short)
-        ids = render_context(tokenizer, context)
+        ids = render_context(tokenizer, context) + tail
         new_excess = len(ids) + completion_length - max_length
         if new_excess <= 0:
             return ids, True

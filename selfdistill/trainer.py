@@ -173,6 +173,7 @@ class SelfDistillTrainer(Trainer):
         self._last_log_step = 0
         self._samples: list[dict[str, Any]] = []
         self._clock = 0.0
+        self._heatmap_step = -1
         self.rollouts_generated = 0  # training rollouts sampled on this rank
         self.tokens_generated = 0  # their completion tokens
 
@@ -260,7 +261,8 @@ class SelfDistillTrainer(Trainer):
         rewards: list[float | None] = [None] * len(rows)
         if self.reward_funcs:
             totals, per_func, failures = score_rollouts(
-                self.reward_funcs, self.reward_weights, prompts, completions, generated.completion_ids, rows
+                self.reward_funcs, self.reward_weights, prompts, completions, generated.completion_ids, rows,
+                timeout=self.args.reward_timeout,
             )
             rewards = [None if math.isnan(r) else r for r in totals]
             for name, values in per_func.items():
@@ -274,9 +276,10 @@ class SelfDistillTrainer(Trainer):
 
         g = self.args.num_generations
         rollouts = [
-            Rollout(row=row, prompt=prompt, completion=text, completion_ids=ids, reward=reward, group=i // g)
-            for i, (row, prompt, text, ids, reward) in enumerate(
-                zip(rows, prompts, texts, generated.completion_ids, rewards)
+            Rollout(row=row, prompt=prompt, completion=text, completion_ids=ids, reward=reward, group=i // g,
+                    finished=not cut)
+            for i, (row, prompt, text, ids, reward, cut) in enumerate(
+                zip(rows, prompts, texts, generated.completion_ids, rewards, generated.truncated)
             )
         ]
         views = self.privileged.views(rollouts)
@@ -286,7 +289,7 @@ class SelfDistillTrainer(Trainer):
             raise ValueError(
                 f"{type(self.privileged).__name__}.views returned {len(views)} view lists for {len(rollouts)} rollouts"
             )
-        teacher_ids, teacher_completions, truncated_pi = [], [], 0
+        teacher_ids, teacher_completions, view_names, truncated_pi = [], [], [], 0
         for rollout, rollout_views in zip(rollouts, views):
             if len(rollout_views) != 1:
                 raise ValueError(
@@ -304,6 +307,7 @@ class SelfDistillTrainer(Trainer):
             truncated_pi += int(cut)
             teacher_ids.append(ids)
             teacher_completions.append(list(scored))
+            view_names.append(view.name)
 
         lengths = [len(c) for c in generated.completion_ids]
         n = len(rows)
@@ -332,6 +336,8 @@ class SelfDistillTrainer(Trainer):
                 "teacher_ids": teacher_ids[sl],
                 "teacher_completion_ids": teacher_completions[sl],
                 "old_logps": None if old_logps is None else old_logps[sl],
+                "rewards": rewards[sl],
+                "view_names": view_names[sl],
                 "tokens": sum(len(c) for c in generated.completion_ids[sl]),
             })
         self._set_normalizers(micro, mode)
@@ -402,6 +408,8 @@ class SelfDistillTrainer(Trainer):
         n = float(tokens.numel())
         for key, value in out.metrics.items():
             self._record(mode, key, value, n)
+        if mode == "train" and self._heatmap_due():
+            self._write_heatmap(inputs, out.tokens.divergence)
         return out.loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -418,6 +426,42 @@ class SelfDistillTrainer(Trainer):
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    # ------------------------------------------------------------------------------------------- heatmaps
+    def _heatmap_due(self) -> bool:
+        every = self.args.heatmap_steps
+        step = self.state.global_step + 1  # the optimizer step this micro-batch belongs to
+        return bool(every) and step % every == 0 and self._heatmap_step != step
+
+    def _write_heatmap(self, inputs: dict[str, Any], divergence: torch.Tensor) -> None:
+        """Render the first rollouts of this micro-batch: per-token divergence over the completion text."""
+        step = self.state.global_step + 1
+        self._heatmap_step = step
+        if not self.is_world_process_zero():
+            return
+        from selfdistill.heatmap import TokenHeat, token_pieces, write_heatmaps
+
+        values = divergence.detach().float().cpu().tolist()
+        samples, offset = [], 0
+        for ids, reward, view in zip(inputs["completion_ids"], inputs["rewards"], inputs["view_names"]):
+            chunk = values[offset : offset + len(ids)]
+            offset += len(ids)
+            if len(samples) < self.args.heatmap_samples and ids:
+                caption = f"view {view}" + ("" if reward is None else f", reward {reward:g}")
+                caption += f", mean {sum(chunk) / len(chunk):.3f} nats/token"
+                samples.append(TokenHeat(token_pieces(self.processing_class, ids), chunk, caption))
+        if not samples:
+            return
+        html_path, png_path = write_heatmaps(
+            samples, os.path.join(self.args.output_dir, "heatmaps"), f"step-{step:06d}",
+            title=f"Teacher-student divergence per token, step {step}",
+        )
+        if "wandb" in (self.args.report_to or []):
+            import wandb
+
+            if wandb.run is not None:
+                wandb.log({"divergence_heatmap": wandb.Html(html_path.read_text()),
+                           "divergence_heatmap_png": wandb.Image(str(png_path))}, commit=False)
 
     # ------------------------------------------------------------------------------------------- metrics
     def _record(self, mode: str, key: str, value: float, weight: float = 1.0, reduce: str = "mean") -> None:

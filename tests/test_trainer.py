@@ -241,7 +241,9 @@ def test_raising_reward_function_is_counted(tmp_path, tokenizer):
                                  privileged=ReferenceSolution(), reward_funcs=[broken, exact_reward])
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert logs[0]["reward_failures"] == 1
+    # every rollout of the step lost the broken verifier's reward (each counted), the other verifier still scored
+    assert logs[0]["reward_failures"] == trainer.rollouts_generated > 0
+    assert "rewards/exact_reward" in logs[0]
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -2,5 +2,9 @@
 
 from selfdistill.sources.base import PrivilegedSource, Rollout, TeacherView
 from selfdistill.sources.reference import ReferenceSolution
+from selfdistill.sources.reviser import Reviser
 
-__all__ = ["PrivilegedSource", "ReferenceSolution", "Rollout", "TeacherView"]
+#: Source types by the name recipes use (``source.type``).
+SOURCES: dict[str, type[PrivilegedSource]] = {"reference": ReferenceSolution, "reviser": Reviser}
+
+__all__ = ["SOURCES", "PrivilegedSource", "ReferenceSolution", "Reviser", "Rollout", "TeacherView"]

@@ -33,12 +33,16 @@ class TeacherView:
             text (never the completion) and counts the truncation; ``None`` means the view cannot be shortened.
         name: the view's name, used in metrics (``full_solution``, ``answer_only``, ...).
         completion_ids: the ids the teacher scores; ``None`` means the rollout's own completion ids (the usual case).
+        continuation: segments appended after the rendered context, in order: a list of ids is spliced as is (never
+            re-tokenised, e.g. the rollout's own tokens for a reviser), a string is tokenised without special tokens
+            (e.g. a cue). Empty for a plain prompt-plus-PI view.
     """
 
     context: Prompt
     pi: str | None = None
     name: str = "teacher"
     completion_ids: list[int] | None = None
+    continuation: list[list[int] | str] = field(default_factory=list)
 
 
 @dataclass
@@ -51,6 +55,7 @@ class Rollout:
     completion_ids: list[int]  # the exact sampled ids, EOS included when sampled
     reward: float | None = None  # summed weighted reward, when reward functions are given
     group: int = 0  # index of its prompt within the generation batch (its G siblings share it)
+    finished: bool = True  # ended with an EOS token (the last id); False when cut at max_completion_length
     extras: dict[str, Any] = field(default_factory=dict)
 
 
