@@ -10,13 +10,10 @@ writes benchmarks/results/main_job_sweep.json and a plot of all learning curves.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from recipe_runs import ROOT, plot, run_all
+
 RESULTS = ROOT / "benchmarks" / "results" / "main_job_sweep.json"
 PLOT = ROOT / "docs" / "img" / "main_job_sweep.png"
 LORA = "peft={r: 16, lora_alpha: 32, lora_dropout: 0.0, target_modules: [q_proj, k_proj, v_proj, o_proj]}"
@@ -46,71 +43,10 @@ CONFIGS: dict[str, list[str]] = {
 }
 
 
-def run(name: str, overrides: list[str]) -> dict:
-    out = ROOT / "outputs" / "sweep" / name
-    cmd = [sys.executable, "-m", "selfdistill", "train", str(ROOT / "recipes" / "opsd_arithmetic.yaml"),
-           f"training.output_dir={out}", *overrides]
-    start = time.perf_counter()
-    log = out.parent / f"{name}.log"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    if code:
-        return {"name": name, "overrides": overrides, "error": f"exit {code}, see {log}"}
-    result = json.loads((out / "results.json").read_text())
-    result.update(name=name, overrides=overrides, process_seconds=round(time.perf_counter() - start, 1))
-    return result
-
-
-def table(results: dict[str, dict]) -> str:
-    head = f"{'config':34} {'steps':>5} {'train s':>8} {'s/step':>6} {'before':>7} {'after':>7} {'best curve':>10}"
-    lines = [head, "-" * len(head)]
-    for name, r in results.items():
-        if "error" in r:
-            lines.append(f"{name:34} {r['error']}")
-            continue
-        curve = max((p["greedy_accuracy"] for p in r["learning_curve"]), default=float("nan"))
-        lines.append(
-            f"{name:34} {r['steps']:>5} {r['train_seconds']:>8.0f} {r['train_seconds'] / r['steps']:>6.1f} "
-            f"{r['eval_before']['greedy_accuracy']:>7.1%} {r['eval_after']['greedy_accuracy']:>7.1%} {curve:>10.1%}"
-        )
-    return "\n".join(lines)
-
-
-def plot(results: dict[str, dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for name, r in results.items():
-        if r.get("learning_curve"):
-            pts = r["learning_curve"]
-            ax.plot([p["rollouts"] for p in pts], [100 * p["greedy_accuracy"] for p in pts], marker="o", label=name)
-    ax.axhline(80, color="grey", ls="--", lw=1)
-    ax.set_xlabel("training rollouts")
-    ax.set_ylabel("held-out greedy accuracy (%, 100 problems)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title("OPSD on SmolLM2-135M-Instruct, two-digit addition (CPU)")
-    fig.tight_layout()
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PLOT)
-
-
 def main() -> None:
-    names = sys.argv[1:] or list(CONFIGS)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    for name in names:
-        print(f"running {name} ...", flush=True)
-        results[name] = run(name, CONFIGS[name])
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=1, default=str))
-        print(table({name: results[name]}), flush=True)
-    print(table(results))
-    plot(results)
+    configs = {name: ("recipes/opsd_arithmetic.yaml", overrides) for name, overrides in CONFIGS.items()}
+    results = run_all(configs, sys.argv[1:], RESULTS, ROOT / "outputs" / "sweep")
+    plot(results, PLOT, "OPSD on SmolLM2-135M-Instruct, two-digit addition (CPU)", target=80)
     print(f"wrote {RESULTS} and {PLOT}")
 
 

@@ -98,7 +98,8 @@ def render_png(samples: Sequence[TokenHeat], path: str | Path, title: str = "Per
         if row:
             lines.append(("", row))
     height = 0.6 + 0.28 * len(lines)
-    fig = plt.figure(figsize=(width_chars * 0.085 + 0.4, height), dpi=110)
+    char_inches = 0.6 * 8 / 72  # the advance of a monospace glyph at 8 pt: one x unit per character
+    fig = plt.figure(figsize=((width_chars + 2) * char_inches, height), dpi=110)
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set_xlim(-1, width_chars + 1)
     ax.set_ylim(len(lines) + 1.5, -0.5)

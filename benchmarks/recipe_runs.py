@@ -1,0 +1,88 @@
+"""Shared by the benchmark scripts that run whole recipes: one subprocess per run, a table and a plot.
+
+Runs go one after the other, never two at once: two processes on two cores slow each other several-fold.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_recipe(name: str, recipe: str, overrides: list[str], out_root: Path) -> dict:
+    """``selfdistill train recipe overrides`` with its output under ``out_root/name``; its results.json, timed."""
+    out = out_root / name
+    cmd = [sys.executable, "-m", "selfdistill", "train", str(ROOT / recipe), f"training.output_dir={out}", *overrides]
+    start = time.perf_counter()
+    log = out.parent / f"{name}.log"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if code:
+        return {"name": name, "recipe": recipe, "overrides": overrides, "error": f"exit {code}, see {log}"}
+    result = json.loads((out / "results.json").read_text())
+    result.update(name=name, recipe=recipe, overrides=overrides, process_seconds=round(time.perf_counter() - start, 1))
+    return result
+
+
+def table(results: dict[str, dict]) -> str:
+    head = (f"{'run':40} {'steps':>5} {'rollouts':>8} {'train s':>8} {'s/step':>6} {'before':>7} {'after':>7} "
+            f"{'best curve':>10}")
+    lines = [head, "-" * len(head)]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"{name:40} {r['error']}")
+            continue
+        curve = max((p["greedy_accuracy"] for p in r["learning_curve"]), default=float("nan"))
+        lines.append(
+            f"{name:40} {r['steps']:>5} {r['rollouts']:>8} {r['train_seconds']:>8.0f} "
+            f"{r['train_seconds'] / max(r['steps'], 1):>6.1f} {r['eval_before']['greedy_accuracy']:>7.1%} "
+            f"{r['eval_after']['greedy_accuracy']:>7.1%} {curve:>10.1%}"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict], path: Path, title: str, target: float | None = None) -> None:
+    """Held-out accuracy against training rollouts, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for name, r in results.items():
+        if r.get("learning_curve"):
+            pts = r["learning_curve"]
+            ax.plot([p["rollouts"] for p in pts], [100 * p["greedy_accuracy"] for p in pts], marker="o", label=name)
+    if target is not None:
+        ax.axhline(target, color="grey", ls="--", lw=1)
+    ax.set_xlabel("training rollouts")
+    ax.set_ylabel("held-out greedy accuracy (%, 100 problems)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+def run_all(configs: dict[str, tuple[str, list[str]]], names: list[str], results_path: Path, out_root: Path) -> dict:
+    """Run the named configurations (all when none), merging into ``results_path`` after each one."""
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    for name in names or list(configs):
+        if name not in configs:
+            raise SystemExit(f"unknown configuration {name!r}; choose from: {', '.join(configs)}")
+        recipe, overrides = configs[name]
+        print(f"running {name} ...", flush=True)
+        results[name] = run_recipe(name, recipe, overrides, out_root)
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=1, default=str))
+        print(table({name: results[name]}), flush=True)
+    print(table(results))
+    return results
