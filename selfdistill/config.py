@@ -132,6 +132,11 @@ class SelfDistillConfig(TrainingArguments):
         metadata={"help": "Longest teacher sequence (context + completion) in tokens; None: the model's "
                   "max_position_embeddings."},
     )
+    teacher_batch_views: bool = field(
+        default=True,
+        metadata={"help": "Score all teacher views of a micro-batch in one forward (M x B sequences); False runs one "
+                  "forward per view, for when M x B sequences do not fit in memory."},
+    )
     pi_overflow: str = field(
         default="truncate",
         metadata={"help": "When a teacher sequence is too long: 'truncate' the privileged text (counted in "

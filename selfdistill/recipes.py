@@ -94,7 +94,7 @@ class Recipe:
 
 
 #: method name -> the source type it uses by default
-METHODS = {"opsd": "reference", "sdzero": "reviser"}
+METHODS = {"opsd": "reference", "sdzero": "reviser", "avsd": "multiview"}
 _SECTIONS = {"data": DataSpec, "eval": EvalSpec}
 _TOP = {f.name for f in dataclasses.fields(Recipe)} - {"path"}
 

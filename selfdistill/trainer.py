@@ -26,6 +26,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import RepeatSampler
 
+from selfdistill.combine import multiview_summary, multiview_token_losses
 from selfdistill.config import SelfDistillConfig
 from selfdistill.losses import distillation_loss
 from selfdistill.modeling import ensure_pad_token, load_model, load_tokenizer
@@ -290,24 +291,37 @@ class SelfDistillTrainer(Trainer):
                 f"{type(self.privileged).__name__}.views returned {len(views)} view lists for {len(rollouts)} rollouts"
             )
         teacher_ids, teacher_completions, view_names, truncated_pi = [], [], [], 0
+        source = type(self.privileged).__name__
         for rollout, rollout_views in zip(rollouts, views):
-            if len(rollout_views) != 1:
+            if self.privileged.combine == "identity" and len(rollout_views) != 1:
                 raise ValueError(
-                    f"{type(self.privileged).__name__} returned {len(rollout_views)} views for one rollout but its "
-                    f"combine rule is {self.privileged.combine!r}, which takes exactly one view"
+                    f"{source} returned {len(rollout_views)} views for one rollout but its combine rule is 'identity', "
+                    "which takes exactly one view; a multi-view source sets combine = 'consensus'"
                 )
-            view = rollout_views[0]
-            scored = view.completion_ids if view.completion_ids is not None else rollout.completion_ids
-            if len(scored) != len(rollout.completion_ids):
+            names = [view.name for view in rollout_views]
+            multi = self.privileged.combine != "identity"
+            if not names or (multi and view_names and names != view_names[0]):
                 raise ValueError(
-                    f"teacher view {view.name!r} scores {len(scored)} tokens for a {len(rollout.completion_ids)}-token "
-                    "rollout; a view must score exactly the rollout's completion tokens"
+                    f"{source} returned views {names} for one rollout and {view_names[0] if view_names else []} for "
+                    "another; every rollout needs the same views in the same order (their targets are combined "
+                    "position by position)"
                 )
-            ids, cut = fit_view(tokenizer, view, len(scored), self.max_teacher_length, self.args.pi_overflow)
-            truncated_pi += int(cut)
-            teacher_ids.append(ids)
-            teacher_completions.append(list(scored))
-            view_names.append(view.name)
+            ids_per_view, scored_per_view = [], []
+            for view in rollout_views:
+                scored = view.completion_ids if view.completion_ids is not None else rollout.completion_ids
+                if len(scored) != len(rollout.completion_ids):
+                    raise ValueError(
+                        f"teacher view {view.name!r} scores {len(scored)} tokens for a "
+                        f"{len(rollout.completion_ids)}-token rollout; a view must score exactly the rollout's "
+                        "completion tokens"
+                    )
+                ids, cut = fit_view(tokenizer, view, len(scored), self.max_teacher_length, self.args.pi_overflow)
+                truncated_pi += int(cut)
+                ids_per_view.append(ids)
+                scored_per_view.append(list(scored))
+            teacher_ids.append(ids_per_view)
+            teacher_completions.append(scored_per_view)
+            view_names.append(names)
 
         lengths = [len(c) for c in generated.completion_ids]
         n = len(rows)
@@ -386,10 +400,18 @@ class SelfDistillTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
 
         start = time.perf_counter()
-        teacher_batch = splice(inputs["teacher_ids"], inputs["teacher_completion_ids"], self.pad_id).to(device)
-        mask = teacher_batch.completion_mask.bool()
+        # Rollout r's view v is sequence v * B + r: all views of a micro-batch go through the teacher together
+        # (one forward over M x B sequences) unless teacher_batch_views is off.
+        n_views = len(inputs["teacher_ids"][0])
+        contexts = [ids[v] for v in range(n_views) for ids in inputs["teacher_ids"]]
+        scored = [comp[v] for v in range(n_views) for comp in inputs["teacher_completion_ids"]]
+        group = len(contexts) if self.args.teacher_batch_views else len(inputs["teacher_ids"])
+        pieces = []
         with self.teacher.scoring(unwrapped) as teacher_model:
-            teacher_logits = completion_logits(teacher_model, teacher_batch)[mask]
+            for i in range(0, len(contexts), group):
+                teacher_batch = splice(contexts[i : i + group], scored[i : i + group], self.pad_id).to(device)
+                pieces.append(completion_logits(teacher_model, teacher_batch)[teacher_batch.completion_mask.bool()])
+        teacher_logits = torch.cat(pieces).view(n_views, -1, pieces[0].shape[-1])  # [M, N, V]
         _check_finite(teacher_logits, "teacher")
         elapsed = time.perf_counter() - start
         self._clock += elapsed
@@ -402,15 +424,25 @@ class SelfDistillTrainer(Trainer):
         old = None
         if inputs.get("old_logps") is not None and mode == "train":
             old = torch.cat(inputs["old_logps"]).to(device)
-        out = distillation_loss(
-            student_logits, teacher_logits, tokens, self.loss_spec, old_logps=old, normalizer=inputs["normalizer"]
-        )
+        if self.privileged.combine == "identity":
+            out = distillation_loss(
+                student_logits, teacher_logits[0], tokens, self.loss_spec, old_logps=old,
+                normalizer=inputs["normalizer"],
+            )
+            loss, per_token, metrics = out.loss, out.tokens, out.metrics
+        else:
+            combined = multiview_token_losses(
+                student_logits, teacher_logits, tokens, self.loss_spec, self.privileged.view_spec, old_logps=old
+            )
+            per_token = combined.tokens
+            loss = per_token.loss.sum() / inputs["normalizer"]
+            metrics = multiview_summary(combined, inputs["view_names"][0])
         n = float(tokens.numel())
-        for key, value in out.metrics.items():
+        for key, value in metrics.items():
             self._record(mode, key, value, n)
         if mode == "train" and self._heatmap_due():
-            self._write_heatmap(inputs, out.tokens.divergence)
-        return out.loss
+            self._write_heatmap(inputs, per_token.divergence)
+        return loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         start = time.perf_counter()
@@ -447,7 +479,7 @@ class SelfDistillTrainer(Trainer):
             chunk = values[offset : offset + len(ids)]
             offset += len(ids)
             if len(samples) < self.args.heatmap_samples and ids:
-                caption = f"view {view}" + ("" if reward is None else f", reward {reward:g}")
+                caption = f"view {'+'.join(view)}" + ("" if reward is None else f", reward {reward:g}")
                 caption += f", mean {sum(chunk) / len(chunk):.3f} nats/token"
                 samples.append(TokenHeat(token_pieces(self.processing_class, ids), chunk, caption))
         if not samples:

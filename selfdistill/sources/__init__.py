@@ -1,10 +1,15 @@
 """Privileged-information sources: one file per method."""
 
 from selfdistill.sources.base import PrivilegedSource, Rollout, TeacherView
+from selfdistill.sources.multiview import MultiView
 from selfdistill.sources.reference import ReferenceSolution
 from selfdistill.sources.reviser import Reviser
 
 #: Source types by the name recipes use (``source.type``).
-SOURCES: dict[str, type[PrivilegedSource]] = {"reference": ReferenceSolution, "reviser": Reviser}
+SOURCES: dict[str, type[PrivilegedSource]] = {
+    "reference": ReferenceSolution,
+    "reviser": Reviser,
+    "multiview": MultiView,
+}
 
-__all__ = ["SOURCES", "PrivilegedSource", "ReferenceSolution", "Reviser", "Rollout", "TeacherView"]
+__all__ = ["SOURCES", "MultiView", "PrivilegedSource", "ReferenceSolution", "Reviser", "Rollout", "TeacherView"]
