@@ -23,6 +23,8 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "opsd": ("recipes/opsd_arithmetic.yaml", []),
     "sdzero": ("recipes/sdzero_arithmetic.yaml", []),
     "sdzero_no_srt": ("recipes/sdzero_arithmetic.yaml", ["srt.enabled=false"]),
+    "avsd": ("recipes/avsd_arithmetic.yaml", []),
+    "avsd_agreement": ("recipes/avsd_arithmetic.yaml", ["source.weights=agreement"]),
     "sdzero_sync10": ("recipes/sdzero_arithmetic.yaml", ["training.teacher_policy=sync",
                                                          "training.teacher_update_every=10"]),
 }
