@@ -186,13 +186,20 @@ def self_revision_training(
         seed=config.seed,
         disable_tqdm=not progress,
         max_length=None,
-        **{key: getattr(training_args, key) for key in ("use_cpu", "bf16", "fp16") if training_args is not None},
+        # TRL's SFTConfig turns activation checkpointing on by default; follow the phase-2 setting instead (it
+        # would otherwise stay switched on in the model for phase 2 as well).
+        gradient_checkpointing=bool(getattr(training_args, "gradient_checkpointing", False)),
+        **({key: getattr(training_args, key) for key in ("use_cpu", "bf16", "fp16")} if training_args is not None
+           else {"bf16": False}),  # SFTConfig defaults to bf16
     )
     was_training = model.training
+    use_cache = getattr(model.config, "use_cache", None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
                          processing_class=tokenizer)
     result = trainer.train()
     model.train(was_training)
+    if use_cache is not None:
+        model.config.use_cache = use_cache  # SFT switches the KV cache off; phase 2 samples with it
     stats["sft_steps"] = trainer.state.global_step
     stats["sft_loss"] = round(float(result.training_loss), 4)
     stats["sft_seconds"] = round(time.perf_counter() - sft_start, 1)
