@@ -267,3 +267,20 @@ def test_heatmap_renders_every_token_with_its_value(tmp_path):
     assert (tmp_path / "h.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="one value per token"):
         TokenHeat(["a"], [1.0, 2.0])
+
+
+def test_heatmaps_reach_wandb_offline(tmp_path, tokenizer, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    trainer = SelfDistillTrainer(
+        model=build_model(tokenizer), args=make_args(tmp_path, max_steps=1, heatmap_steps=1, report_to=["wandb"]),
+        train_dataset=build_dataset(), processing_class=tokenizer, privileged=Reviser(), reward_funcs=[_answer_reward],
+    )
+    trainer.train()
+    import wandb
+
+    wandb.finish()
+    media = [p.name for p in tmp_path.rglob("*") if "divergence_heatmap" in p.name]
+    assert any(name.endswith(".html") for name in media) and any(name.endswith(".png") for name in media), media
