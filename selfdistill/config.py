@@ -106,6 +106,14 @@ class SelfDistillConfig(TrainingArguments):
                   "gradient_accumulation_steps)."},
     )
 
+    fused_loss: bool = field(
+        default=False,
+        metadata={"help": "Compute the loss from hidden states fused with the output head, loss_chunk_size tokens at "
+                  "a time, so no [tokens, vocab] logits exist in full (exact; for long completions or large "
+                  "vocabularies)."},
+    )
+    loss_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk of the fused loss."})
+
     # Rollout reuse
     steps_per_generation: int | None = field(
         default=None,
@@ -205,6 +213,8 @@ class SelfDistillConfig(TrainingArguments):
             raise ValueError(f"teacher_ema_rate={self.teacher_ema_rate} must be in (0, 1] for teacher_policy='ema'")
         if self.teacher_update_every < 1:
             raise ValueError(f"teacher_update_every={self.teacher_update_every} must be >= 1")
+        if self.loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size={self.loss_chunk_size} must be >= 1")
         if self.reward_timeout is not None and not self.reward_timeout > 0:
             raise ValueError(f"reward_timeout={self.reward_timeout} must be > 0 seconds (or None for no limit)")
         if self.heatmap_steps < 0 or self.heatmap_samples < 1:

@@ -174,3 +174,17 @@ def completion_logits(model: Any, batch: SplicedBatch) -> torch.Tensor:
         use_cache=False,
     )
     return out.logits[:, :-1, :]
+
+
+def completion_hidden(model: Any, head: torch.nn.Module, batch: SplicedBatch) -> torch.Tensor:
+    """``[B, T, H]`` final hidden states at the positions predicting each completion token, without logits.
+
+    The model runs its own forward (so DDP and PEFT wrappers see it) while a hook makes the output head pass its
+    input through: the fused loss applies the head itself, chunk by chunk.
+    """
+    handle = head.register_forward_hook(lambda module, args, output: args[0])
+    try:
+        return completion_logits(model, batch)
+    finally:
+        handle.remove()
+

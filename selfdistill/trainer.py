@@ -28,7 +28,8 @@ from trl.trainer.utils import RepeatSampler
 
 from selfdistill.combine import multiview_summary, multiview_token_losses
 from selfdistill.config import SelfDistillConfig
-from selfdistill.losses import distillation_loss
+from selfdistill.fused import fused_token_losses, output_head
+from selfdistill.losses import distillation_loss, summarize
 from selfdistill.modeling import ensure_pad_token, load_model, load_tokenizer
 from selfdistill.rewards import as_completions
 from selfdistill.rollout import (
@@ -38,7 +39,7 @@ from selfdistill.rollout import (
     sample_completions,
     score_rollouts,
 )
-from selfdistill.sequences import completion_logits, fit_view, render_context, splice
+from selfdistill.sequences import completion_hidden, completion_logits, fit_view, render_context, splice
 from selfdistill.sources.base import PrivilegedSource, Rollout
 from selfdistill.teacher import TeacherWeights
 
@@ -143,6 +144,11 @@ class SelfDistillTrainer(Trainer):
                     )
                 privileged.check_dataset(columns)
 
+        if args.fused_loss and privileged.combine != "identity":
+            raise ValueError(
+                f"fused_loss=True is not available with a multi-view source ({type(privileged).__name__}); the view "
+                "combiner needs every view's logits. Set fused_loss=False"
+            )
         self.privileged = privileged
         super().__init__(
             model=model,
@@ -406,25 +412,42 @@ class SelfDistillTrainer(Trainer):
         contexts = [ids[v] for v in range(n_views) for ids in inputs["teacher_ids"]]
         scored = [comp[v] for v in range(n_views) for comp in inputs["teacher_completion_ids"]]
         group = len(contexts) if self.args.teacher_batch_views else len(inputs["teacher_ids"])
+        # The fused loss takes hidden states and applies the head itself, chunk by chunk: no [N, V] logits.
+        head = output_head(unwrapped) if self.args.fused_loss else None
         pieces = []
         with self.teacher.scoring(unwrapped) as teacher_model:
             for i in range(0, len(contexts), group):
                 teacher_batch = splice(contexts[i : i + group], scored[i : i + group], self.pad_id).to(device)
-                pieces.append(completion_logits(teacher_model, teacher_batch)[teacher_batch.completion_mask.bool()])
-        teacher_logits = torch.cat(pieces).view(n_views, -1, pieces[0].shape[-1])  # [M, N, V]
+                mask = teacher_batch.completion_mask.bool()
+                if head is None:
+                    pieces.append(completion_logits(teacher_model, teacher_batch)[mask])
+                else:
+                    pieces.append(completion_hidden(teacher_model, head, teacher_batch)[mask])
+            # Inside the context the head holds the teacher's weights; detach() keeps that storage, no copy.
+            teacher_head = None if head is None else head.weight.detach()
+        teacher_logits = torch.cat(pieces).view(n_views, -1, pieces[0].shape[-1])  # [M, N, V] (or [M, N, H] fused)
         _check_finite(teacher_logits, "teacher")
         elapsed = time.perf_counter() - start
         self._clock += elapsed
         self._record(mode, "time/teacher", elapsed, reduce="sum")
 
         student_batch = splice(inputs["prompt_ids"], inputs["completion_ids"], self.pad_id).to(device)
-        student_logits = completion_logits(model, student_batch)[student_batch.completion_mask.bool()]
+        mask = student_batch.completion_mask.bool()
+        if head is None:
+            student_logits = completion_logits(model, student_batch)[mask]
+        else:
+            student_logits = completion_hidden(model, head, student_batch)[mask]
         _check_finite(student_logits, "student")
-        tokens = student_batch.completion_ids[student_batch.completion_mask.bool()]
+        tokens = student_batch.completion_ids[mask]
         old = None
         if inputs.get("old_logps") is not None and mode == "train":
             old = torch.cat(inputs["old_logps"]).to(device)
-        if self.privileged.combine == "identity":
+        if head is not None:
+            per_token = fused_token_losses(student_logits, head.weight, teacher_logits[0], teacher_head, tokens,
+                                           self.loss_spec, old_logps=old, chunk_size=self.args.loss_chunk_size)
+            loss = per_token.loss.sum() / inputs["normalizer"]
+            metrics = summarize(per_token)
+        elif self.privileged.combine == "identity":
             out = distillation_loss(
                 student_logits, teacher_logits[0], tokens, self.loss_spec, old_logps=old,
                 normalizer=inputs["normalizer"],

@@ -100,3 +100,38 @@ def test_output_head_refuses_logit_transforms(tokenizer):
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
         output_head(model)
+
+
+@pytest.mark.parametrize("policy", ["initial", "live"])
+def test_trainer_fused_equals_dense(tmp_path, tokenizer, policy):
+    from conftest import build_model
+    from test_trainer import make_trainer
+
+    def run(fused):
+        trainer = make_trainer(tmp_path / str(fused), tokenizer, model=build_model(tokenizer), max_steps=2,
+                               fused_loss=fused, loss_chunk_size=5, teacher_policy=policy)
+        trainer.train()
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        return logs, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    dense_logs, dense_params = run(False)
+    fused_logs, fused_params = run(True)
+    for a, b in zip(dense_logs, fused_logs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+        assert a["divergence"] == pytest.approx(b["divergence"], rel=1e-4, abs=1e-6)
+    for name in dense_params:
+        # Adam amplifies float-order differences of near-zero gradients a little; losses match to 1e-4 above
+        torch.testing.assert_close(fused_params[name], dense_params[name], rtol=1e-3, atol=2e-4)
+
+
+def test_trainer_refuses_fused_with_several_views(tmp_path, tokenizer):
+    from conftest import build_dataset, build_model
+    from test_trainer import exact_reward, make_args
+
+    from selfdistill import SelfDistillTrainer
+    from selfdistill.sources import MultiView
+
+    with pytest.raises(ValueError, match="fused_loss=True is not available with a multi-view source"):
+        SelfDistillTrainer(model=build_model(tokenizer), args=make_args(tmp_path, fused_loss=True),
+                           train_dataset=build_dataset(), processing_class=tokenizer, privileged=MultiView(),
+                           reward_funcs=[exact_reward])
