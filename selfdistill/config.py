@@ -140,6 +140,11 @@ class SelfDistillConfig(TrainingArguments):
         metadata={"help": "Longest teacher sequence (context + completion) in tokens; None: the model's "
                   "max_position_embeddings."},
     )
+    share_teacher_prefix: bool = field(
+        default=True,
+        metadata={"help": "Run each distinct teacher context (prompt + privileged information) once and reuse its KV "
+                  "cache for every rollout that shares it (the num_generations rollouts of a prompt)."},
+    )
     teacher_batch_views: bool = field(
         default=True,
         metadata={"help": "Score all teacher views of a micro-batch in one forward (M x B sequences); False runs one "

@@ -12,7 +12,8 @@ logits that predict completion token ``t`` sit at position ``W - 1 + t`` in ever
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,15 +177,58 @@ def completion_logits(model: Any, batch: SplicedBatch) -> torch.Tensor:
     return out.logits[:, :-1, :]
 
 
-def completion_hidden(model: Any, head: torch.nn.Module, batch: SplicedBatch) -> torch.Tensor:
-    """``[B, T, H]`` final hidden states at the positions predicting each completion token, without logits.
+@contextmanager
+def head_passthrough(head: torch.nn.Module) -> Iterator[None]:
+    """While active, the output head returns its input: the model's "logits" are its final hidden states.
 
-    The model runs its own forward (so DDP and PEFT wrappers see it) while a hook makes the output head pass its
-    input through: the fused loss applies the head itself, chunk by chunk.
+    The model still runs its own forward (so DDP and PEFT wrappers see it); the fused loss applies the head itself,
+    chunk by chunk.
     """
     handle = head.register_forward_hook(lambda module, args, output: args[0])
     try:
-        return completion_logits(model, batch)
+        yield
     finally:
         handle.remove()
+
+
+def completion_hidden(model: Any, head: torch.nn.Module, batch: SplicedBatch) -> torch.Tensor:
+    """``[B, T, H]`` final hidden states at the positions predicting each completion token, without logits."""
+    with head_passthrough(head):
+        return completion_logits(model, batch)
+
+
+def shared_prefix_logits(model: Any, batch: SplicedBatch, contexts: Sequence[Sequence[int]]) -> torch.Tensor | None:
+    """:func:`completion_logits` for a batch whose rows repeat contexts, computing each distinct context once.
+
+    The G rollouts of one prompt share their teacher context (prompt + privileged information). Each distinct
+    context runs once with the KV cache on; its cache rows are then selected for every sequence that uses it, and
+    only the completion tokens run a second forward on top. The logits predicting the first completion token come
+    from the context pass. Returns ``[B, T, V]`` like :func:`completion_logits`, or ``None`` when no context
+    repeats (nothing to share).
+    """
+    slots: dict[tuple[int, ...], int] = {}
+    index = [slots.setdefault(tuple(c), len(slots)) for c in contexts]
+    if len(slots) == len(contexts):
+        return None
+    width = batch.context_width
+    select = torch.tensor([index.index(u) for u in range(len(slots))], device=batch.input_ids.device)
+    rows = torch.tensor(index, device=batch.input_ids.device)
+    # The spliced batch already holds every context left-padded to one width: take one row per distinct context.
+    ctx_ids = batch.input_ids[select, :width]
+    ctx_mask = batch.attention_mask[select, :width]
+    ctx_pos = batch.position_ids[select, :width]
+    first = model(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=ctx_pos, use_cache=True,
+                  logits_to_keep=1)
+    cache = first.past_key_values
+    cache.batch_select_indices(rows)
+    t = batch.completion_width
+    rest = model(
+        input_ids=batch.input_ids[:, width:],
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids[:, width:],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=t,
+    )
+    return torch.cat([first.logits[rows, -1:, :], rest.logits[:, : t - 1, :]], dim=1)
 

@@ -19,6 +19,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -39,7 +40,15 @@ from selfdistill.rollout import (
     sample_completions,
     score_rollouts,
 )
-from selfdistill.sequences import completion_hidden, completion_logits, fit_view, render_context, splice
+from selfdistill.sequences import (
+    completion_hidden,
+    completion_logits,
+    fit_view,
+    head_passthrough,
+    render_context,
+    shared_prefix_logits,
+    splice,
+)
 from selfdistill.sources.base import PrivilegedSource, Rollout
 from selfdistill.teacher import TeacherWeights
 
@@ -419,10 +428,13 @@ class SelfDistillTrainer(Trainer):
             for i in range(0, len(contexts), group):
                 teacher_batch = splice(contexts[i : i + group], scored[i : i + group], self.pad_id).to(device)
                 mask = teacher_batch.completion_mask.bool()
-                if head is None:
-                    pieces.append(completion_logits(teacher_model, teacher_batch)[mask])
-                else:
-                    pieces.append(completion_hidden(teacher_model, head, teacher_batch)[mask])
+                with nullcontext() if head is None else head_passthrough(head):
+                    out = None
+                    if self.args.share_teacher_prefix:
+                        out = shared_prefix_logits(teacher_model, teacher_batch, contexts[i : i + group])
+                    if out is None:
+                        out = completion_logits(teacher_model, teacher_batch)
+                pieces.append(out[mask])
             # Inside the context the head holds the teacher's weights; detach() keeps that storage, no copy.
             teacher_head = None if head is None else head.weight.detach()
         teacher_logits = torch.cat(pieces).view(n_views, -1, pieces[0].shape[-1])  # [M, N, V] (or [M, N, H] fused)

@@ -77,3 +77,43 @@ def test_fit_view_truncates_only_the_privileged_text(tokenizer):
     assert "Q? " in text and "Now answer." in text and "[...]" in text
     with pytest.raises(ValueError, match="raise max_teacher_length"):
         fit_view(tokenizer, view, completion_length=20, max_length=120, overflow="error")
+
+
+def test_shared_prefix_logits_match_the_unshared_pass(tokenizer):
+    from conftest import build_model
+
+    from selfdistill.sequences import completion_hidden, shared_prefix_logits
+
+    model = build_model(tokenizer).eval()
+    a = tokenizer("What is 12 + 3? Reference: 15", add_special_tokens=False)["input_ids"]
+    b = tokenizer("What is 7?", add_special_tokens=False)["input_ids"]
+    texts = ["15", "The answer is 15", "", "14 ok", "7"]
+    completions = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    contexts = [a, b, a, a, b]  # repeats, interleaved, with an empty completion among them
+    batch = splice(contexts, completions, tokenizer.pad_token_id)
+    mask = batch.completion_mask.bool()
+    with torch.no_grad():
+        reference = completion_logits(model, batch)[mask]
+        shared = shared_prefix_logits(model, batch, contexts)[mask]
+        torch.testing.assert_close(shared, reference, rtol=1e-5, atol=1e-5)
+        # the same with the head passed through (the fused loss's hidden states)
+        from selfdistill.sequences import head_passthrough
+
+        with head_passthrough(model.lm_head):
+            hidden = shared_prefix_logits(model, batch, contexts)[mask]
+        torch.testing.assert_close(hidden, completion_hidden(model, model.lm_head, batch)[mask], rtol=1e-5, atol=1e-5)
+        # nothing repeats: nothing to share
+        assert shared_prefix_logits(model, splice([a, b], completions[:2], tokenizer.pad_token_id), [a, b]) is None
+
+
+def test_trainer_with_and_without_shared_prefixes_agree(tmp_path, tokenizer):
+    from conftest import build_model
+    from test_trainer import make_trainer
+
+    losses = []
+    for share in (True, False):
+        trainer = make_trainer(tmp_path / str(share), tokenizer, model=build_model(tokenizer), max_steps=2,
+                               num_generations=4, share_teacher_prefix=share)
+        trainer.train()
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
