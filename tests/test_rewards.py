@@ -22,3 +22,13 @@ def test_completion_text():
     assert completion_text("x") == "x"
     assert completion_text([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]) == "a"
     assert completion_text(None) == ""
+
+
+def test_math_reward_under_the_trainers_timeout_thread():
+    # math-verify's own timeouts need the main thread; under reward_timeout the verifier runs in another one
+    from selfdistill.rollout import score_rollouts
+
+    completions = ["so it is $\\frac{1}{2}$", "\\boxed{0.5}", "no idea", ""]
+    totals, _, failures = score_rollouts([math_reward], [1.0], ["p"] * 4, completions, [[1]] * 4,
+                                         [{"prompt": "p", "answer": "0.5"}] * 4, timeout=30)
+    assert totals == [1.0, 1.0, 0.0, 0.0] and failures == 0
