@@ -1,0 +1,422 @@
+"""Training-step speed and peak memory: selfdistill's `SelfDistillTrainer` against TRL's `SDFTTrainer`, side by side.
+
+Both trainers run the same job on the CPU: the embedded SmolLM2-135M-Instruct, full fine-tuning in float32, the same
+arithmetic prompts in the same order, 8 rollouts per optimizer step (8/G prompts x G generations) at G = 1, 4 and 8,
+16 new tokens sampled at temperature 0.6, the same teacher context (the problem plus the reference solution, in the
+OPSD recipe's wording), a frozen copy of the initial weights as teacher, and the full-vocabulary reverse KL
+KL(student || teacher) without any clipping. AdamW at lr 2e-5 (constant), gradient-norm clip 1.0.
+
+Each (trainer, G) configuration runs in its own subprocess, one after the other, so the two trainers never share a
+process and the peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss`` at the end of the worker) is that configuration's
+alone. A worker trains 1 warm-up step plus K measured steps; seconds per step is the wall time between the end of the
+warm-up step and the end of the last step, divided by K (generation, teacher and student passes, optimizer).
+
+    python benchmarks/train_step.py                  # G = 1, 4, 8; K = 5 measured steps; ~7-10 min on 2 CPU cores
+    python benchmarks/train_step.py --G 4 --steps 10 # one G, more steps
+    python benchmarks/train_step.py --quick          # plumbing check: G = 1, 4 rollouts, 1 + 1 steps, 1 thread
+    python benchmarks/train_step.py --worker trainer=sdft G=4 rollouts=8 steps=5 threads=0   # one worker alone
+
+Prints a table and writes benchmarks/results/train_step.json (``--quick``: outputs/benchmarks_quick/train_step.json)
+with the exact settings of both sides and every difference between them that could not be removed ("differences").
+Nothing else may run on the machine meanwhile: two CPU-heavy processes slow each other several-fold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a source checkout without installing the package
+
+RESULTS = ROOT / "benchmarks" / "results" / "train_step.json"
+QUICK_RESULTS = ROOT / "outputs" / "benchmarks_quick" / "train_step.json"
+MODEL = "smollm2-135m-instruct"
+
+# The shared job (recipes/opsd_arithmetic.yaml's training settings, with the clip switched off: SDFT has none).
+MAX_NEW_TOKENS = 16
+TEMPERATURE = 0.6
+LEARNING_RATE = 2e-5
+SEED = 0
+N_TRAIN, N_TEST = 2000, 200  # the recipe's split sizes, so the training problems are the recipe's
+# The recipe's OPSD teacher wording; SDFT's template says the same with its own placeholder names.
+OPSD_TEMPLATE = (
+    "{problem}\n\nHere is a reference solution:\n{solution}\n\nUnderstand it, then answer in your own words."
+)
+SDFT_TEMPLATE = OPSD_TEMPLATE.replace("{problem}", "{prompt}").replace("{solution}", "{privileged_context}")
+
+COMMON = {  # TrainingArguments both configs take with the same meaning
+    "learning_rate": LEARNING_RATE,
+    "lr_scheduler_type": "constant",
+    "warmup_steps": 0,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "optim": "adamw_torch_fused",  # the TrainingArguments default, named so both sides use it whatever it becomes
+    "gradient_accumulation_steps": 1,
+    "bf16": False,  # TRL configs default to bf16=True; full float32 on both sides
+    "fp16": False,
+    "activation_checkpointing": False,  # TRL configs default to gradient checkpointing on
+    "use_cpu": True,
+    "seed": SEED,
+    "logging_steps": 1,  # every step's completion length is read from the logs
+    "save_strategy": "no",
+    "report_to": "none",
+    "disable_tqdm": True,
+    "max_prompt_length": 512,
+    "max_completion_length": MAX_NEW_TOKENS,
+    "top_p": 1.0,
+}
+
+DIFFERENCES = [
+    "Loss normalisation: selfdistill sums the per-token KL over the step's completion tokens and divides by their "
+    "total count (token mean); SDFT averages each sequence's tokens, then the sequences (sequence mean). Same "
+    "compute, different token weights when completion lengths differ.",
+    "Position ids: selfdistill counts real tokens only (as generate does), so a left-padded row's student and "
+    "teacher passes use the positions it was sampled with; SDFT passes no position_ids, so the model counts from "
+    "the first (padding) column and left-padded rows are scored at shifted positions. Numerics only, not speed.",
+    "Teacher pass: selfdistill scores each distinct teacher context once and reuses its KV cache for the G "
+    "rollouts that share it (share_teacher_prefix=True, its default); SDFT runs the teacher over all 8 full "
+    "(context + completion) rows. This is an implementation difference measured here, not a setting.",
+    "Teacher weights: selfdistill's 'initial' teacher keeps a copy of the trainable parameters and swaps storage "
+    "handles with the student's for the teacher pass (one model module); SDFT's 'base' teacher (non-PEFT) is a "
+    "second model loaded from the student's path, frozen in eval mode. Both are the frozen initial weights.",
+    "Sampling temperature vs loss temperature: SDFT divides both passes' logits by args.temperature before the "
+    "loss; selfdistill does not. To make the losses identical, SDFT runs with temperature=1.0 (the loss scale) "
+    "and samples at 0.6 through generation_kwargs={'temperature': 0.6}, which overrides its generation config.",
+    "Rollouts: both seed 0 and sample with model.generate on the same left-padded prompts, so their first "
+    "step's completions can coincide (the quick check saw the same lengths and the same token-mean KL), but after "
+    "the first update the weights differ (loss normalisation above) and so do the completions and their lengths, "
+    "which set the cost; each run's completion length and token-mean KL per step are recorded.",
+]
+
+
+# --------------------------------------------------------------------------------------------------- settings
+def selfdistill_kwargs(g: int, rollouts: int, steps: int, output_dir: str) -> dict[str, Any]:
+    return {
+        **COMMON,
+        "output_dir": output_dir,
+        "max_steps": steps,
+        "per_device_train_batch_size": rollouts,  # counts rollouts: rollouts / G prompts x G generations
+        "num_generations": g,
+        "temperature": TEMPERATURE,
+        "top_k": None,
+        "divergence": "reverse_kl",  # KL(student || teacher)
+        "support": "full",
+        "clip": "none",  # SDFT has no per-token divergence clip
+        "ratio_clip": None,  # no rollout reuse, so no importance ratio on either side
+        "teacher_policy": "initial",
+        "share_teacher_prefix": True,
+    }
+
+
+def sdft_kwargs(g: int, rollouts: int, steps: int, output_dir: str) -> dict[str, Any]:
+    return {
+        **COMMON,
+        "output_dir": output_dir,
+        "max_steps": steps,
+        "per_device_train_batch_size": rollouts,  # also counts rollouts (generation_batch_size / num_generations)
+        "num_generations": g,
+        "temperature": 1.0,  # SDFT divides the loss logits by this; 1.0 = the unscaled logits selfdistill uses
+        "generation_kwargs": {"temperature": TEMPERATURE},  # the sampling temperature
+        "top_k": 0,
+        "distillation_mode": "full_logits",
+        "distillation_alpha": 1.0,  # loss_utils.compute_divergence: alpha = 1.0 is KL(student || teacher)
+        "distillation_is_clip": None,  # its only clip (importance ratio); inactive without reuse anyway
+        "num_loss_tokens_to_skip": 0,
+        "teacher_model_kind": "base",  # the frozen initial student
+        "teacher_prompt_template": SDFT_TEMPLATE,
+        "generate_from_teacher": False,
+        "shuffle_dataset": True,
+    }
+
+
+def make_dataset():
+    from selfdistill.tasks.arithmetic import make_arithmetic_dataset
+
+    train = make_arithmetic_dataset(N_TRAIN, N_TEST, seed=SEED, digits=2)["train"]
+    # SDFT reads the teacher's privileged text from a "privileged_context" column; selfdistill reads "solution".
+    return train.add_column("privileged_context", list(train["solution"]))
+
+
+def check_contexts(n: int = 8) -> dict[str, Any]:
+    """Token ids of both trainers' student prompts and teacher contexts for the first n rows, compared."""
+    from types import SimpleNamespace
+
+    from trl.experimental.sdft.sdft_trainer import DemonstrationTeacherContextBuilder
+
+    from selfdistill.modeling import load_tokenizer
+    from selfdistill.sequences import render_context
+    from selfdistill.sources import ReferenceSolution
+    from selfdistill.sources.base import Rollout
+
+    tok = load_tokenizer(MODEL)
+    rows = make_dataset().select(range(n)).to_list()
+    source = ReferenceSolution(column="solution", template=OPSD_TEMPLATE)
+    views = source.views([Rollout(row=r, prompt=r["prompt"], completion="", completion_ids=[]) for r in rows])
+    builder = DemonstrationTeacherContextBuilder(SimpleNamespace(args=SimpleNamespace(
+        teacher_prompt_template=SDFT_TEMPLATE)))
+
+    def sdft_ids(messages):  # SDFTTrainer._tokenize_prompts
+        return list(tok.apply_chat_template(conversation=[messages], add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)["input_ids"][0])
+
+    same_teacher = all(render_context(tok, v[0].context) == sdft_ids(builder._compose_teacher_prompt(
+        r["prompt"], r["privileged_context"])) for r, v in zip(rows, views))
+    same_student = all(render_context(tok, r["prompt"]) == sdft_ids(r["prompt"]) for r in rows)
+    return {
+        "rows_checked": n,
+        "student_prompt_ids_identical": same_student,
+        "teacher_context_ids_identical": same_teacher,
+        "example_teacher_context": tok.decode(render_context(tok, views[0][0].context)),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------- worker
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train one configuration for 1 + steps optimizer steps in this process; its timings and peak RSS."""
+    import torch
+    from transformers import TrainerCallback, set_seed
+
+    from selfdistill.modeling import load_model, load_tokenizer
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    set_seed(SEED)
+    g, rollouts, steps = spec["G"], spec["rollouts"], spec["steps"]
+    total = steps + 1  # one warm-up step
+    out_dir = str(ROOT / "outputs" / "train_step" / f"{spec['trainer']}_G{g}")
+    dataset = make_dataset()
+    tok = load_tokenizer(MODEL)
+    model = load_model(MODEL)  # float32
+    rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.start, self.ends, self.lengths, self.logs = 0.0, [], [], []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "completions/mean_length" in logs:
+                self.lengths.append(logs["completions/mean_length"])
+                self.logs.append(dict(logs))
+
+    clock = Clock()
+    if spec["trainer"] == "selfdistill":
+        from selfdistill.config import SelfDistillConfig
+        from selfdistill.sources import ReferenceSolution
+        from selfdistill.trainer import SelfDistillTrainer
+
+        args = SelfDistillConfig(**selfdistill_kwargs(g, rollouts, total, out_dir))
+        trainer = SelfDistillTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
+                                     privileged=ReferenceSolution(column="solution", template=OPSD_TEMPLATE),
+                                     callbacks=[clock])
+    elif spec["trainer"] == "sdft":
+        from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+        args = SDFTConfig(**sdft_kwargs(g, rollouts, total, out_dir))
+        trainer = SDFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok, callbacks=[clock])
+    else:
+        raise SystemExit(f"unknown trainer {spec['trainer']!r}; choose selfdistill or sdft")
+    trainer.train()
+
+    if len(clock.ends) != total:
+        raise RuntimeError(f"expected {total} optimizer steps, timed {len(clock.ends)}")
+    step_seconds = [b - a for a, b in zip([clock.start] + clock.ends[:-1], clock.ends)]
+    measured = step_seconds[1:]
+    phases = {}
+    for key in ("time/generation", "time/teacher", "time/student"):  # selfdistill's own split of a step
+        values = [log[key] for log in clock.logs[1:] if key in log]
+        if values:
+            phases[key] = sum(values) / len(values)
+    # The token-mean KL of each step: selfdistill's loss is that already; SDFT logs it beside its sequence-mean loss.
+    kl_key = "loss" if spec["trainer"] == "selfdistill" else "self_distillation/distillation_loss"
+    token_mean_kl = [log.get(kl_key) for log in clock.logs]
+    return {
+        "trainer": spec["trainer"],
+        "G": g,
+        "rollouts_per_step": rollouts,
+        "prompts_per_step": rollouts // g,
+        "measured_steps": steps,
+        "warmup_seconds": step_seconds[0],
+        "step_seconds": measured,
+        "seconds_per_step": sum(measured) / len(measured),
+        "steps_per_second": len(measured) / sum(measured),
+        "mean_completion_length": sum(clock.lengths[1:]) / max(len(clock.lengths[1:]), 1),
+        "completion_length_per_step": clock.lengths,
+        "token_mean_kl_per_step": token_mean_kl,
+        "phase_seconds_per_step": phases,
+        "rss_after_model_load_mb": rss_after_load / 1024,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def parse_spec(items: list[str]) -> dict[str, Any]:
+    spec: dict[str, Any] = {"trainer": None, "G": 1, "rollouts": 8, "steps": 5, "threads": 0}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in spec:
+            raise SystemExit(f"worker argument {item!r} is not one of {', '.join(f'{k}=...' for k in spec)}")
+        spec[key] = value if key == "trainer" else int(value)
+    if spec["rollouts"] % spec["G"]:
+        raise SystemExit(f"rollouts={spec['rollouts']} is not divisible by G={spec['G']}")
+    return spec
+
+
+def launch(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    """One worker subprocess; its result line, or the error with the tail of its output."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *[f"{k}={v}" for k, v in spec.items()]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if spec["threads"]:
+        env["OMP_NUM_THREADS"] = str(spec["threads"])
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"timed out after {timeout} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        return {**spec, "error": f"exit {proc.returncode}", "output_tail": tail}
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["process_seconds"] = time.perf_counter() - start
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def table(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'G':>2} {'prompts':>7} {'selfdistill s/step':>18} {'SDFT s/step':>11} {'ratio':>6} "
+            f"{'sd len':>6} {'SDFT len':>8} {'sd peak RSS':>11} {'SDFT peak RSS':>13}")
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        sd, sdft = row["selfdistill"], row["sdft"]
+
+        def cell(r, key, fmt, width):
+            return f"{format(r[key], fmt):>{width}}" if key in r else f"{'error':>{width}}"
+
+        ratio = f"{row['ratio']:>6.2f}" if row.get("ratio") else f"{'-':>6}"
+        lines.append(
+            f"{row['G']:>2} {row['prompts_per_step']:>7} {cell(sd, 'seconds_per_step', '.2f', 18)} "
+            f"{cell(sdft, 'seconds_per_step', '.2f', 11)} {ratio} {cell(sd, 'mean_completion_length', '.1f', 6)} "
+            f"{cell(sdft, 'mean_completion_length', '.1f', 8)} {cell(sd, 'peak_rss_mb', '.0f', 8)} MiB "
+            f"{cell(sdft, 'peak_rss_mb', '.0f', 10)} MiB"
+        )
+    lines.append("ratio = selfdistill steps/s over SDFT steps/s (> 1: selfdistill is faster); len = mean completion "
+                 "tokens of the measured steps")
+    for row in rows:
+        c = row.get("warmup_step_check")
+        if c:
+            lines.append(f"G={row['G']} warm-up step, selfdistill vs SDFT: completion length "
+                         f"{c['selfdistill_completion_length']:.2f} vs {c['sdft_completion_length']:.2f}, "
+                         f"token-mean KL {c['selfdistill_token_mean_kl']:.5f} vs {c['sdft_token_mean_kl']:.5f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--G", type=int, nargs="+", default=[1, 4, 8], help="num_generations values")
+    parser.add_argument("--rollouts", type=int, default=8, help="rollouts per optimizer step (both trainers)")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps K after one warm-up step")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds a worker may take")
+    parser.add_argument("--quick", action="store_true", help="G=1, 4 rollouts, 1 measured step, 1 thread")
+    parser.add_argument("--worker", nargs="+", metavar="KEY=VALUE", help="run one configuration in this process")
+    opts = parser.parse_args()
+
+    if opts.worker:
+        result = run_worker(parse_spec(opts.worker))
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    if opts.quick:
+        opts.G, opts.rollouts, opts.steps, opts.threads = [1], 4, 1, 1
+    out_path = QUICK_RESULTS if opts.quick else RESULTS
+    bad = [g for g in opts.G if opts.rollouts % g]
+    if bad:
+        raise SystemExit(f"--rollouts {opts.rollouts} is not divisible by G={bad}")
+
+    print("checking that both trainers build the same student prompts and teacher contexts ...", flush=True)
+    contexts = check_contexts()
+    print(f"  student prompts identical: {contexts['student_prompt_ids_identical']}, teacher contexts identical: "
+          f"{contexts['teacher_context_ids_identical']}", flush=True)
+
+    rows = []
+    for g in opts.G:
+        row: dict[str, Any] = {"G": g, "prompts_per_step": opts.rollouts // g}
+        for trainer in ("selfdistill", "sdft"):
+            spec = {"trainer": trainer, "G": g, "rollouts": opts.rollouts, "steps": opts.steps, "threads": opts.threads}
+            print(f"G={g} {trainer}: 1 warm-up + {opts.steps} steps of {opts.rollouts} rollouts ...", flush=True)
+            row[trainer] = launch(spec, opts.timeout)
+            result = row[trainer]
+            if "error" in result:
+                print(f"  failed: {result['error']}\n{result.get('output_tail', '')}", flush=True)
+            else:
+                print(f"  {result['seconds_per_step']:.2f} s/step, peak RSS {result['peak_rss_mb']:.0f} MiB, "
+                      f"process {result['process_seconds']:.0f} s", flush=True)
+        if "steps_per_second" in row["selfdistill"] and "steps_per_second" in row["sdft"]:
+            row["ratio"] = row["selfdistill"]["steps_per_second"] / row["sdft"]["steps_per_second"]
+            # Same weights, prompts and seed: when the first step's rollouts coincide, so must its loss.
+            row["warmup_step_check"] = {
+                f"{name}_{key}": row[name][src][0]
+                for name in ("selfdistill", "sdft")
+                for key, src in (("completion_length", "completion_length_per_step"),
+                                 ("token_mean_kl", "token_mean_kl_per_step"))
+            }
+        rows.append(row)
+
+    import torch
+    import transformers
+    import trl
+
+    g0 = opts.G[0]
+    report = {
+        "benchmark": "train_step",
+        "quick": opts.quick,
+        "model": MODEL,
+        "device": "cpu",
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        "task": f"arithmetic, 2-digit addition, train split of make_arithmetic_dataset({N_TRAIN}, {N_TEST}, seed=0)",
+        "rollouts_per_step": opts.rollouts,
+        "warmup_steps": 1,
+        "measured_steps": opts.steps,
+        "torch_threads": opts.threads or "default",
+        "timing": "wall time from the end of the warm-up step to the end of the last step, over the measured steps",
+        "peak_rss": "getrusage(RUSAGE_SELF).ru_maxrss at the end of each configuration's own worker process",
+        "ratio": "selfdistill steps/s over SDFT steps/s",
+        "settings": {
+            "selfdistill": {"trainer": "selfdistill.trainer.SelfDistillTrainer",
+                            "privileged": f"ReferenceSolution(column='solution', template={OPSD_TEMPLATE!r})",
+                            "config": selfdistill_kwargs(g0, opts.rollouts, opts.steps + 1, "<per run>") | {
+                                "num_generations": "G"}},
+            "sdft": {"trainer": "trl.experimental.sdft.SDFTTrainer",
+                     "privileged": "dataset column 'privileged_context' = the 'solution' column",
+                     "config": sdft_kwargs(g0, opts.rollouts, opts.steps + 1, "<per run>") | {"num_generations": "G"}},
+        },
+        "context_check": contexts,
+        "differences": DIFFERENCES,
+        "results": rows,
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=1, default=str))
+    print()
+    print(table(rows))
+    print(f"wrote {out_path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
