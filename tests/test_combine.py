@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from test_losses import brute_clip, brute_terms
 
 from selfdistill.combine import (
     ViewSpec,
@@ -74,17 +75,6 @@ def _brute_candidates(teacher_rows, y, top_k):
     return sorted(ids)
 
 
-def _brute_clip(terms, spec):
-    if spec.clip == "entry":
-        return sum(torch.clamp(x, max=spec.clip_tau) for x in terms)
-    if spec.clip == "token":
-        return torch.clamp(sum(terms), max=spec.clip_tau)
-    if spec.clip == "scale":
-        d = float(sum(terms).detach())
-        return sum(terms) * min(1.0, spec.clip_tau / d) if d > 0 else sum(terms)
-    return sum(terms)
-
-
 def _brute_ratio(s_y, old, spec):
     if old is None or spec.ratio_clip is None:
         return 1.0
@@ -114,18 +104,7 @@ def _brute_loss(student, views, tokens, spec, view, old_logps=None):
         s = [ls[c] - log_c for c in cand]
         target = [_brute_combine(float(s[j].detach()), [lv[k][j] for k in range(m)], w)[0] for j in range(len(cand))]
         target = _log_softmax_floats(target)
-        terms = []
-        for a, b in zip(s, target):
-            if spec.divergence == "reverse_kl":
-                terms.append(torch.exp(a) * (a - b))
-            elif spec.divergence == "forward_kl":
-                terms.append(math.exp(b) * (b - a))
-            else:
-                beta = spec.jsd_beta
-                mix = beta * math.exp(b) + (1 - beta) * torch.exp(a)
-                log_mix = torch.log(mix)
-                terms.append(beta * math.exp(b) * (b - log_mix) + (1 - beta) * torch.exp(a) * (a - log_mix))
-        total = total + ratio * _brute_clip(terms, spec)
+        total = total + ratio * brute_clip(brute_terms(s, target, spec), spec)
     return total / N
 
 

@@ -11,6 +11,33 @@ from selfdistill.losses import LossSpec, distillation_loss, importance_ratio
 N, V = 5, 7
 
 
+def brute_terms(ps, pt, spec):
+    """Per-entry divergence terms from scalar student (with grad) and teacher log-probs, in float64."""
+    terms = []
+    for a, b in zip(ps, pt):
+        if spec.divergence == "reverse_kl":
+            terms.append(torch.exp(a) * (a - b))
+        elif spec.divergence == "forward_kl":
+            terms.append(math.exp(b) * (b - a))
+        else:
+            beta = spec.jsd_beta
+            log_mix = torch.log(beta * math.exp(b) + (1 - beta) * torch.exp(a))
+            terms.append(beta * math.exp(b) * (b - log_mix) + (1 - beta) * torch.exp(a) * (a - log_mix))
+    return terms
+
+
+def brute_clip(terms, spec):
+    """One token's loss from its divergence terms under the spec's clip."""
+    if spec.clip == "entry":
+        return sum(torch.clamp(x, max=spec.clip_tau) for x in terms)
+    if spec.clip == "token":
+        return torch.clamp(sum(terms), max=spec.clip_tau)
+    if spec.clip == "scale":
+        d = float(sum(terms).detach())
+        return sum(terms) * min(1.0, spec.clip_tau / d) if d > 0 else sum(terms)
+    return sum(terms)
+
+
 def _brute_force(student_logits, teacher_logits, tokens, spec, old_logps=None):
     """Loops over tokens and vocabulary entries with scalar float64 math, written from METHODS.md §1."""
     total = 0.0
@@ -49,26 +76,7 @@ def _brute_force(student_logits, teacher_logits, tokens, spec, old_logps=None):
                 ct = math.log(sum(math.exp(x) for x in pt))
                 ps = [x - cs for x in ps]
                 pt = [x - ct for x in pt]
-        terms = []
-        for a, b in zip(ps, pt):
-            if spec.divergence == "reverse_kl":
-                terms.append(torch.exp(a) * (a - b))
-            elif spec.divergence == "forward_kl":
-                terms.append(math.exp(b) * (b - a))
-            else:
-                beta = spec.jsd_beta
-                m = beta * math.exp(b) + (1 - beta) * torch.exp(a)
-                terms.append(beta * math.exp(b) * (b - torch.log(m)) + (1 - beta) * torch.exp(a) * (a - torch.log(m)))
-        if spec.clip == "entry":
-            token_loss = sum(torch.clamp(x, max=spec.clip_tau) for x in terms)
-        elif spec.clip == "token":
-            token_loss = torch.clamp(sum(terms), max=spec.clip_tau)
-        elif spec.clip == "scale":
-            d = float(sum(terms).detach())
-            token_loss = sum(terms) * min(1.0, spec.clip_tau / d) if d > 0 else sum(terms)
-        else:
-            token_loss = sum(terms)
-        total = total + weight * token_loss
+        total = total + weight * brute_clip(brute_terms(ps, pt, spec), spec)
     return total / student_logits.shape[0]
 
 
