@@ -12,6 +12,7 @@ during the loss minus its RSS just before (inputs already allocated). Cases that
 time budget on this machine are recorded as skipped with the estimate, never silently dropped.
 
     python benchmarks/loss_kernel.py                    # CPU grid: what fits on this machine
+    python benchmarks/loss_kernel.py --grid variants    # every other variant at 4k tokens
     python benchmarks/loss_kernel.py --grid full        # the whole grid (1k/4k/16k x 49,152/151,936 x 576/2048)
     python benchmarks/loss_kernel.py --device cuda      # on a GPU (peak from torch.cuda.max_memory_allocated)
 
@@ -50,6 +51,8 @@ GRIDS = {
     "cpu": [(n, 49152, 576, v) for n in (1024, 4096, 16384) for v in ("reverse_kl/full/scale",)]
     + [(1024, 49152, 576, v) for v in VARIANTS if v != "reverse_kl/full/scale"]
     + [(1024, 151936, 2048, "reverse_kl/full/scale"), (4096, 151936, 576, "reverse_kl/full/scale")],
+    # Every variant where chunking matters (4k tokens: dense still fits in memory here).
+    "variants": [(4096, 49152, 576, v) for v in VARIANTS if v != "reverse_kl/full/scale"],
     "full": [(n, v, h, var) for n, v, h, var in itertools.product((1024, 4096, 16384), (49152, 151936), (576, 2048),
                                                                    VARIANTS)],
 }
@@ -156,6 +159,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--chunk", type=int, default=1024, help="fused loss chunk size (tokens)")
     parser.add_argument("--max-seconds", type=float, default=240.0, help="skip cases estimated to take longer")
+    parser.add_argument("--paths", nargs="+", default=["dense", "fused", "trl"], help="which paths to run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -167,7 +171,7 @@ def main() -> None:
     rows = []
     for n, v, h, variant in GRIDS[args.grid]:
         paths = ["dense", "fused"] + (["trl"] if variant in TRL_VARIANTS else [])
-        for path in paths:
+        for path in [p for p in paths if p in args.paths]:
             case = dict(n=n, v=v, h=h, variant=variant, path=path, chunk=args.chunk, device=args.device,
                         repeats=3 if n * v * h < 1e11 else 1)
             need, flops = estimate(case)
@@ -185,9 +189,15 @@ def main() -> None:
                 else:
                     rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(_line(rows[-1]), flush=True)
+    # Merge with earlier runs (another grid, another device): a case measured again replaces its old row.
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": args.device, "gflops_measured": gflops, "chunk": args.chunk, "torch_threads": os.cpu_count()}
-    RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": [], "rows": []}
+    key = ("n", "v", "h", "variant", "path", "device", "chunk")
+    fresh = {tuple(r[k] for k in key) for r in rows}
+    rows = [r for r in old.get("rows", []) if tuple(r.get(k) for k in key) not in fresh] + rows
+    runs = old.get("runs", [old["meta"]] if "meta" in old else []) + [{**meta, "grid": args.grid}]
+    RESULTS.write_text(json.dumps({"runs": runs, "rows": rows}, indent=1))
     print()
     print(table(rows))
     print(f"wrote {RESULTS}")

@@ -99,9 +99,12 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.grads
         ctx.grads = None
         if grad_loss.numel() and torch.all(grad_loss == grad_loss.reshape(-1)[0]):
+            # In place: the [V, H] buffer is the weight's gradient; a scaled copy would hold two at once.
             scale = grad_loss.reshape(-1)[0]
-            gh = None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype)
-            gw = None if grad_weight is None else (grad_weight * scale).to(ctx.saved_tensors[1].dtype)
+            gh = None if grad_hidden is None else grad_hidden.mul_(scale.to(grad_hidden.dtype))
+            gw = None if grad_weight is None else grad_weight.mul_(scale.to(grad_weight.dtype))
+            if gw is not None and gw.dtype != ctx.saved_tensors[1].dtype:
+                gw = gw.to(ctx.saved_tensors[1].dtype)
             return gh, gw, None, None, None, None, None, None
         # Per-token weights differ: recompute each chunk with its weights (exact, one more pass over the head).
         hidden, weight, teacher_hidden, teacher_weight, tokens, old_logps = ctx.saved_tensors

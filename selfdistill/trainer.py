@@ -30,7 +30,7 @@ from trl.trainer.utils import RepeatSampler
 from selfdistill.combine import multiview_summary, multiview_token_losses
 from selfdistill.config import SelfDistillConfig
 from selfdistill.fused import fused_token_losses, output_head
-from selfdistill.losses import distillation_loss, summarize
+from selfdistill.losses import summarize, token_losses
 from selfdistill.modeling import ensure_pad_token, load_model, load_tokenizer
 from selfdistill.rewards import as_completions
 from selfdistill.rollout import (
@@ -412,33 +412,11 @@ class SelfDistillTrainer(Trainer):
             raise ValueError("SelfDistillTrainer.compute_loss does not return model outputs")
         mode = "train" if model.training else "eval"
         device = self.accelerator.device
-        unwrapped = self.accelerator.unwrap_model(model)
+        # The fused loss takes hidden states and applies the head itself, chunk by chunk: no [N, V] logits.
+        head = output_head(self.accelerator.unwrap_model(model)) if self.args.fused_loss else None
 
         start = time.perf_counter()
-        # Rollout r's view v is sequence v * B + r: all views of a micro-batch go through the teacher together
-        # (one forward over M x B sequences) unless teacher_batch_views is off.
-        n_views = len(inputs["teacher_ids"][0])
-        contexts = [ids[v] for v in range(n_views) for ids in inputs["teacher_ids"]]
-        scored = [comp[v] for v in range(n_views) for comp in inputs["teacher_completion_ids"]]
-        group = len(contexts) if self.args.teacher_batch_views else len(inputs["teacher_ids"])
-        # The fused loss takes hidden states and applies the head itself, chunk by chunk: no [N, V] logits.
-        head = output_head(unwrapped) if self.args.fused_loss else None
-        pieces = []
-        with self.teacher.scoring(unwrapped) as teacher_model:
-            for i in range(0, len(contexts), group):
-                teacher_batch = splice(contexts[i : i + group], scored[i : i + group], self.pad_id).to(device)
-                mask = teacher_batch.completion_mask.bool()
-                with nullcontext() if head is None else head_passthrough(head):
-                    out = None
-                    if self.args.share_teacher_prefix:
-                        out = shared_prefix_logits(teacher_model, teacher_batch, contexts[i : i + group])
-                    if out is None:
-                        out = completion_logits(teacher_model, teacher_batch)
-                pieces.append(out[mask])
-            # Inside the context the head holds the teacher's weights; detach() keeps that storage, no copy.
-            teacher_head = None if head is None else head.weight.detach()
-        teacher_logits = torch.cat(pieces).view(n_views, -1, pieces[0].shape[-1])  # [M, N, V] (or [M, N, H] fused)
-        _check_finite(teacher_logits, "teacher")
+        teacher_out, teacher_head = self._teacher_pass(model, inputs, head)
         elapsed = time.perf_counter() - start
         self._clock += elapsed
         self._record(mode, "time/teacher", elapsed, reduce="sum")
@@ -446,38 +424,66 @@ class SelfDistillTrainer(Trainer):
         student_batch = splice(inputs["prompt_ids"], inputs["completion_ids"], self.pad_id).to(device)
         mask = student_batch.completion_mask.bool()
         if head is None:
-            student_logits = completion_logits(model, student_batch)[mask]
+            student_out = completion_logits(model, student_batch)[mask]
         else:
-            student_logits = completion_hidden(model, head, student_batch)[mask]
-        _check_finite(student_logits, "student")
+            student_out = completion_hidden(model, head, student_batch)[mask]
+        _check_finite(student_out, "student")
         tokens = student_batch.completion_ids[mask]
         old = None
         if inputs.get("old_logps") is not None and mode == "train":
             old = torch.cat(inputs["old_logps"]).to(device)
+
         if head is not None:
-            per_token = fused_token_losses(student_logits, head.weight, teacher_logits[0], teacher_head, tokens,
+            per_token = fused_token_losses(student_out, head.weight, teacher_out[0], teacher_head, tokens,
                                            self.loss_spec, old_logps=old, chunk_size=self.args.loss_chunk_size)
-            loss = per_token.loss.sum() / inputs["normalizer"]
             metrics = summarize(per_token)
         elif self.privileged.combine == "identity":
-            out = distillation_loss(
-                student_logits, teacher_logits[0], tokens, self.loss_spec, old_logps=old,
-                normalizer=inputs["normalizer"],
-            )
-            loss, per_token, metrics = out.loss, out.tokens, out.metrics
+            per_token = token_losses(student_out, teacher_out[0], tokens, self.loss_spec, old_logps=old)
+            metrics = summarize(per_token)
         else:
             combined = multiview_token_losses(
-                student_logits, teacher_logits, tokens, self.loss_spec, self.privileged.view_spec, old_logps=old
+                student_out, teacher_out, tokens, self.loss_spec, self.privileged.view_spec, old_logps=old
             )
             per_token = combined.tokens
-            loss = per_token.loss.sum() / inputs["normalizer"]
             metrics = multiview_summary(combined, inputs["view_names"][0])
+        # Normalised by the completion-token count of the whole optimizer step (see _set_normalizers).
+        loss = per_token.loss.sum() / inputs["normalizer"]
         n = float(tokens.numel())
         for key, value in metrics.items():
             self._record(mode, key, value, n)
         if mode == "train" and self._heatmap_due():
             self._write_heatmap(inputs, per_token.divergence)
         return loss
+
+    def _teacher_pass(
+        self, model: torch.nn.Module, inputs: dict[str, Any], head: torch.nn.Module | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher outputs at the valid completion positions: ``[M, N, V]`` logits (``[M, N, H]`` hidden states and
+        the teacher's head weight under the fused loss), for the M views of every rollout of the micro-batch."""
+        device = self.accelerator.device
+        unwrapped = self.accelerator.unwrap_model(model)
+        # Rollout r's view v is sequence v * B + r: all views of a micro-batch go through the teacher together
+        # (one forward over M x B sequences) unless teacher_batch_views is off.
+        n_views = len(inputs["teacher_ids"][0])
+        contexts = [ids[v] for v in range(n_views) for ids in inputs["teacher_ids"]]
+        scored = [comp[v] for v in range(n_views) for comp in inputs["teacher_completion_ids"]]
+        group = len(contexts) if self.args.teacher_batch_views else len(inputs["teacher_ids"])
+        pieces = []
+        with self.teacher.scoring(unwrapped) as teacher_model:
+            for i in range(0, len(contexts), group):
+                batch = splice(contexts[i : i + group], scored[i : i + group], self.pad_id).to(device)
+                with nullcontext() if head is None else head_passthrough(head):
+                    out = None
+                    if self.args.share_teacher_prefix:
+                        out = shared_prefix_logits(teacher_model, batch, contexts[i : i + group])
+                    if out is None:
+                        out = completion_logits(teacher_model, batch)
+                pieces.append(out[batch.completion_mask.bool()])
+            # Inside the context the head holds the teacher's weights; detach() keeps that storage, no copy.
+            teacher_head = None if head is None else head.weight.detach()
+        teacher_out = torch.cat(pieces).view(n_views, -1, pieces[0].shape[-1])
+        _check_finite(teacher_out, "teacher")
+        return teacher_out, teacher_head
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         start = time.perf_counter()
