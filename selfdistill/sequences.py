@@ -197,38 +197,97 @@ def completion_hidden(model: Any, head: torch.nn.Module, batch: SplicedBatch) ->
         return completion_logits(model, batch)
 
 
-def shared_prefix_logits(model: Any, batch: SplicedBatch, contexts: Sequence[Sequence[int]]) -> torch.Tensor | None:
-    """:func:`completion_logits` for a batch whose rows repeat contexts, computing each distinct context once.
+#: Shorter common prefixes are not worth a separate forward.
+MIN_SHARED_PREFIX = 8
 
-    The G rollouts of one prompt share their teacher context (prompt + privileged information). Each distinct
-    context runs once with the KV cache on; its cache rows are then selected for every sequence that uses it, and
-    only the completion tokens run a second forward on top. The logits predicting the first completion token come
-    from the context pass. Returns ``[B, T, V]`` like :func:`completion_logits`, or ``None`` when no context
-    repeats (nothing to share).
+
+def _prefix_groups(contexts: Sequence[Sequence[int]], min_shared: int) -> tuple[list[int], list[int]]:
+    """Group rows whose contexts share a prefix: (group of each row, shared prefix length of each group).
+
+    Contexts are sorted; neighbours whose common prefix is at least ``min_shared`` tokens join one group, whose
+    prefix is the common prefix of all its members (identical contexts share all of it).
     """
-    slots: dict[tuple[int, ...], int] = {}
-    index = [slots.setdefault(tuple(c), len(slots)) for c in contexts]
-    if len(slots) == len(contexts):
+    order = sorted(range(len(contexts)), key=lambda i: list(contexts[i]))
+    group_of = [0] * len(contexts)
+    lengths: list[int] = []
+    previous = None
+    for i in order:
+        context = contexts[i]
+        if previous is not None:
+            common = 0
+            limit = min(len(context), len(previous), lengths[-1])
+            while common < limit and context[common] == previous[common]:
+                common += 1
+            if common >= min_shared:
+                lengths[-1] = common
+                group_of[i] = len(lengths) - 1
+                previous = context
+                continue
+        lengths.append(len(context))
+        group_of[i] = len(lengths) - 1
+        previous = context
+    return group_of, lengths
+
+
+def shared_prefix_logits(
+    model: Any, batch: SplicedBatch, contexts: Sequence[Sequence[int]], min_shared: int = MIN_SHARED_PREFIX
+) -> torch.Tensor | None:
+    """:func:`completion_logits` for a batch whose contexts share prefixes, computing each shared prefix once.
+
+    The G rollouts of one prompt share their whole teacher context (prompt + privileged information); AVSD's views
+    of one rollout share its beginning (the template's header and the problem). Rows are grouped by common prefix
+    (:func:`_prefix_groups`); each group's prefix runs once with the KV cache on, its cache rows are selected for
+    every member, and each row's own suffix (the rest of its context, left-padded) and completion run on top.
+    The logits predicting the first completion token come from the row's last suffix position, or from the prefix
+    pass when the whole context is shared. Returns ``[B, T, V]`` like :func:`completion_logits`, or ``None`` when
+    no two rows share a prefix of ``min_shared`` tokens.
+    """
+    group_of, lengths = _prefix_groups(contexts, min_shared)
+    if len(lengths) == len(contexts):
         return None
-    width = batch.context_width
-    select = torch.tensor([index.index(u) for u in range(len(slots))], device=batch.input_ids.device)
-    rows = torch.tensor(index, device=batch.input_ids.device)
-    # The spliced batch already holds every context left-padded to one width: take one row per distinct context.
-    ctx_ids = batch.input_ids[select, :width]
-    ctx_mask = batch.attention_mask[select, :width]
-    ctx_pos = batch.position_ids[select, :width]
-    first = model(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=ctx_pos, use_cache=True,
+    device = batch.input_ids.device
+    prefixes = [None] * len(lengths)
+    for i, g in enumerate(group_of):
+        if prefixes[g] is None:
+            prefixes[g] = list(contexts[i][: lengths[g]])
+    width = max(lengths)
+    pad = 0  # any id: padded positions are masked out
+    ids = torch.full((len(prefixes), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prefixes), width), dtype=torch.long)
+    for g, prefix in enumerate(prefixes):
+        ids[g, width - len(prefix) :] = torch.tensor(prefix)
+        mask[g, width - len(prefix) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    first = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True,
                   logits_to_keep=1)
+    rows = torch.tensor(group_of, device=device)
     cache = first.past_key_values
     cache.batch_select_indices(rows)
-    t = batch.completion_width
-    rest = model(
-        input_ids=batch.input_ids[:, width:],
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids[:, width:],
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=t,
-    )
-    return torch.cat([first.logits[rows, -1:, :], rest.logits[:, : t - 1, :]], dim=1)
 
+    suffixes = [list(c[lengths[g] :]) for c, g in zip(contexts, group_of)]
+    s_width = max(len(x) for x in suffixes)
+    t = batch.completion_width
+    b = len(contexts)
+    rest_ids = torch.full((b, s_width + t), pad, dtype=torch.long, device=device)
+    rest_mask = torch.zeros((b, s_width + t), dtype=torch.long, device=device)
+    for i, suffix in enumerate(suffixes):
+        if suffix:
+            rest_ids[i, s_width - len(suffix) : s_width] = torch.tensor(suffix, device=device)
+            rest_mask[i, s_width - len(suffix) : s_width] = 1
+    rest_ids[:, s_width:] = batch.completion_ids
+    rest_mask[:, s_width:] = batch.completion_mask
+    full_mask = torch.cat([mask[rows], rest_mask], dim=1)
+    # Positions continue from each row's prefix, counting real tokens only (as in splice).
+    positions = (full_mask.cumsum(-1) - 1).clamp_min(0)[:, width:]
+    rest = model(input_ids=rest_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+                 use_cache=True, logits_to_keep=s_width + t)
+    logits = rest.logits  # [B, s_width + t, V]; position s_width - 1 + k predicts completion token k
+    if s_width == 0:
+        head = torch.cat([first.logits[rows, -1:, :], logits[:, : t - 1]], dim=1)
+    else:
+        head = logits[:, s_width - 1 : s_width - 1 + t]
+        no_suffix = torch.tensor([not x for x in suffixes], device=device)
+        if no_suffix.any():
+            head = head.clone()
+            head[no_suffix, 0] = first.logits[rows[no_suffix], -1]
+    return head

@@ -116,4 +116,48 @@ def test_trainer_with_and_without_shared_prefixes_agree(tmp_path, tokenizer):
                                num_generations=4, share_teacher_prefix=share)
         trainer.train()
         losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
-    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3, abs=1e-7)
+
+
+@pytest.mark.parametrize("min_shared", [1, 4, 8])
+def test_partial_prefixes_are_shared_exactly(tokenizer, min_shared):
+    """AVSD-style views: one problem, different privileged texts after it, plus repeated whole contexts."""
+    from conftest import build_model
+
+    from selfdistill.sequences import _prefix_groups, shared_prefix_logits
+
+    model = build_model(tokenizer).eval()
+    problem = tokenizer("What is 12 + 3? Here is", add_special_tokens=False)["input_ids"]
+    views = [problem + tokenizer(t, add_special_tokens=False)["input_ids"]
+             for t in [" a reference solution: 15", " the answer: 15", " a hint"]]
+    other = tokenizer("What is 7?", add_special_tokens=False)["input_ids"]
+    contexts = [views[0], views[1], views[2], other, views[0], problem]
+    completions = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["15", "The answer", "1", "7", "", "x"]]
+    batch = splice(contexts, completions, tokenizer.pad_token_id)
+    mask = batch.completion_mask.bool()
+    groups, lengths = _prefix_groups(contexts, min_shared)
+    assert groups[0] == groups[1] == groups[2] == groups[4] == groups[5]  # all start with the problem
+    if min_shared > 2:  # with a 1-token minimum "What is 7?" joins too, on the shared "What is"
+        assert lengths[groups[0]] == len(problem) and groups[3] != groups[0]
+    with torch.no_grad():
+        reference = completion_logits(model, batch)[mask]
+        shared = shared_prefix_logits(model, batch, contexts, min_shared=min_shared)[mask]
+    torch.testing.assert_close(shared, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_avsd_views_share_their_prefix_in_training(tmp_path, tokenizer):
+    from conftest import build_dataset, build_model
+    from test_trainer import exact_reward, make_args
+
+    from selfdistill import SelfDistillTrainer
+    from selfdistill.sources import MultiView
+
+    losses = []
+    for share in (True, False):
+        trainer = SelfDistillTrainer(model=build_model(tokenizer), train_dataset=build_dataset(),
+                                     args=make_args(tmp_path / str(share), max_steps=1, share_teacher_prefix=share),
+                                     processing_class=tokenizer, privileged=MultiView(answer_column="answer"),
+                                     reward_funcs=[exact_reward])
+        trainer.train()
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3, abs=1e-7)
