@@ -52,11 +52,29 @@ def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _chunk_losses(h, w, th, tw, tokens, old, spec) -> TokenLosses:
-    logits = h @ w.T
+def _chunk_grads(h, w, th, tw, tokens, old, spec, weights, grad_hidden, grad_weight, sl) -> TokenLosses:
+    """Loss of one chunk, and its gradient written into the hidden-state rows and added to the head's buffer.
+
+    The gradient is taken with respect to the chunk's logits (``[c, V]``) and pushed through the head by hand:
+    ``dh = g @ W`` and ``dW += g.T @ h`` (``addmm_`` in place), so no ``[V, H]`` temporary is formed per chunk.
+    ``weights`` are the per-token weights of the backward (``None``: the plain sum).
+    """
     with torch.no_grad():
+        logits = h @ w.T
         teacher = th @ tw.T
-    return token_losses(logits, teacher, tokens, spec, old)
+    with torch.enable_grad():
+        leaf = logits.requires_grad_(grad_hidden is not None or grad_weight is not None)
+        out = token_losses(leaf, teacher, tokens, spec, old)
+        if leaf.requires_grad:
+            target = out.loss.sum() if weights is None else (out.loss * weights.to(out.loss.dtype)).sum()
+            (g,) = torch.autograd.grad(target, leaf)
+    if leaf.requires_grad:
+        g = g.to(h.dtype)
+        if grad_hidden is not None:
+            grad_hidden[sl] = g @ w
+        if grad_weight is not None:
+            grad_weight.addmm_(g.T.to(grad_weight.dtype), h.to(grad_weight.dtype))
+    return out
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -72,17 +90,8 @@ class _FusedHeadLoss(torch.autograd.Function):
             else None
         for sl in _chunks(n, chunk_size):
             old = None if old_logps is None else old_logps[sl]
-            with torch.enable_grad():
-                h = hidden[sl].detach().requires_grad_(needs[0])
-                w = weight.detach().requires_grad_(needs[1])
-                out = _chunk_losses(h, w, teacher_hidden[sl], teacher_weight, tokens[sl], old, spec)
-                if any(needs):
-                    wanted = [t for t, need in zip((h, w), needs) if need]
-                    grads = list(torch.autograd.grad(out.loss.sum(), wanted))
-                    if needs[0]:
-                        grad_hidden[sl] = grads.pop(0)
-                    if needs[1]:
-                        grad_weight += grads.pop(0).to(grad_weight.dtype)
+            out = _chunk_grads(hidden[sl].detach(), weight.detach(), teacher_hidden[sl], teacher_weight, tokens[sl],
+                               old, spec, None, grad_hidden, grad_weight, sl)
             for key in outputs:
                 outputs[key][sl] = getattr(out, key).detach().to(dtype)
         ctx.save_for_backward(hidden, weight, teacher_hidden, teacher_weight, tokens,
@@ -112,17 +121,8 @@ class _FusedHeadLoss(torch.autograd.Function):
         gw = torch.zeros(weight.shape, dtype=_accumulation_dtype(weight), device=weight.device) \
             if grad_weight is not None else None
         for sl in _chunks(hidden.shape[0], ctx.chunk_size):
-            with torch.enable_grad():
-                h = hidden[sl].detach().requires_grad_(gh is not None)
-                w = weight.detach().requires_grad_(gw is not None)
-                out = _chunk_losses(h, w, teacher_hidden[sl], teacher_weight, tokens[sl],
-                                    old_logps[sl] if ctx.has_old else None, ctx.spec)
-                wanted = [t for t, need in zip((h, w), (gh is not None, gw is not None)) if need]
-                grads = list(torch.autograd.grad(out.loss, wanted, grad_outputs=grad_loss[sl].to(out.loss.dtype)))
-            if gh is not None:
-                gh[sl] = grads.pop(0)
-            if gw is not None:
-                gw += grads.pop(0).to(gw.dtype)
+            _chunk_grads(hidden[sl].detach(), weight.detach(), teacher_hidden[sl], teacher_weight, tokens[sl],
+                         old_logps[sl] if ctx.has_old else None, ctx.spec, grad_loss[sl], gh, gw, sl)
         return gh, None if gw is None else gw.to(weight.dtype), None, None, None, None, None, None
 
 
