@@ -12,7 +12,6 @@ Token ids are spliced, never re-tokenised: the SFT example is exactly the contex
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections import Counter
@@ -22,13 +21,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from selfdistill.rewards import as_completions
-from selfdistill.rollout import eos_ids, sample_completions, score_rollouts
+from selfdistill.rollout import eos_ids, sample_completions, verify_completions
 from selfdistill.sequences import continuation_ids, render_context
 from selfdistill.sources.base import Rollout
 from selfdistill.sources.reviser import Reviser
-
-VERIFIER_TIMEOUT = 60.0  # seconds per verifier call, as the trainer's default reward_timeout
 
 
 @dataclass
@@ -66,6 +62,7 @@ def collect_revisions(
     reward_funcs: Sequence[Callable],
     config: RevisionConfig,
     progress: bool = True,
+    timeout: float | None = 60.0,
 ) -> tuple[list[dict[str, list[int]]], dict[str, Any]]:
     """Steps 1-3: SFT examples ``{"input_ids", "labels"}`` (labels -100 outside the revision) and statistics."""
     if not reward_funcs:
@@ -87,7 +84,7 @@ def collect_revisions(
             contexts = [render_context(tokenizer, p) for p in prompts]
             first = sample_completions(model, contexts, pad_id=pad, eos=eos, max_new_tokens=config.max_new_tokens,
                                        temperature=config.temperature)
-            rewards = _verify(tokenizer, reward_funcs, weights, prompts, first.completion_ids, chunk, stats)
+            rewards = _verify(tokenizer, reward_funcs, weights, prompts, first.completion_ids, chunk, stats, timeout)
             bar.update(len(chunk))
             reviser_contexts, owners = [], []
             for i, (ids, truncated, reward) in enumerate(zip(first.completion_ids, first.truncated, rewards)):
@@ -105,7 +102,7 @@ def collect_revisions(
             owner_rows = [rows[index] for index, _ in owners]
             owner_prompts = [row["prompt"] for row in owner_rows]
             verdicts = _verify(tokenizer, reward_funcs, weights, owner_prompts, revised.completion_ids, owner_rows,
-                               stats)
+                               stats, timeout)
             bar.update(len(reviser_contexts))
             for context, ids, truncated, (index, verdict), reward in zip(
                 reviser_contexts, revised.completion_ids, revised.truncated, owners, verdicts
@@ -134,12 +131,10 @@ def collect_revisions(
     return examples, summary
 
 
-def _verify(tokenizer, reward_funcs, weights, prompts, completion_ids, rows, stats) -> list[float | None]:
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    totals, _, failures = score_rollouts(reward_funcs, weights, prompts, as_completions(prompts, texts),
-                                         completion_ids, list(rows), timeout=VERIFIER_TIMEOUT)
-    stats["verifier_failures"] += failures
-    return [None if math.isnan(r) else r for r in totals]
+def _verify(tokenizer, reward_funcs, weights, prompts, completion_ids, rows, stats, timeout) -> list[float | None]:
+    verified = verify_completions(tokenizer, reward_funcs, weights, prompts, completion_ids, rows, timeout)
+    stats["verifier_failures"] += verified.failures
+    return verified.rewards
 
 
 def self_revision_training(
@@ -165,7 +160,9 @@ def self_revision_training(
     rng = random.Random(config.seed)
     indices = rng.sample(range(len(dataset)), min(config.prompts, len(dataset)))
     rows = dataset.select(indices).to_list()
-    examples, stats = collect_revisions(model, tokenizer, rows, reviser, reward_funcs, config, progress)
+    # Verifiers get the same time limit as in phase 2 (reward_timeout).
+    timeout = getattr(training_args, "reward_timeout", 60.0)
+    examples, stats = collect_revisions(model, tokenizer, rows, reviser, reward_funcs, config, progress, timeout)
     stats["sample_seconds"] = round(time.perf_counter() - start, 1)
     stats["config"] = asdict(config)
     if not examples:

@@ -187,3 +187,33 @@ def score_rollouts(
         finite = [p for p in parts if not math.isnan(p)]
         totals.append(sum(finite) if finite else math.nan)
     return totals, per_func, failures
+
+
+@dataclass
+class Verified:
+    """Decoded completions and their verdicts: ``rewards`` holds None where no verifier gave a finite value."""
+
+    texts: list[str]
+    rewards: list[float | None]
+    per_func: dict[str, list[float]]
+    failures: int
+
+
+def verify_completions(
+    tokenizer: Any,
+    reward_funcs: Sequence[Callable],
+    weights: Sequence[float],
+    prompts: list[Any],
+    completion_ids: list[list[int]],
+    rows: list[dict[str, Any]],
+    timeout: float | None = None,
+) -> Verified:
+    """Decode sampled ids and score them with :func:`score_rollouts` (no reward functions: every reward None)."""
+    from selfdistill.rewards import as_completions
+
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    if not reward_funcs:
+        return Verified(texts, [None] * len(texts), {}, 0)
+    totals, per_func, failures = score_rollouts(reward_funcs, weights, prompts, as_completions(prompts, texts),
+                                                completion_ids, list(rows), timeout=timeout)
+    return Verified(texts, [None if math.isnan(r) else r for r in totals], per_func, failures)

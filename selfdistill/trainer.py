@@ -32,13 +32,12 @@ from selfdistill.config import SelfDistillConfig
 from selfdistill.fused import fused_token_losses, output_head
 from selfdistill.losses import summarize, token_losses
 from selfdistill.modeling import ensure_pad_token, load_model, load_tokenizer
-from selfdistill.rewards import as_completions
 from selfdistill.rollout import (
     NON_FINITE_FIX,
     NonFiniteLogits,
     eos_ids,
     sample_completions,
-    score_rollouts,
+    verify_completions,
 )
 from selfdistill.sequences import (
     completion_hidden,
@@ -272,23 +271,18 @@ class SelfDistillTrainer(Trainer):
         self._clock += elapsed
         self._record(mode, "time/generation", elapsed, reduce="sum")
 
-        texts = tokenizer.batch_decode(generated.completion_ids, skip_special_tokens=True)
-        completions = as_completions(prompts, texts)
-        rewards: list[float | None] = [None] * len(rows)
+        verified = verify_completions(tokenizer, self.reward_funcs, self.reward_weights, prompts,
+                                      generated.completion_ids, rows, timeout=self.args.reward_timeout)
+        texts, rewards = verified.texts, verified.rewards
         if self.reward_funcs:
-            totals, per_func, failures = score_rollouts(
-                self.reward_funcs, self.reward_weights, prompts, completions, generated.completion_ids, rows,
-                timeout=self.args.reward_timeout,
-            )
-            rewards = [None if math.isnan(r) else r for r in totals]
-            for name, values in per_func.items():
+            for name, values in verified.per_func.items():
                 finite = [v for v in values if not math.isnan(v)]
                 if finite:
                     self._record(mode, f"rewards/{name}", sum(finite) / len(finite), len(finite))
             finite = [r for r in rewards if r is not None]
             if finite:
                 self._record(mode, "reward", sum(finite) / len(finite), len(finite))
-            self._record(mode, "reward_failures", failures, 1.0, reduce="sum")
+            self._record(mode, "reward_failures", verified.failures, 1.0, reduce="sum")
 
         g = self.args.num_generations
         rollouts = [
