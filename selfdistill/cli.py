@@ -1,4 +1,4 @@
-"""The ``selfdistill`` command: ``train``, ``eval`` and ``recipes``.
+"""The ``selfdistill`` command: ``train``, ``eval``, ``recipes``, ``check`` and ``skills``.
 
 Runs unchanged under ``accelerate launch -m selfdistill train RECIPE``.
 """
@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("recipes", help="list the shipped recipes")
     check = sub.add_parser("check", help="validate recipes without loading a model (GPU-only settings included)")
     check.add_argument("recipes", nargs="+")
+    skills = sub.add_parser("skills", help="print a Skill-SD skill bank (a run's output dir, a checkpoint, or a JSON)")
+    skills.add_argument("path", help="skills.json, a checkpoint's privileged_source.json, or a folder holding one")
+    skills.add_argument("--task", help="only this task tag")
     return parser
 
 
@@ -37,6 +40,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "recipes":
             for path, description in list_recipes():
                 print(f"{path}\n    {description}")
+            return 0
+        if args.command == "skills":
+            from selfdistill.skills import SkillBank
+
+            try:
+                bank = SkillBank.load(args.path)
+            except (FileNotFoundError, ValueError) as err:
+                print(f"selfdistill: {err}", file=sys.stderr)
+                return 2
+            if args.task:
+                bank.skills = {i: s for i, s in bank.skills.items() if s.task == args.task}
+            print(bank.format())
             return 0
         if args.command == "check":
             for path in args.recipes:

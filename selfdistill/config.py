@@ -13,6 +13,7 @@ from transformers import TrainingArguments
 from selfdistill.losses import CLIPS, DIVERGENCES, SUPPORTS, TOPK_SOURCES, LossSpec
 
 TEACHER_POLICIES = ("live", "initial", "ema", "sync")
+VLLM_MODES = ("colocate", "server")
 PI_OVERFLOW = ("truncate", "error")
 
 
@@ -163,6 +164,78 @@ class SelfDistillConfig(TrainingArguments):
                   "verifier failures (NaN reward) instead of stalling the run. None: no limit."},
     )
 
+    # Scale-out: vLLM rollouts and the final model (docs/scaling.md)
+    use_vllm: bool = field(
+        default=False,
+        metadata={"help": "Sample rollouts with vLLM through TRL's VLLMGeneration (needs a CUDA GPU and "
+                  "`pip install selfdistill[vllm]`); the student's weights are pushed to vLLM after each optimizer "
+                  "step."},
+    )
+    vllm_mode: str = field(
+        default="colocate",
+        metadata={"help": "'colocate': a vLLM engine inside each training process, sharing its GPU; 'server': a "
+                  "separate `trl vllm-serve` process the main rank sends prompts to."},
+    )
+    vllm_server_base_url: str | None = field(
+        default=None, metadata={"help": "Server mode: base URL (e.g. 'http://10.0.0.5:8000'); overrides host/port."}
+    )
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "Server mode: host of the vLLM server."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "Server mode: port of the vLLM server."})
+    vllm_server_timeout: float = field(
+        default=240.0, metadata={"help": "Server mode: seconds to wait for the server to come up."}
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3,
+        metadata={"help": "Colocate mode: share of each GPU's memory vLLM may take (weights and KV cache); the rest "
+                  "is the trainer's."},
+    )
+    vllm_tensor_parallel_size: int = field(
+        default=1, metadata={"help": "Colocate mode: GPUs one vLLM engine spans; must divide the number of ranks."}
+    )
+    vllm_importance_sampling: bool = field(
+        default=True,
+        metadata={"help": "Correct the sampler/trainer mismatch: vLLM's log-probs of the sampled tokens are pi_old and "
+                  "each token's loss is multiplied by sg(min(pi_theta / pi_vllm, ratio_clip))."},
+    )
+    save_merged_model: bool = field(
+        default=False,
+        metadata={"help": "Under LoRA, also write the adapter merged into the base weights to <final>-merged at the "
+                  "end of `selfdistill train` (the adapter alone is always saved)."},
+    )
+
+    # Multi-turn rollouts (an environment_factory is given to the trainer) and the GRPO term (Skill-SD)
+    max_turns: int | None = field(
+        default=None,
+        metadata={"help": "Multi-turn rollouts: replies per episode at most (default: the environment's own limit). "
+                  "max_completion_length is then the limit of one reply."},
+    )
+    max_episode_length: int | None = field(
+        default=None,
+        metadata={"help": "Multi-turn rollouts: tokens after the prompt (replies and environment turns) at most; an "
+                  "episode that would exceed it on its next turn ends there. None: half of max_teacher_length."},
+    )
+    distill_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the distillation loss. 0 with grpo_weight > 0 trains GRPO alone (the teacher "
+                  "pass is skipped)."},
+    )
+    grpo_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight lambda of a GRPO term beside the distillation loss (Skill-SD trains both); needs "
+                  "rewards and num_generations >= 2. 0: off."},
+    )
+    grpo_epsilon: float = field(
+        default=0.2, metadata={"help": "GRPO: lower clip of the ratio, 1 - epsilon (TRL's `epsilon`)."}
+    )
+    grpo_epsilon_high: float | None = field(
+        default=None, metadata={"help": "GRPO: upper clip 1 + epsilon_high (default: grpo_epsilon)."}
+    )
+    scale_rewards: str = field(
+        default="group",
+        metadata={"help": "GRPO advantages (r - group mean) divided by the group's reward std ('group', TRL's "
+                  "default), the batch's ('batch') or not at all ('none')."},
+    )
+
     # Logging
     log_completions: int = field(
         default=0, metadata={"help": "Print this many sample rollouts with their rewards at each logging step."}
@@ -224,7 +297,42 @@ class SelfDistillConfig(TrainingArguments):
             raise ValueError(f"reward_timeout={self.reward_timeout} must be > 0 seconds (or None for no limit)")
         if self.heatmap_steps < 0 or self.heatmap_samples < 1:
             raise ValueError("heatmap_steps must be >= 0 (0 switches heatmaps off) and heatmap_samples >= 1")
+        _choice("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
+        if self.max_turns is not None and self.max_turns < 1:
+            raise ValueError(f"max_turns={self.max_turns} must be >= 1 (or None for the environment's limit)")
+        if self.max_episode_length is not None and self.max_episode_length <= self.max_completion_length:
+            raise ValueError(f"max_episode_length={self.max_episode_length} must exceed max_completion_length="
+                             f"{self.max_completion_length} (one reply)")
+        if self.distill_weight < 0 or self.grpo_weight < 0 or self.distill_weight + self.grpo_weight == 0:
+            raise ValueError(f"distill_weight={self.distill_weight} and grpo_weight={self.grpo_weight} must be >= 0 "
+                             "and not both 0")
+        if self.grpo_weight > 0 and self.num_generations < 2:
+            raise ValueError(f"grpo_weight={self.grpo_weight} compares the rollouts of one prompt, but num_generations="
+                             f"{self.num_generations}; set num_generations >= 2")
+        if self.grpo_weight > 0 and self.fused_loss:
+            raise ValueError("grpo_weight > 0 needs the student's token log-probs, which the fused loss does not form; "
+                             "set fused_loss=False")
+        if self.grpo_epsilon <= 0 or (self.grpo_epsilon_high is not None and self.grpo_epsilon_high <= 0):
+            raise ValueError("grpo_epsilon and grpo_epsilon_high must be > 0")
         self.loss_spec()  # validates the loss combination with the loss module's own messages
+        self._check_vllm()
+
+    def _check_vllm(self) -> None:
+        _choice("vllm_mode", self.vllm_mode, VLLM_MODES)
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization} must be in (0, 1]")
+        if self.vllm_tensor_parallel_size < 1:
+            raise ValueError(f"vllm_tensor_parallel_size={self.vllm_tensor_parallel_size} must be >= 1")
+        if self.use_vllm and self.vllm_importance_sampling and self.ratio_clip is None:
+            raise ValueError(
+                "use_vllm with vllm_importance_sampling weights each token by min(pi_theta / pi_vllm, ratio_clip), "
+                "but ratio_clip is None; set ratio_clip=2.0 (or vllm_importance_sampling=False to skip the correction)"
+            )
+        if self.use_vllm and self.vllm_mode == "server" and self.vllm_tensor_parallel_size != 1:
+            raise ValueError(
+                "vllm_tensor_parallel_size applies to colocate mode; in server mode pass the tensor-parallel size to "
+                "the server (`trl vllm-serve --tensor_parallel_size N`) and leave vllm_tensor_parallel_size=1"
+            )
 
     @property
     def reuses_rollouts(self) -> bool:

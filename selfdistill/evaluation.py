@@ -95,8 +95,10 @@ def _score(reward_fn, tokenizer, prompts, completion_ids, rows) -> list[bool]:
 class LearningCurve(TrainerCallback):
     """Greedy accuracy on a fixed slice of the test split every ``every`` optimizer steps (and at step 0)."""
 
-    def __init__(self, trainer: Any, dataset: Any, reward_fn: Callable, every: int, n: int, **eval_kwargs: Any):
+    def __init__(self, trainer: Any, dataset: Any, reward_fn: Callable, every: int, n: int,
+                 evaluate_fn: Callable = evaluate, **eval_kwargs: Any):
         self.trainer = trainer
+        self.evaluate_fn = evaluate_fn  # evaluate, or selfdistill.agent.evaluate_env with an environment factory
         self.dataset = dataset
         self.reward_fn = reward_fn
         self.every = every
@@ -109,7 +111,7 @@ class LearningCurve(TrainerCallback):
         if not self.trainer.accelerator.is_main_process:
             return
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        result = evaluate(model, self.trainer.processing_class, self.dataset, self.reward_fn, n=self.n,
+        result = self.evaluate_fn(model, self.trainer.processing_class, self.dataset, self.reward_fn, n=self.n,
                           progress=False, **self.eval_kwargs)
         self.seconds += result["seconds"]
         self.points.append({

@@ -61,6 +61,16 @@ class SourceSpec:
 
 
 @dataclass
+class EnvSpec:
+    """A multi-turn environment: its ``type`` and constructor arguments (the other keys, checked against the class's
+    signature). Its ``make_rows`` generates the train and test rows from ``data.n_train``, ``data.n_test`` and
+    ``data.seed``; held-out evaluation is then the greedy success rate."""
+
+    type: str | None = None
+    args: dict = field(default_factory=dict)
+
+
+@dataclass
 class EvalSpec:
     """Held-out evaluation: greedy accuracy (and pass@k) before and after training, plus a learning curve."""
 
@@ -82,6 +92,7 @@ class Recipe:
     model: str = "smollm2-135m-instruct"
     data: DataSpec = field(default_factory=DataSpec)
     source: SourceSpec = field(default_factory=SourceSpec)
+    env: EnvSpec | None = None
     srt: RevisionConfig | None = None
     rewards: list = field(default_factory=list)
     peft: dict | None = None
@@ -94,7 +105,7 @@ class Recipe:
 
 
 #: method name -> the source type it uses by default
-METHODS = {"opsd": "reference", "sdzero": "reviser", "avsd": "multiview"}
+METHODS = {"opsd": "reference", "sdzero": "reviser", "avsd": "multiview", "skillsd": "skills"}
 _SECTIONS = {"data": DataSpec, "eval": EvalSpec}
 _TOP = {f.name for f in dataclasses.fields(Recipe)} - {"path"}
 
@@ -219,7 +230,15 @@ def parse_recipe(raw: Any, path: str | None = None, hardware_checks: bool = True
         if key in raw and not isinstance(raw[key], str):
             raise RecipeError(f"{key}: expected a string, got {type(raw[key]).__name__}")
     data = sections["data"]
-    if data.task is None and not (data.train_files or data.hub):
+    env = parse_env(raw.get("env"))
+    if env is not None:
+        given = (raw.get("data") or {}).get("task")
+        if given is not None and given != env.type or data.train_files or data.hub:
+            raise RecipeError(
+                f"env.type={env.type!r} generates the rows itself; remove data.task, data.train_files and data.hub "
+                "(data.n_train, data.n_test and data.seed still apply)"
+            )
+    elif data.task is None and not (data.train_files or data.hub):
         raise RecipeError("data: give a built-in task (task: arithmetic), train_files (json/jsonl/parquet/csv) or hub")
     if data.task is not None and data.task != "arithmetic":
         raise RecipeError(f"data.task={data.task!r} is not a built-in task; use 'arithmetic' or set task: null and "
@@ -230,6 +249,7 @@ def parse_recipe(raw: Any, path: str | None = None, hardware_checks: bool = True
         model=raw.get("model", "smollm2-135m-instruct"),
         data=data,
         source=source,
+        env=env,
         srt=srt,
         rewards=rewards,
         peft=peft,
@@ -240,7 +260,11 @@ def parse_recipe(raw: Any, path: str | None = None, hardware_checks: bool = True
     recipe.config(hardware_checks)
     _check_peft(peft)
     source_instance = build_source(recipe.source)
-    if source_instance.needs_rewards and not rewards:
+    if env is not None:
+        build_env(env)()
+    if recipe.config(hardware_checks).grpo_weight > 0 and not (rewards or env):
+        raise RecipeError("training.grpo_weight > 0 needs rewards: add a verifier under rewards or an env section")
+    if source_instance.needs_rewards and not rewards and env is None:
         raise RecipeError(
             f"source.type={source.type!r} needs a verifier; add one under rewards (e.g. rewards: [arithmetic])"
         )
@@ -257,20 +281,56 @@ def parse_source(raw: Any, default_type: str) -> SourceSpec:
     kind = args.pop("type", None) or default_type
     if kind not in SOURCES:
         raise RecipeError(f"source.type={kind!r} is not available.{_suggest(str(kind), list(SOURCES))}")
+    _check_args("source", kind, SOURCES[kind], args)
+    return SourceSpec(type=kind, args=args)
+
+
+def _check_args(section: str, kind: str, cls: type, args: dict[str, Any]) -> None:
+    """Constructor arguments checked against ``cls``'s signature: unknown keys and wrong types, named."""
     params = {
-        name: p for name, p in inspect.signature(SOURCES[kind].__init__).parameters.items()
+        name: p for name, p in inspect.signature(cls.__init__).parameters.items()
         if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     }
     for key, value in args.items():
         if key not in params:
             raise RecipeError(
-                f"unknown key source.{key} for source.type={kind!r}.{_suggest(key, list(params) + ['type'])}"
+                f"unknown key {section}.{key} for {section}.type={kind!r}.{_suggest(key, list(params) + ['type'])}"
             )
         default = params[key].default
         default = None if default is inspect.Parameter.empty else default
         args[key] = value = _coerce(value, default)
-        _check_type(f"source.{key}", value, default)
-    return SourceSpec(type=kind, args=args)
+        _check_type(f"{section}.{key}", value, default)
+
+
+def parse_env(raw: Any) -> EnvSpec | None:
+    """The ``env`` section: ``type`` plus the environment's constructor arguments."""
+    if raw is None:
+        return None
+    from selfdistill.envs import ENVIRONMENTS
+
+    if not isinstance(raw, dict):
+        raise RecipeError(f"env: expected a mapping with a type (one of {', '.join(ENVIRONMENTS)}), got "
+                          f"{type(raw).__name__}")
+    args = dict(raw)
+    kind = args.pop("type", None)
+    if kind not in ENVIRONMENTS:
+        raise RecipeError(f"env.type={kind!r} is not available.{_suggest(str(kind), list(ENVIRONMENTS))}")
+    _check_args("env", kind, ENVIRONMENTS[kind], args)
+    return EnvSpec(type=kind, args=args)
+
+
+def build_env(spec: EnvSpec) -> Any:
+    """A factory of fresh environments; building one here checks the argument values."""
+    import functools
+
+    from selfdistill.envs import ENVIRONMENTS
+
+    factory = functools.partial(ENVIRONMENTS[spec.type], **spec.args)
+    try:
+        factory()
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"env ({spec.type}): {err}") from err
+    return factory
 
 
 def build_source(spec: SourceSpec) -> PrivilegedSource:

@@ -29,11 +29,14 @@ from trl.trainer.utils import RepeatSampler
 
 from selfdistill.combine import multiview_summary, multiview_token_losses
 from selfdistill.config import SelfDistillConfig
+from selfdistill.distributed import observe_everywhere, reduce_metrics, release_zero3, zero_stage
 from selfdistill.fused import fused_token_losses, output_head
+from selfdistill.grpo import group_advantages, policy_gradient_losses
 from selfdistill.losses import summarize, token_losses
 from selfdistill.modeling import ensure_pad_token, load_model, load_tokenizer
 from selfdistill.rollout import (
     NON_FINITE_FIX,
+    Generated,
     NonFiniteLogits,
     eos_ids,
     sample_completions,
@@ -50,6 +53,7 @@ from selfdistill.sequences import (
 )
 from selfdistill.sources.base import PrivilegedSource, Rollout
 from selfdistill.teacher import TeacherWeights
+from selfdistill.tracking import log_rollout_table
 
 TEACHER_STATE = "teacher_state.pt"
 SOURCE_STATE = "privileged_source.json"
@@ -86,6 +90,9 @@ class SelfDistillTrainer(Trainer):
         reward_weights: one weight per reward function (default 1.0 each).
         callbacks, optimizers: as in ``transformers.Trainer``.
         peft_config: a ``peft`` config; the model is wrapped with ``get_peft_model``.
+        environment_factory: builds one :class:`selfdistill.envs.Environment` per rollout; rollouts are then
+            multi-turn episodes (``selfdistill.agent``), each row's fields go to ``env.reset``, the episode's reward is
+            ``env.get_reward()`` (plus any reward_funcs) and the loss covers the model's tokens only.
     """
 
     _tag_names = ["selfdistill", "self-distillation"]
@@ -105,6 +112,7 @@ class SelfDistillTrainer(Trainer):
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple[Any, Any] = (None, None),
         peft_config: Any = None,
+        environment_factory: Callable[[], Any] | None = None,
     ):
         if args is None:
             args = SelfDistillConfig(output_dir="selfdistill-output")
@@ -152,6 +160,9 @@ class SelfDistillTrainer(Trainer):
                     )
                 privileged.check_dataset(columns)
 
+        if args.grpo_weight > 0 and not (self.reward_funcs or environment_factory):
+            raise ValueError("grpo_weight > 0 needs rewards: pass reward_funcs=[...] or an environment_factory")
+        self.environment_factory = environment_factory
         if args.fused_loss and privileged.combine != "identity":
             raise ValueError(
                 f"fused_loss=True is not available with a multi-view source ({type(privileged).__name__}); the view "
@@ -174,12 +185,25 @@ class SelfDistillTrainer(Trainer):
         self.max_teacher_length = args.max_teacher_length or getattr(
             self.model.config, "max_position_embeddings", None
         ) or 2048
+        zero3 = zero_stage(self.accelerator) == 3
+        if zero3 and args.fused_loss:
+            raise ValueError(
+                "fused_loss=True reads the output head's weight outside its forward, which DeepSpeed ZeRO-3 keeps "
+                "partitioned; set fused_loss=False or use ZeRO-2"
+            )
         self.teacher = TeacherWeights(
             self.accelerator.unwrap_model(self.model),
             policy=args.teacher_policy,
             ema_rate=args.teacher_ema_rate,
             update_every=args.teacher_update_every,
+            defer=zero3,  # the copy is taken from the partitions deepspeed.initialize makes, never a full copy
         )
+        self._zero3 = zero3
+        self.vllm = None
+        if args.use_vllm:
+            from selfdistill.vllm_rollouts import VLLMRollouts
+
+            self.vllm = VLLMRollouts(self.model, self.accelerator, processing_class, args)
         self.add_callback(_TeacherUpdate(self))
         self._step = 0
         self._buffered: list[dict[str, Any]] | None = None
@@ -190,7 +214,14 @@ class SelfDistillTrainer(Trainer):
         self._clock = 0.0
         self._heatmap_step = -1
         self.rollouts_generated = 0  # training rollouts sampled on this rank
-        self.tokens_generated = 0  # their completion tokens
+        self.tokens_generated = 0  # their completion tokens (the model's own, under an environment)
+        self.turn_template = None
+        if environment_factory is not None:
+            from selfdistill.agent import TurnTemplate
+
+            self.turn_template = TurnTemplate(processing_class)
+        if privileged.needs_generation:
+            privileged.attach(self.generate_text)
 
     # ----------------------------------------------------------------------------------------------- data
     def _set_signature_columns_if_needed(self):
@@ -256,17 +287,27 @@ class SelfDistillTrainer(Trainer):
                 )
 
         start = time.perf_counter()
-        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
-            generated = sample_completions(
-                unwrapped,
-                prompt_ids,
-                pad_id=self.pad_id,
-                eos=self.eos,
-                max_new_tokens=self.args.max_completion_length,
-                temperature=self.args.temperature,
-                top_p=self.args.top_p,
-                top_k=self.args.top_k,
-            )
+        sampler_logps = None  # vLLM's log-probs of the sampled tokens (pi_old of the importance ratio)
+        episodes = None  # multi-turn rollouts, when an environment is given
+        if self.environment_factory is not None:
+            episodes, generated = self._play_episodes(rows)
+            prompts = [e.prompt for e in episodes]
+            prompt_ids = [e.prompt_ids for e in episodes]
+        elif self.vllm is not None:
+            generated, sampler_logps = self.vllm.sample(prompt_ids, self.eos, self.state.global_step)
+        else:
+            # Under DDP: generate on the unwrapped model; under ZeRO-3 the parameters are gathered for the call.
+            with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
+                generated = sample_completions(
+                    unwrapped,
+                    prompt_ids,
+                    pad_id=self.pad_id,
+                    eos=self.eos,
+                    max_new_tokens=self.args.max_completion_length,
+                    temperature=self.args.temperature,
+                    top_p=self.args.top_p,
+                    top_k=self.args.top_k,
+                )
         elapsed = time.perf_counter() - start
         self._clock += elapsed
         self._record(mode, "time/generation", elapsed, reduce="sum")
@@ -274,6 +315,10 @@ class SelfDistillTrainer(Trainer):
         verified = verify_completions(tokenizer, self.reward_funcs, self.reward_weights, prompts,
                                       generated.completion_ids, rows, timeout=self.args.reward_timeout)
         texts, rewards = verified.texts, verified.rewards
+        if episodes is not None:  # the environment's score plus any reward functions'
+            texts = [e.transcript() for e in episodes]
+            rewards = [e.reward + (r or 0.0) for e, r in zip(episodes, rewards)]
+            self._record_episodes(mode, episodes)
         if self.reward_funcs:
             for name, values in verified.per_func.items():
                 finite = [v for v in values if not math.isnan(v)]
@@ -287,19 +332,20 @@ class SelfDistillTrainer(Trainer):
         g = self.args.num_generations
         rollouts = [
             Rollout(row=row, prompt=prompt, completion=text, completion_ids=ids, reward=reward, group=i // g,
-                    finished=not cut)
+                    finished=not cut, extras={} if episodes is None else {"env_mask": episodes[i].env_mask,
+                                                                          "success": episodes[i].success})
             for i, (row, prompt, text, ids, reward, cut) in enumerate(
                 zip(rows, prompts, texts, generated.completion_ids, rewards, generated.truncated)
             )
         ]
         views = self.privileged.views(rollouts)
         if mode == "train":
-            self.privileged.observe(rollouts)
+            observe_everywhere(self.privileged, rollouts, self.accelerator)  # every rank's rollouts, one state
         if len(views) != len(rollouts):
             raise ValueError(
                 f"{type(self.privileged).__name__}.views returned {len(views)} view lists for {len(rollouts)} rollouts"
             )
-        teacher_ids, teacher_completions, view_names, truncated_pi = [], [], [], 0
+        teacher_ids, teacher_completions, view_names, view_tags, truncated_pi = [], [], [], [], 0
         source = type(self.privileged).__name__
         for rollout, rollout_views in zip(rollouts, views):
             if self.privileged.combine == "identity" and len(rollout_views) != 1:
@@ -331,8 +377,14 @@ class SelfDistillTrainer(Trainer):
             teacher_ids.append(ids_per_view)
             teacher_completions.append(scored_per_view)
             view_names.append(names)
+            view_tags.append(rollout_views[0].tag)
+        if mode == "train":
+            for key, value in self.privileged.metrics().items():
+                self._record(mode, key, value)
 
-        lengths = [len(c) for c in generated.completion_ids]
+        # The loss covers the model's own tokens: all of a single-turn completion, the replies of an episode.
+        loss_masks = [e.env_mask for e in episodes] if episodes is not None else None
+        lengths = [sum(m) for m in loss_masks] if loss_masks else [len(c) for c in generated.completion_ids]
         n = len(rows)
         if mode == "train":
             self.rollouts_generated += n
@@ -346,8 +398,12 @@ class SelfDistillTrainer(Trainer):
         ][: max(self.args.log_completions, 0)]
 
         old_logps = None
-        if mode == "train" and self.args.reuses_rollouts:
+        if mode == "train" and sampler_logps is not None and self.args.vllm_importance_sampling:
+            old_logps = sampler_logps  # the sampler is another engine: correct for its mismatch (and staleness)
+        elif mode == "train" and self.args.reuses_rollouts:
             old_logps = self._sampling_logps(prompt_ids, generated.completion_ids)
+
+        advantages = self._advantages(rewards) if mode == "train" or self.args.grpo_weight > 0 else None
 
         micro = []
         size = math.ceil(n / n_micro)
@@ -361,10 +417,63 @@ class SelfDistillTrainer(Trainer):
                 "old_logps": None if old_logps is None else old_logps[sl],
                 "rewards": rewards[sl],
                 "view_names": view_names[sl],
-                "tokens": sum(len(c) for c in generated.completion_ids[sl]),
+                "view_tags": view_tags[sl],
+                "loss_masks": None if loss_masks is None else loss_masks[sl],
+                "advantages": None if advantages is None else advantages[sl],
+                "tokens": sum(lengths[sl]),
             })
         self._set_normalizers(micro, mode)
         return micro
+
+    def _play_episodes(self, rows: list[dict[str, Any]]) -> tuple[list[Any], Generated]:
+        """Multi-turn rollouts: one episode per row against a fresh environment."""
+        from selfdistill.agent import run_episodes
+
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
+            episodes = run_episodes(
+                unwrapped, self.processing_class, rows, self.environment_factory, pad_id=self.pad_id, eos=self.eos,
+                max_new_tokens=self.args.max_completion_length, max_turns=self.args.max_turns,
+                max_episode_length=self.args.max_episode_length or self.max_teacher_length // 2,
+                temperature=self.args.temperature,
+                top_p=self.args.top_p, top_k=self.args.top_k, template=self.turn_template,
+            )
+        return episodes, Generated([e.completion_ids for e in episodes], [not e.done for e in episodes])
+
+    def _record_episodes(self, mode: str, episodes: list[Any]) -> None:
+        n = len(episodes)
+        turns = sum(e.turns for e in episodes)
+        self._record(mode, "env/success", sum(e.success for e in episodes) / n, n)
+        self._record(mode, "env/turns", turns / n, n)
+        self._record(mode, "env/invalid_actions", sum(e.invalid_actions for e in episodes) / max(turns, 1), turns)
+        self._record(mode, "env/unfinished", sum(not e.done for e in episodes), 1.0, reduce="sum")
+
+    def _advantages(self, rewards: list[float | None]) -> list[float] | None:
+        """GRPO advantages per rollout (TRL's conventions, see selfdistill.grpo); a rollout without a reward gets its
+        group's mean reward, so advantage 0. With num_generations=1 the batch is the group (centred only)."""
+        if all(r is None for r in rewards):
+            return None
+        values = torch.tensor([math.nan if r is None else float(r) for r in rewards], dtype=torch.float64)
+        g = self.args.num_generations
+        if g < 2:
+            values = values.nan_to_num(float(values.nanmean()))
+            return (values - values.mean()).tolist()
+        grouped = values.view(-1, g)
+        fill = torch.nanmean(grouped, 1, keepdim=True).nan_to_num(0.0).expand_as(grouped)
+        values = torch.where(torch.isnan(grouped), fill, grouped).reshape(-1)
+        return group_advantages(values, g, self.args.scale_rewards).tolist()
+
+    @torch.no_grad()
+    def generate_text(self, prompts: list[Any], max_new_tokens: int) -> list[str]:
+        """Greedy replies of the current weights to chat prompts (a source writing skills uses this)."""
+        start = time.perf_counter()
+        ids = [render_context(self.processing_class, p) for p in prompts]
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
+            out = sample_completions(unwrapped, ids, pad_id=self.pad_id, eos=self.eos, max_new_tokens=max_new_tokens,
+                                     do_sample=False)
+        elapsed = time.perf_counter() - start
+        self._clock += elapsed
+        self._record("train", "time/source_generation", elapsed, reduce="sum")
+        return self.processing_class.batch_decode(out.completion_ids, skip_special_tokens=True)
 
     def _set_normalizers(self, micro: list[dict[str, Any]], mode: str) -> None:
         """Each micro-batch's loss is divided by the completion-token count of its whole optimizer step."""
@@ -409,11 +518,20 @@ class SelfDistillTrainer(Trainer):
         # The fused loss takes hidden states and applies the head itself, chunk by chunk: no [N, V] logits.
         head = output_head(self.accelerator.unwrap_model(model)) if self.args.fused_loss else None
 
-        start = time.perf_counter()
-        teacher_out, teacher_head = self._teacher_pass(model, inputs, head)
-        elapsed = time.perf_counter() - start
-        self._clock += elapsed
-        self._record(mode, "time/teacher", elapsed, reduce="sum")
+        # Under an environment only the model's own tokens are trained; `keep` selects them among the completions'.
+        keep = None
+        if inputs.get("loss_masks") is not None:
+            keep = torch.tensor([m for row in inputs["loss_masks"] for m in row], dtype=torch.bool, device=device)
+        distill = self.args.distill_weight > 0
+        teacher_out = teacher_head = None
+        if distill:
+            start = time.perf_counter()
+            teacher_out, teacher_head = self._teacher_pass(model, inputs, head)
+            elapsed = time.perf_counter() - start
+            self._clock += elapsed
+            self._record(mode, "time/teacher", elapsed, reduce="sum")
+            if keep is not None:
+                teacher_out = teacher_out[:, keep]
 
         student_batch = splice(inputs["prompt_ids"], inputs["completion_ids"], self.pad_id).to(device)
         mask = student_batch.completion_mask.bool()
@@ -426,28 +544,72 @@ class SelfDistillTrainer(Trainer):
         old = None
         if inputs.get("old_logps") is not None and mode == "train":
             old = torch.cat(inputs["old_logps"]).to(device)
+        if keep is not None:
+            student_out, tokens = student_out[keep], tokens[keep]
+            old = None if old is None else old[keep]
 
-        if head is not None:
-            per_token = fused_token_losses(student_out, head.weight, teacher_out[0], teacher_head, tokens,
-                                           self.loss_spec, old_logps=old, chunk_size=self.args.loss_chunk_size)
-            metrics = summarize(per_token)
-        elif self.privileged.combine == "identity":
-            per_token = token_losses(student_out, teacher_out[0], tokens, self.loss_spec, old_logps=old)
-            metrics = summarize(per_token)
-        else:
-            combined = multiview_token_losses(
-                student_out, teacher_out, tokens, self.loss_spec, self.privileged.view_spec, old_logps=old
-            )
-            per_token = combined.tokens
-            metrics = multiview_summary(combined, inputs["view_names"][0])
+        per_token, metrics = None, {}
+        total = torch.zeros((), device=device)
+        if distill:
+            if head is not None:
+                per_token = fused_token_losses(student_out, head.weight, teacher_out[0], teacher_head, tokens,
+                                               self.loss_spec, old_logps=old, chunk_size=self.args.loss_chunk_size)
+                metrics = summarize(per_token)
+            elif self.privileged.combine == "identity":
+                per_token = token_losses(student_out, teacher_out[0], tokens, self.loss_spec, old_logps=old)
+                metrics = summarize(per_token)
+            else:
+                combined = multiview_token_losses(
+                    student_out, teacher_out, tokens, self.loss_spec, self.privileged.view_spec, old_logps=old
+                )
+                per_token = combined.tokens
+                metrics = multiview_summary(combined, inputs["view_names"][0])
+            total = self.args.distill_weight * per_token.loss
+        counts = self._scored_counts(inputs)
+        if self.args.grpo_weight > 0:
+            logp = torch.log_softmax(student_out.float(), -1).gather(-1, tokens[:, None])[:, 0]
+            advantages = torch.tensor(inputs["advantages"], dtype=logp.dtype, device=device)
+            advantages = advantages.repeat_interleave(torch.tensor(counts, device=device))
+            pg, pg_clipped = policy_gradient_losses(logp, advantages, old, self.args.grpo_epsilon,
+                                                    self.args.grpo_epsilon_high)
+            total = total + self.args.grpo_weight * pg
+            if pg.numel():
+                metrics.update({"grpo/loss": pg.detach().mean().item(), "grpo/clip_fraction": pg_clipped.mean().item(),
+                                "grpo/advantage_abs": advantages.abs().mean().item()})
         # Normalised by the completion-token count of the whole optimizer step (see _set_normalizers).
-        loss = per_token.loss.sum() / inputs["normalizer"]
+        loss = total.sum() / inputs["normalizer"]
         n = float(tokens.numel())
         for key, value in metrics.items():
             self._record(mode, key, value, n)
-        if mode == "train" and self._heatmap_due():
-            self._write_heatmap(inputs, per_token.divergence)
+        if per_token is not None and mode == "train":
+            self._source_feedback(inputs, per_token.logp_gap, counts)
+            if self._heatmap_due():
+                divergence = per_token.divergence
+                if keep is not None:  # environment tokens show as 0
+                    divergence = torch.zeros(keep.shape, dtype=divergence.dtype, device=device).masked_scatter(
+                        keep, divergence)
+                self._write_heatmap(inputs, divergence)
         return loss
+
+    @staticmethod
+    def _scored_counts(inputs: dict[str, Any]) -> list[int]:
+        """Tokens the loss covers in each rollout of the micro-batch."""
+        if inputs.get("loss_masks") is not None:
+            return [sum(m) for m in inputs["loss_masks"]]
+        return [len(c) for c in inputs["completion_ids"]]
+
+    def _source_feedback(self, inputs: dict[str, Any], logp_gap: torch.Tensor, counts: list[int]) -> None:
+        """Hand each view's tag back to the source with its rollout's outcome (e.g. to credit skills)."""
+        tags = inputs.get("view_tags") or []
+        if not any(tag for tag in tags):
+            return
+        advantages = inputs.get("advantages") or [None] * len(counts)
+        signals = []
+        for gap, reward, advantage in zip(torch.split(logp_gap.detach().float(), counts), inputs["rewards"],
+                                          advantages):
+            signals.append({"reward": reward, "advantage": advantage,
+                            "logp_gap": gap.mean().item() if gap.numel() else 0.0})
+        self.privileged.feedback(tags, signals)
 
     def _teacher_pass(
         self, model: torch.nn.Module, inputs: dict[str, Any], head: torch.nn.Module | None
@@ -463,7 +625,7 @@ class SelfDistillTrainer(Trainer):
         scored = [comp[v] for v in range(n_views) for comp in inputs["teacher_completion_ids"]]
         group = len(contexts) if self.args.teacher_batch_views else len(inputs["teacher_ids"])
         pieces = []
-        with self.teacher.scoring(unwrapped) as teacher_model:
+        with self.teacher.scoring(unwrapped, release=release_zero3(model)) as teacher_model:
             for i in range(0, len(contexts), group):
                 batch = splice(contexts[i : i + group], scored[i : i + group], self.pad_id).to(device)
                 with nullcontext() if head is None else head_passthrough(head):
@@ -544,7 +706,8 @@ class SelfDistillTrainer(Trainer):
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         steps = max(self.state.global_step - self._last_log_step, 1) if mode == "train" else 1
         extra = {}
-        for key, (total, weight) in self._metrics[mode].items():
+        # Summed over ranks: means over the global batch, global counts, the slowest rank's seconds.
+        for key, (total, weight) in reduce_metrics(self.accelerator, dict(self._metrics[mode])).items():
             if key.endswith("|sum"):
                 name = key[:-4]
                 # Seconds are reported per optimizer step; counts are totals over the logging window.
@@ -561,29 +724,41 @@ class SelfDistillTrainer(Trainer):
         if self._samples and mode == "train" and self.is_world_process_zero():
             for sample in self._samples:
                 print(f"--- reward={sample['reward']} ---\n{sample['completion']}")
+            log_rollout_table(self.args.report_to, self._samples, self.state.global_step)
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
+        # Full teacher tensors, whatever the number of ranks (under ZeRO-3 a collective: every rank takes part).
+        state = {}
+        if self.teacher.keeps_copy and (self.args.should_save or self._zero3):
+            state = self.teacher.state_dict(self.accelerator.unwrap_model(self.model))
         if not self.args.should_save:
             return
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        state = self.teacher.state_dict()
         if state:
             torch.save(state, os.path.join(folder, TEACHER_STATE))
         with open(os.path.join(folder, SOURCE_STATE), "w") as f:
             json.dump(self.privileged.state_dict(), f, indent=1)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # transformers calls this once per resume for every engine (plain, DDP, DeepSpeed, FSDP), after the model is
+        # restored and prepared; _load_from_checkpoint is skipped under DeepSpeed, so the extra state loads here.
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self._load_selfdistill_state(checkpoint)
+
+    def _load_selfdistill_state(self, resume_from_checkpoint: str) -> None:
+        """Teacher copy and privileged-source state; both are full (rank-independent), so N ranks resume on M."""
         teacher_file = os.path.join(resume_from_checkpoint, TEACHER_STATE)
-        if self.teacher.params:
+        if self.teacher.keeps_copy:
             if not os.path.exists(teacher_file):
                 raise FileNotFoundError(
                     f"{teacher_file} is missing: the checkpoint has no teacher state for teacher_policy="
                     f"{self.args.teacher_policy!r}; resume from a checkpoint written by SelfDistillTrainer"
                 )
-            self.teacher.load_state_dict(torch.load(teacher_file, map_location="cpu", weights_only=True))
+            self.teacher.load_state_dict(torch.load(teacher_file, map_location="cpu", weights_only=True),
+                                         self.accelerator.unwrap_model(self.model))
         source_file = os.path.join(resume_from_checkpoint, SOURCE_STATE)
         if os.path.exists(source_file):
             with open(source_file) as f:

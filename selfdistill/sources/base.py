@@ -36,6 +36,8 @@ class TeacherView:
         continuation: segments appended after the rendered context, in order: a list of ids is spliced as is (never
             re-tokenised, e.g. the rollout's own tokens for a reviser), a string is tokenised without special tokens
             (e.g. a cue). Empty for a plain prompt-plus-PI view.
+        tag: opaque to the trainer and handed back to :meth:`PrivilegedSource.feedback` with the view's outcome
+            (e.g. the ids of the skills it showed).
     """
 
     context: Prompt
@@ -43,6 +45,7 @@ class TeacherView:
     name: str = "teacher"
     completion_ids: list[int] | None = None
     continuation: list[list[int] | str] = field(default_factory=list)
+    tag: Any = None
 
 
 @dataclass
@@ -68,6 +71,8 @@ class PrivilegedSource(ABC):
     required_columns: tuple[str, ...] = ()
     #: Whether the source needs rewards (then the trainer requires reward functions).
     needs_rewards: bool = False
+    #: Whether the source writes text with the model (it is then given ``generate`` through :meth:`attach`).
+    needs_generation: bool = False
 
     @abstractmethod
     def views(self, rollouts: Sequence[Rollout]) -> list[list[TeacherView]]:
@@ -75,6 +80,18 @@ class PrivilegedSource(ABC):
 
     def observe(self, rollouts: Sequence[Rollout]) -> None:  # noqa: B027 - optional hook
         """Called with every finished batch; stateful sources update themselves here."""
+
+    def attach(self, generate: Any) -> None:  # noqa: B027 - optional hook
+        """Given ``generate(prompts, max_new_tokens) -> list[str]`` (greedy, the current student weights) by the
+        trainer when ``needs_generation`` is set."""
+
+    def feedback(self, tags: Sequence[Any], signals: Sequence[dict[str, float]]) -> None:  # noqa: B027
+        """After the loss of a micro-batch: each view's ``tag`` with its rollout's ``reward``, ``advantage``
+        (reward minus its group's mean) and ``logp_gap`` (mean log p_T(y_t) - log p_S(y_t) over the scored tokens)."""
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers about the source's state, logged after each generation batch."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state saved with each checkpoint."""

@@ -1,0 +1,86 @@
+"""Guess the number: the model guesses an integer, the environment answers "higher" or "lower".
+
+The simpler of the two built-in multi-turn tasks, one a 135M model can make progress on: with feedback, a
+binary search wins within ``ceil(log2(high - low + 1))`` guesses. Reward 1.0 when the number is found within
+``max_turns`` guesses, else 0.0. The first integer in a reply is the guess; a reply without one is answered with
+a reminder of the rules (the turn is spent).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Any
+
+from selfdistill.envs.base import Environment, StepResult, split_seed
+
+PROMPT = (
+    "Let's play a game. I picked a secret whole number from {low} to {high} and you must guess it. After each "
+    "guess I say whether the secret is higher or lower. You have {turns} guesses. Reply with only your guess, a "
+    "single number."
+)
+_INT = re.compile(r"-?\d+")
+
+
+class GuessNumber(Environment):
+    """Args: low, high: the range of the secret (inclusive); max_turns: guesses allowed."""
+
+    name = "guess_number"
+
+    def __init__(self, low: int = 1, high: int = 16, max_turns: int = 6):
+        if not low < high:
+            raise ValueError(f"guess_number needs low < high, got low={low}, high={high}")
+        if max_turns < 1:
+            raise ValueError(f"max_turns={max_turns} must be >= 1")
+        self.low, self.high, self.max_turns = low, high, max_turns
+        self.secret: int | None = None
+        self.turns = 0
+        self.solved = False
+        self.history: list[int] = []
+
+    def reset(self, secret: int | None = None, seed: int | None = None, **_: Any) -> str:
+        if secret is None:
+            secret = random.Random(seed).randint(self.low, self.high)
+        if not self.low <= int(secret) <= self.high:
+            raise ValueError(f"secret {secret} is outside [{self.low}, {self.high}]")
+        self.secret, self.turns, self.solved, self.history = int(secret), 0, False, []
+        return "What is your first guess?"
+
+    def step(self, action: str) -> StepResult:
+        if self.secret is None:
+            raise RuntimeError("call reset() before step()")
+        if self.solved or self.turns >= self.max_turns:
+            raise RuntimeError("the episode is over; call reset() to start a new one")
+        self.turns += 1
+        left = self.max_turns - self.turns
+        match = _INT.search(action)
+        if match is None:
+            text = f"I could not find a number in your reply. Reply with one whole number between {self.low} and " \
+                   f"{self.high}."
+            return self._answer(text, valid=False, left=left)
+        guess = int(match.group())
+        self.history.append(guess)
+        if guess == self.secret:
+            self.solved = True
+            return StepResult(f"Correct! The number was {self.secret}.", 1.0, True)
+        if not self.low <= guess <= self.high:
+            return self._answer(f"{guess} is not between {self.low} and {self.high}.", valid=True, left=left)
+        direction = "higher" if self.secret > guess else "lower"
+        return self._answer(f"My number is {direction} than {guess}.", valid=True, left=left)
+
+    def _answer(self, text: str, valid: bool, left: int) -> StepResult:
+        if left <= 0:
+            return StepResult(f"{text} No guesses left. The number was {self.secret}.", 0.0, True, valid)
+        plural = "es" if left > 1 else ""
+        return StepResult(f"{text} {left} guess{plural} left.", 0.0, False, valid)
+
+    def get_reward(self) -> float:
+        return 1.0 if self.solved else 0.0
+
+    @classmethod
+    def make_rows(cls, n: int, seed: int, split: str, low: int = 1, high: int = 16, max_turns: int = 6,
+                  **_: Any) -> list[dict[str, Any]]:
+        rng = random.Random(split_seed(seed, split))
+        text = PROMPT.format(low=low, high=high, turns=max_turns)
+        return [{"prompt": [{"role": "user", "content": text}], "secret": rng.randint(low, high),
+                 "task": f"guess_number_{low}_{high}"} for _ in range(n)]

@@ -1,0 +1,51 @@
+"""The trained model at the end of a run: the weights (or the LoRA adapter) and, on request, the merged model.
+
+``<folder>`` gets what ``Trainer.save_model`` writes: the full model, or under LoRA the adapter alone (a few MB),
+with the tokenizer. With ``save_merged_model`` a LoRA run also writes ``<folder>-merged``: the adapter folded into
+the base weights, a plain ``transformers`` model that loads without ``peft``. Under ZeRO-3 the adapter is saved from
+the gathered weights and the merge runs on the main process from the saved adapter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from selfdistill.distributed import is_zero3_model
+
+
+def is_peft_model(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def save_final_model(trainer: Any, folder: str | Path, merged: bool = False) -> dict[str, Any]:
+    """Save the model (every rank calls it: saving under ZeRO-3 gathers); returns the paths written."""
+    folder = Path(folder)
+    trainer.save_model(str(folder))
+    trainer.accelerator.wait_for_everyone()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    out: dict[str, Any] = {"path": str(folder), "adapter": is_peft_model(model), "merged_path": None}
+    if not merged:
+        return out
+    if not out["adapter"]:
+        raise ValueError("save_merged_model=True needs a LoRA adapter to merge; add a peft block to the recipe "
+                         "(or pass peft_config=) or set save_merged_model=False: the full model is already saved")
+    target = folder.parent / f"{folder.name}-merged"
+    if trainer.accelerator.is_main_process:
+        if is_zero3_model(model):
+            from peft import AutoPeftModelForCausalLM
+
+            base = AutoPeftModelForCausalLM.from_pretrained(str(folder)).merge_and_unload()
+        else:
+            # The run is over: fold the adapter into the base weights in place (no second copy of the model).
+            base = model.merge_and_unload()
+        base.save_pretrained(str(target))
+        if trainer.processing_class is not None:
+            trainer.processing_class.save_pretrained(str(target))
+    trainer.accelerator.wait_for_everyone()
+    out["merged_path"] = str(target)
+    return out

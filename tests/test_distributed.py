@@ -1,0 +1,131 @@
+"""Real multi-process runs: two CPU ranks over gloo (DDP, DeepSpeed ZeRO-3), launched as subprocesses.
+
+Each test trains a tiny llama saved to disk with `selfdistill train` semantics (tests/workers/train_recipe.py) and
+checks what only several processes can get wrong: every rank holds the same weights and teacher, ranks sample
+different prompts, a stateful source sees every rank's rollouts and keeps one state, results.json is complete, and
+a checkpoint written by two ranks resumes on one.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import build_model, build_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "workers" / "train_recipe.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
+               WANDB_MODE="disabled", PYTHONPATH=str(ROOT / "tests") + os.pathsep + str(ROOT))
+    return env
+
+
+def _save_tiny_model(folder: Path) -> None:
+    tokenizer = build_tokenizer()
+    build_model(tokenizer, max_position_embeddings=512).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _recipe(tmp: Path, model: Path, out: Path, **training) -> Path:
+    raw = {
+        "method": "opsd",
+        "model": str(model),
+        "data": {"task": "arithmetic", "n_train": 64, "n_test": 8, "seed": 0},
+        "source": {"type": "counting"},
+        "rewards": ["arithmetic"],
+        "eval": {"before": True, "after": True, "n": 8, "batch_size": 8, "max_new_tokens": 6},
+        "training": {
+            "output_dir": str(out), "max_steps": 3, "per_device_train_batch_size": 4, "num_generations": 2,
+            "max_completion_length": 6, "learning_rate": 1e-2, "teacher_policy": "ema", "teacher_ema_rate": 0.5,
+            "logging_steps": 1, "save_strategy": "steps", "save_steps": 2, "seed": 0, "report_to": [],
+            "disable_tqdm": True, **training,
+        },
+    }
+    path = tmp / f"recipe-{out.name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _launch(args: list[str], timeout: float = 240) -> None:
+    proc = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+def _accelerate(*extra: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *extra]
+
+
+def _ranks(out: Path) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def _check_two_rank_run(out: Path, ranks: list[dict]) -> dict:
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    results = json.loads((out / "results.json").read_text())
+    for key in ("eval_before", "eval_after", "final_train_metrics", "distributed", "final_model"):
+        assert results[key], key
+    assert results["steps"] == 3 and results["rollouts"] == 3 * 2 * 4
+    assert results["distributed"]["world_size"] == 2 and results["distributed"]["ranks_agree"]
+    # Same weights and teacher on both ranks, down to the last bit of a float64 checksum.
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["teacher"] == ranks[1]["teacher"] and ranks[0]["teacher"] is not None
+    # Each rank sampled its own prompts in every generation round (G=2 copies of 2 prompts per rank and step).
+    for step in range(3):
+        own = [set(r["prompts"][4 * step : 4 * step + 4]) for r in ranks]
+        assert own[0].isdisjoint(own[1]), (step, own)
+    # The stateful source observed every rank's rollouts (2 ranks x 4 x 3 steps) and holds one state everywhere.
+    assert ranks[0]["source_state"] == ranks[1]["source_state"]
+    assert ranks[0]["source_state"]["seen"] == 24
+    # Metrics are reduced over ranks at log time: the logged divergence of each step is the token-weighted mean
+    # over both ranks' tokens, not rank 0's own mean (which differs: other prompts).
+    logged = [h for h in ranks[0]["log_history"] if "loss" in h]
+    train_calls = [c for c in ranks[0]["reduced"] if "divergence" in c["local"]][: len(logged)]
+    assert len(train_calls) == 3
+    for step, (log, call0, call1) in enumerate(zip(logged, train_calls, ranks[1]["reduced"])):
+        (t0, w0), (t1, w1) = call0["local"]["divergence"], call1["local"]["divergence"]
+        assert log["divergence"] == pytest.approx((t0 + t1) / (w0 + w1), rel=1e-9), step
+        assert t0 / w0 != pytest.approx(t1 / w1)
+    return results
+
+
+def test_two_rank_ddp_run_then_resume_on_one_rank(tmp_path):
+    model = tmp_path / "model"
+    _save_tiny_model(model)
+    out = tmp_path / "ddp"
+    _launch(_accelerate("--multi_gpu", str(WORKER), str(_recipe(tmp_path, model, out))))
+    ranks = _ranks(out)
+    results = _check_two_rank_run(out, ranks)
+    assert results["distributed"]["distributed_type"] == "MULTI_CPU"
+    checkpoint = out / "checkpoint-2"
+    teacher = torch.load(checkpoint / "teacher_state.pt", weights_only=True)
+    assert set(teacher) == {n for n, _ in build_model(build_tokenizer()).named_parameters()}
+    assert json.loads((checkpoint / "privileged_source.json").read_text())["seen"] == 16
+
+    # A checkpoint written by 2 ranks resumes in 1 process: it continues at step 3 with the saved teacher.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(checkpoint, resumed / "checkpoint-2")
+    recipe = _recipe(tmp_path, model, resumed, resume_from_checkpoint=str(resumed / "checkpoint-2"))
+    _launch([sys.executable, str(WORKER), str(recipe), "eval.before=false", "eval.after=false"])
+    single = json.loads((resumed / "rank0.json").read_text())
+    assert single["world_size"] == 1 and single["steps"] == 3
+    assert single["logged_steps"] == [1, 2, 3]  # steps 1-2 come from the checkpoint's log history
+    assert single["rollouts_generated"] == 4  # only step 3 ran here
+    assert single["source_state"]["seen"] == 4
