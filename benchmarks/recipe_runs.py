@@ -47,7 +47,8 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, dict], path: Path, title: str, target: float | None = None) -> None:
+def plot(results: dict[str, dict], path: Path, title: str, target: float | None = None,
+         ylabel: str = "held-out greedy accuracy (%, 100 problems)", xlabel: str = "training rollouts") -> None:
     """Held-out accuracy against training rollouts, one line per run."""
     import matplotlib
 
@@ -61,8 +62,8 @@ def plot(results: dict[str, dict], path: Path, title: str, target: float | None 
             ax.plot([p["rollouts"] for p in pts], [100 * p["greedy_accuracy"] for p in pts], marker="o", label=name)
     if target is not None:
         ax.axhline(target, color="grey", ls="--", lw=1)
-    ax.set_xlabel("training rollouts")
-    ax.set_ylabel("held-out greedy accuracy (%, 100 problems)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from selfdistill.envs.base import Environment
 from selfdistill.rollout import eos_ids, sample_completions
 from selfdistill.sequences import render_context
-from selfdistill.sources.base import Prompt
+from selfdistill.sources.base import Prompt, append_user_text
 
 EnvironmentFactory = Callable[[], Environment]
 
@@ -35,16 +35,7 @@ _REPLY_MARK = "\u2063REPLYMARK\u2063"
 
 def with_observation(prompt: Prompt, observation: str) -> Prompt:
     """The prompt with the environment's first observation appended to its last user message."""
-    if not observation:
-        return prompt
-    if isinstance(prompt, str):
-        return f"{prompt}\n\n{observation}"
-    messages = [dict(m) for m in prompt]
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            message["content"] = f"{message['content']}\n\n{observation}"
-            return messages
-    raise ValueError("the prompt has no user message to append the environment's first observation to")
+    return append_user_text(prompt, observation) if observation else prompt
 
 
 class TurnTemplate:

@@ -10,8 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from selfdistill.rewards import as_completions
-from selfdistill.rollout import eos_ids, sample_completions
+from selfdistill.rollout import eos_ids, sample_completions, verify_completions
 from selfdistill.sequences import render_context
 
 
@@ -85,11 +84,10 @@ def evaluate(
 
 
 def _score(reward_fn, tokenizer, prompts, completion_ids, rows) -> list[bool]:
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    completions = as_completions(prompts, texts)
-    columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
-    rewards = reward_fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-    return [r is not None and r >= 0.5 for r in rewards]
+    # The trainer's scoring path: a verifier that raises on one completion costs that completion only (counted as
+    # wrong), never the evaluation.
+    verified = verify_completions(tokenizer, [reward_fn], [1.0], prompts, completion_ids, rows)
+    return [r is not None and r >= 0.5 for r in verified.rewards]
 
 
 class LearningCurve(TrainerCallback):
@@ -108,11 +106,19 @@ class LearningCurve(TrainerCallback):
         self.seconds = 0.0
 
     def measure(self, step: int) -> None:
-        if not self.trainer.accelerator.is_main_process:
+        from trl.models.utils import unwrap_model_for_generation
+
+        from selfdistill.distributed import is_zero3_model
+
+        accelerator = self.trainer.accelerator
+        # Under ZeRO-3 every rank gathers the weights and generates in step; otherwise the main process alone.
+        with unwrap_model_for_generation(self.trainer.model_wrapped, accelerator) as model:
+            if not (accelerator.is_main_process or is_zero3_model(model)):
+                return
+            result = self.evaluate_fn(model, self.trainer.processing_class, self.dataset, self.reward_fn, n=self.n,
+                                      progress=False, **self.eval_kwargs)
+        if not accelerator.is_main_process:
             return
-        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        result = self.evaluate_fn(model, self.trainer.processing_class, self.dataset, self.reward_fn, n=self.n,
-                          progress=False, **self.eval_kwargs)
         self.seconds += result["seconds"]
         self.points.append({
             "step": step,

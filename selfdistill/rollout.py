@@ -63,10 +63,7 @@ def sample_completions(
     batch = splice(prompt_ids, [[] for _ in prompt_ids], pad_id)
     width = batch.context_width
     device = next(model.parameters()).device
-    # synced_gpus=False: the weights here are whole (TRL's unwrap_model_for_generation gathers them under ZeRO-3 and
-    # lifts DeepSpeed's hooks), so no rank waits for another; transformers would otherwise sync every decoding step
-    # under ZeRO-3 and hang a generation that runs on the main process only (evaluation).
-    kwargs: dict[str, Any] = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "synced_gpus": False}
+    kwargs: dict[str, Any] = {"do_sample": do_sample, "max_new_tokens": max_new_tokens}
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k if top_k else 0)
     try:

@@ -14,7 +14,7 @@ from trl.models.utils import unwrap_model_for_generation
 
 from selfdistill.agent import evaluate_env
 from selfdistill.data import load_splits
-from selfdistill.distributed import gathered, rank_report
+from selfdistill.distributed import gathered, is_zero3_model, rank_report
 from selfdistill.evaluation import LearningCurve, evaluate
 from selfdistill.export import save_final_model
 from selfdistill.modeling import load_model, load_tokenizer
@@ -88,12 +88,16 @@ def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
 
     before = None
     if ev.before and can_eval:
-        with gathered(model):  # every rank enters: under ZeRO-3 (zero.Init) gathering is a collective
-            if main:
-                before = evaluate_fn(model, tokenizer, test, verifier, n=ev.n, pass_k=ev.pass_k, desc="eval before",
-                                  progress=progress, **eval_kwargs)
-                print(f"before training: greedy accuracy {before['greedy_accuracy']:.1%} on {before['n']} held-out "
-                      "problems")
+        # Under ZeRO-3 (zero.Init) every rank gathers the weights and generates in step with the others (transformers
+        # syncs the decoding steps of all ranks); otherwise the main process evaluates alone.
+        with gathered(model):
+            if main or is_zero3_model(model):
+                before = evaluate_fn(model, tokenizer, test, verifier, n=ev.n, pass_k=ev.pass_k,
+                                     desc="eval before", progress=progress, **eval_kwargs)
+                if main:
+                    what = "success rate" if recipe.env is not None else "accuracy"
+                    print(f"before training: greedy {what} {before['greedy_accuracy']:.1%} on {before['n']} "
+                          "held-out tasks")
 
     srt, after_srt = None, None
     if recipe.srt is not None and recipe.srt.enabled:
@@ -130,9 +134,9 @@ def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     after = None
     main = trainer.accelerator.is_main_process
     if ev.after and can_eval:
-        # Every rank enters: under ZeRO-3 the weights are gathered (and DeepSpeed's hooks lifted) for generation.
+        # Every rank enters: under ZeRO-3 the weights are gathered for generation and every rank generates in step.
         with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as unwrapped:
-            if main:
+            if main or is_zero3_model(unwrapped):
                 after = evaluate_fn(unwrapped, tokenizer, test, verifier, n=ev.n, pass_k=ev.pass_k, desc="eval after",
                                  progress=progress, **eval_kwargs)
         trainer.accelerator.wait_for_everyone()

@@ -199,6 +199,13 @@ class SelfDistillTrainer(Trainer):
             defer=zero3,  # the copy is taken from the partitions deepspeed.initialize makes, never a full copy
         )
         self._zero3 = zero3
+        if self.is_fsdp_enabled and self.teacher.keeps_copy:
+            # FSDP gathers from its own flat shard storage, so a swapped-in copy would silently not be used.
+            raise ValueError(
+                f"teacher_policy={args.teacher_policy!r} keeps a copy of the trainable weights, which cannot be "
+                "swapped into FSDP's sharded storage; use DeepSpeed ZeRO-3 (recipes/accelerate/deepspeed_zero3.yaml), "
+                "or teacher_policy='live', or LoRA with teacher_policy='initial' (the adapter disabled)"
+            )
         self.vllm = None
         if args.use_vllm:
             from selfdistill.vllm_rollouts import VLLMRollouts
@@ -625,7 +632,8 @@ class SelfDistillTrainer(Trainer):
         scored = [comp[v] for v in range(n_views) for comp in inputs["teacher_completion_ids"]]
         group = len(contexts) if self.args.teacher_batch_views else len(inputs["teacher_ids"])
         pieces = []
-        with self.teacher.scoring(unwrapped, release=release_zero3(model)) as teacher_model:
+        # model_wrapped: the DeepSpeed engine in training and evaluation alike (model may be the bare module).
+        with self.teacher.scoring(unwrapped, release=release_zero3(self.model_wrapped)) as teacher_model:
             for i in range(0, len(contexts), group):
                 batch = splice(contexts[i : i + group], scored[i : i + group], self.pad_id).to(device)
                 with nullcontext() if head is None else head_passthrough(head):
@@ -724,7 +732,8 @@ class SelfDistillTrainer(Trainer):
         if self._samples and mode == "train" and self.is_world_process_zero():
             for sample in self._samples:
                 print(f"--- reward={sample['reward']} ---\n{sample['completion']}")
-            log_rollout_table(self.args.report_to, self._samples, self.state.global_step)
+            if "loss" in logs:  # a step's log, not the end-of-training summary
+                log_rollout_table(self.args.report_to, self._samples, self.state.global_step)
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial):

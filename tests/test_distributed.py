@@ -29,10 +29,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env() -> dict:
+def _env(cpu_flag: bool = True) -> dict:
     env = dict(os.environ)
-    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
-               WANDB_MODE="disabled", PYTHONPATH=str(ROOT / "tests") + os.pathsep + str(ROOT))
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled",
+               PYTHONPATH=str(ROOT / "tests") + os.pathsep + str(ROOT))
+    # DDP on CPU needs accelerate's CPU mode (else both processes train apart); DeepSpeed needs it off (it would
+    # switch DeepSpeed off) and ddp_backend=gloo in the recipe instead.
+    if cpu_flag:
+        env["ACCELERATE_USE_CPU"] = "1"
+    else:
+        env.pop("ACCELERATE_USE_CPU", None)
     return env
 
 
@@ -62,8 +68,8 @@ def _recipe(tmp: Path, model: Path, out: Path, **training) -> Path:
     return path
 
 
-def _launch(args: list[str], timeout: float = 240) -> None:
-    proc = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+def _launch(args: list[str], timeout: float = 240, cpu_flag: bool = True) -> None:
+    proc = subprocess.run(args, cwd=ROOT, env=_env(cpu_flag), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 
@@ -114,6 +120,7 @@ def test_two_rank_ddp_run_then_resume_on_one_rank(tmp_path):
     ranks = _ranks(out)
     results = _check_two_rank_run(out, ranks)
     assert results["distributed"]["distributed_type"] == "MULTI_CPU"
+    _check_teacher_probe(ranks, partitioned=False)
     checkpoint = out / "checkpoint-2"
     teacher = torch.load(checkpoint / "teacher_state.pt", weights_only=True)
     assert set(teacher) == {n for n, _ in build_model(build_tokenizer()).named_parameters()}
@@ -129,3 +136,43 @@ def test_two_rank_ddp_run_then_resume_on_one_rank(tmp_path):
     assert single["logged_steps"] == [1, 2, 3]  # steps 1-2 come from the checkpoint's log history
     assert single["rollouts_generated"] == 4  # only step 3 ran here
     assert single["source_state"]["seen"] == 4
+
+
+def _check_teacher_probe(ranks: list[dict], partitioned: bool) -> None:
+    for rank in ranks:
+        probe = rank["probe"]
+        # The teacher pass computes with exactly the (gathered) teacher state, the student with its own weights.
+        assert probe["teacher_matches_state"] and probe["student_matches_weights"], probe
+        assert probe["teacher_differs"], probe
+        if partitioned:  # each rank keeps its ZeRO-3 partition of the teacher, not a full copy
+            assert probe["teacher_local_fraction"] < 0.75, probe
+        else:
+            assert probe["teacher_local_fraction"] == 1.0, probe
+
+
+def test_two_rank_deepspeed_zero3_run(tmp_path):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is a dev extra: pip install -e '.[dev]'")
+    model = tmp_path / "model"
+    _save_tiny_model(model)
+    # Persistence threshold 100: the matrices are partitioned, the 16-element norms stay whole (both paths run).
+    ds_config = tmp_path / "zero3.json"
+    ds_config.write_text(json.dumps({
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100,
+                              "stage3_gather_16bit_weights_on_model_save": True},
+        "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+    }))
+    out = tmp_path / "zero3"
+    recipe = _recipe(tmp_path, model, out, ddp_backend="gloo")
+    # The first run on a machine compiles DeepSpeed's CPU comm op (~35 s, cached in ~/.cache/torch_extensions).
+    _launch(_accelerate("--use_deepspeed", "--deepspeed_config_file", str(ds_config), str(WORKER), str(recipe)),
+            timeout=420, cpu_flag=False)
+    ranks = _ranks(out)
+    results = _check_two_rank_run(out, ranks)
+    assert results["distributed"]["distributed_type"] == "DEEPSPEED" and results["distributed"]["zero_stage"] == 3
+    _check_teacher_probe(ranks, partitioned=True)
+    # The checkpoint's teacher state is full (gathered from the partitions), so it loads on any number of ranks.
+    teacher = torch.load(out / "checkpoint-2" / "teacher_state.pt", weights_only=True)
+    shapes = {n: p.shape for n, p in build_model(build_tokenizer()).named_parameters()}
+    assert {n: t.shape for n, t in teacher.items()} == shapes
+    assert (out / "final" / "model.safetensors").exists()  # saved gathered (stage3_gather_16bit_weights_on_model_save)

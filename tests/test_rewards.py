@@ -1,5 +1,9 @@
 """The math verifier on equivalent, malformed and empty answers."""
 
+from conftest import build_model
+from datasets import Dataset
+
+from selfdistill.evaluation import evaluate
 from selfdistill.rewards import completion_text, math_reward
 
 
@@ -32,3 +36,14 @@ def test_math_reward_under_the_trainers_timeout_thread():
     totals, _, failures = score_rollouts([math_reward], [1.0], ["p"] * 4, completions, [[1]] * 4,
                                          [{"prompt": "p", "answer": "0.5"}] * 4, timeout=30)
     assert totals == [1.0, 1.0, 0.0, 0.0] and failures == 0
+
+
+def test_evaluation_survives_a_verifier_that_raises_on_one_completion(tokenizer):
+    def picky(prompts, completions, **kwargs):
+        if len(completions) > 1:
+            raise ValueError("cannot parse a batch")
+        return [1.0]
+
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}]} for i in range(3)])
+    result = evaluate(build_model(tokenizer), tokenizer, data, picky, max_new_tokens=2, progress=False)
+    assert result["n"] == 3 and result["greedy_accuracy"] == 1.0  # retried one by one, each scored

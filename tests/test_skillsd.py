@@ -95,16 +95,16 @@ def test_unparseable_sokoban_actions_get_feedback_not_an_exception(reply):
 def test_guess_number_feedback_and_rewards():
     env = GuessNumber(low=1, high=16, max_turns=3)
     env.reset(secret=11)
-    assert "higher than 8" in env.step("My guess is 8").observation
+    assert "Higher than 8" in env.step("My guess is 8").observation
     bad = env.step("banana")
-    assert not bad.valid and not bad.done and "one whole number between 1 and 16" in bad.observation
+    assert not bad.valid and not bad.done and "one whole number from 1 to 16" in bad.observation
     last = env.step("I say 11!")
     assert last.done and last.reward == 1.0 and env.success
     with pytest.raises(RuntimeError, match="episode is over"):
         env.step("3")
     env.reset(secret=2)
     env.step("20")
-    assert "not between 1 and 16" in env.step("0").observation
+    assert "not from 1 to 16" in env.step("0").observation
     out = env.step("5")
     assert out.done and env.get_reward() == 0.0 and "The number was 2" in out.observation
 
@@ -157,7 +157,7 @@ def test_env_mask_marks_exactly_the_model_tokens(tokenizer, monkeypatch):
     model_ids = [t for t, m in zip(episode.completion_ids, episode.env_mask) if m]
     assert model_ids == replies[0] + replies[1] + replies[2]
     env_text = tokenizer.decode([t for t, m in zip(episode.completion_ids, episode.env_mask) if not m])
-    assert "higher than 8" in env_text and "lower than 12" in env_text
+    assert "Higher than 8" in env_text and "Lower than 12" in env_text
     # The ids the student saw are the chat rendering of the whole conversation, token for token.
     conversation = episode.prompt + [{"role": m["role"], "content": m["content"]} for m in episode.messages[:-1]]
     text = tokenizer.apply_chat_template(conversation, tokenize=False)  # ends "10<|im_end|>\n"
@@ -477,3 +477,4 @@ def test_env_recipe_keys_are_checked():
         parse_recipe({**base, "data": {"task": "arithmetic"}})
     with pytest.raises(RecipeError, match="Did you mean 'summaries_per_step'"):
         parse_recipe({**base, "source": {"summaries_per_stp": 1}})
+

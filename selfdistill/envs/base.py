@@ -40,9 +40,12 @@ class Environment(ABC):
     def step(self, action: str) -> StepResult:
         """Apply the model's reply (free text) and return the observation."""
 
-    @abstractmethod
+    #: Whether the episode's goal is reached (an attribute or a property kept current by ``step``).
+    solved: bool = False
+
     def get_reward(self) -> float:
-        """The finished episode's score (1.0 for success in the built-in environments)."""
+        """The finished episode's score: 1.0 when solved, else 0.0 (override for graded rewards)."""
+        return 1.0 if self.solved else 0.0
 
     @property
     def success(self) -> bool:

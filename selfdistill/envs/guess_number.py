@@ -15,9 +15,8 @@ from typing import Any
 from selfdistill.envs.base import Environment, StepResult, split_seed
 
 PROMPT = (
-    "Let's play a game. I picked a secret whole number from {low} to {high} and you must guess it. After each "
-    "guess I say whether the secret is higher or lower. You have {turns} guesses. Reply with only your guess, a "
-    "single number."
+    "Guess my secret whole number from {low} to {high}. After each guess I say higher or lower. You have {turns} "
+    "guesses. Reply with one number only."
 )
 _INT = re.compile(r"-?\d+")
 
@@ -44,7 +43,7 @@ class GuessNumber(Environment):
         if not self.low <= int(secret) <= self.high:
             raise ValueError(f"secret {secret} is outside [{self.low}, {self.high}]")
         self.secret, self.turns, self.solved, self.history = int(secret), 0, False, []
-        return "What is your first guess?"
+        return "Your first guess?"
 
     def step(self, action: str) -> StepResult:
         if self.secret is None:
@@ -55,8 +54,7 @@ class GuessNumber(Environment):
         left = self.max_turns - self.turns
         match = _INT.search(action)
         if match is None:
-            text = f"I could not find a number in your reply. Reply with one whole number between {self.low} and " \
-                   f"{self.high}."
+            text = f"No number found. Reply with one whole number from {self.low} to {self.high}."
             return self._answer(text, valid=False, left=left)
         guess = int(match.group())
         self.history.append(guess)
@@ -64,18 +62,14 @@ class GuessNumber(Environment):
             self.solved = True
             return StepResult(f"Correct! The number was {self.secret}.", 1.0, True)
         if not self.low <= guess <= self.high:
-            return self._answer(f"{guess} is not between {self.low} and {self.high}.", valid=True, left=left)
-        direction = "higher" if self.secret > guess else "lower"
-        return self._answer(f"My number is {direction} than {guess}.", valid=True, left=left)
+            return self._answer(f"{guess} is not from {self.low} to {self.high}.", valid=True, left=left)
+        direction = "Higher" if self.secret > guess else "Lower"
+        return self._answer(f"{direction} than {guess}.", valid=True, left=left)
 
     def _answer(self, text: str, valid: bool, left: int) -> StepResult:
         if left <= 0:
             return StepResult(f"{text} No guesses left. The number was {self.secret}.", 0.0, True, valid)
-        plural = "es" if left > 1 else ""
-        return StepResult(f"{text} {left} guess{plural} left.", 0.0, False, valid)
-
-    def get_reward(self) -> float:
-        return 1.0 if self.solved else 0.0
+        return StepResult(f"{text} {left} left.", 0.0, False, valid)
 
     @classmethod
     def make_rows(cls, n: int, seed: int, split: str, low: int = 1, high: int = 16, max_turns: int = 6,

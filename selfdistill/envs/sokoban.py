@@ -174,9 +174,6 @@ class Sokoban(Environment):
             return StepResult(f"{text}\n{board}\nNo moves left.", 0.0, True, valid)
         return StepResult(f"{text}\n{board}\n{left} move{'s' if left > 1 else ''} left.", 0.0, False, valid)
 
-    def get_reward(self) -> float:
-        return 1.0 if self.solved else 0.0
-
     @classmethod
     def make_rows(cls, n: int, seed: int, split: str, size: int = 6, boxes: int = 1, max_turns: int = 10,
                   **_: Any) -> list[dict[str, Any]]:

@@ -127,6 +127,18 @@ def with_user_text(prompt: Prompt, text: str) -> Prompt:
     raise ValueError("the prompt has no user message to attach the privileged information to")
 
 
+def append_user_text(prompt: Prompt, text: str, separator: str = "\n\n") -> Prompt:
+    """The prompt with ``separator + text`` appended to its last user message (or to a string prompt)."""
+    if isinstance(prompt, str):
+        return f"{prompt}{separator}{text}"
+    messages = [dict(m) for m in prompt]
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            message["content"] = f"{message['content']}{separator}{text}"
+            return messages
+    raise ValueError("the prompt has no user message to append to")
+
+
 def user_text(prompt: Prompt) -> str:
     """The task text: the last user message of a chat prompt, or the prompt string itself."""
     if isinstance(prompt, str):

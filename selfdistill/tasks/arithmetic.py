@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from selfdistill.rewards import completion_text
+from selfdistill.sources.base import append_user_text
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -263,12 +264,7 @@ def with_reference_solution(
     ``"What is 47 + 21?\\n\\nHere is a reference solution:\\n...\\n\\nUnderstand it, then answer in
     your own words."``.
     """
-    messages = [dict(m) for m in prompt]
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            message["content"] = f"{message['content']}{template.format(solution=solution)}"
-            return messages
-    raise ValueError("prompt has no user message to attach the reference solution to")
+    return append_user_text(prompt, template.format(solution=solution), separator="")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,13 +7,12 @@ the test can check that every rank observed every rank's rollouts and holds the 
 
 import faulthandler
 import hashlib
-import os
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 import selfdistill.trainer as trainer_module
 from selfdistill.distributed import gathered, release_zero3, weights_checksum
@@ -73,7 +72,7 @@ def teacher_probe(trainer, model, teacher_state):
     student_logits = model(input_ids=ids).logits
     with gathered(model):
         student_state = {n: p.detach().clone() for n, p in model.named_parameters()}
-    plain = AutoModelForCausalLM.from_config(model.config)
+    plain = type(model)(model.config)  # the constructor, not from_config: no zero.Init partitioning
     plain.load_state_dict({**student_state, **teacher_state}, strict=False)
     reference_teacher = plain(input_ids=ids).logits
     plain.load_state_dict(student_state, strict=False)
