@@ -18,7 +18,10 @@ success rate against training episodes).
 from __future__ import annotations
 
 import argparse
+import ast
 import json
+import re
+from pathlib import Path
 
 from recipe_runs import ROOT, plot, run_all, table
 
@@ -27,6 +30,44 @@ CONFIGS: dict[str, list[str]] = {
     "grpo": ["training.distill_weight=0", "source.summaries_per_step=0"],
     "skillsd_no_grpo": ["training.grpo_weight=0"],
 }
+
+
+def training_success(log: Path) -> list[float]:
+    """``env/success`` of each logging window (sampled training episodes) from a run's log."""
+    values = []
+    for match in re.finditer(r"\{'loss'[^}]*\}", log.read_text(errors="replace")):
+        logs = ast.literal_eval(match.group())
+        if "env/success" in logs:
+            values.append(float(logs["env/success"]))
+    return values
+
+
+def plot_training(results: dict[str, dict], out_root: Path, path: Path, every: int = 5) -> str:
+    """Sampled success of the training episodes per logging window, one line per run; returns a text table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    lines = [f"{'run':20} training success per window of {every} steps (sampled episodes)"]
+    for name in results:
+        log = out_root / f"{name}.log"
+        if not log.exists():
+            continue
+        values = training_success(log)
+        results[name]["training_success"] = values
+        ax.plot([every * (i + 1) for i in range(len(values))], [100 * v for v in values], marker="o", label=name)
+        mean = sum(values) / max(len(values), 1)
+        lines.append(f"{name:20} " + " ".join(f"{v:5.1%}" for v in values) + f"   mean {mean:.1%}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("success of the training episodes (%, sampled)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -47,7 +88,10 @@ def main() -> None:
     path = ROOT / "docs" / "img" / f"skillsd_{args.env}.png"
     plot(results, path, f"Skill-SD vs GRPO on {args.env} (SmolLM2-135M-Instruct, CPU)",
          ylabel="held-out greedy success rate (%)", xlabel="training episodes")
-    print(f"wrote {results_path} and {path}")
+    train_path = ROOT / "docs" / "img" / f"skillsd_{args.env}_training.png"
+    print(plot_training(results, ROOT / "outputs" / f"skillsd_{args.env}", train_path))
+    results_path.write_text(json.dumps(results, indent=1, default=str))
+    print(f"wrote {results_path}, {path} and {train_path}")
 
 
 if __name__ == "__main__":

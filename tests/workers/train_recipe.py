@@ -51,6 +51,24 @@ def spy(self, rows, mode, n_micro):
 
 SelfDistillTrainer._make_rollouts = spy
 record["reduced"] = []
+record["leak"] = []
+teacher_pass = SelfDistillTrainer._teacher_pass
+PROBE_IDS = torch.tensor([[5, 6, 7, 8, 9, 10]])
+
+
+@torch.no_grad()
+def teacher_pass_spy(self, model, inputs, head):
+    # The student's logits right before and right after the teacher pass must be identical: no teacher weights may
+    # outlive the pass (under ZeRO-3, gathered copies of the teacher's partitions).
+    unwrapped = self.accelerator.unwrap_model(model)
+    before = unwrapped(input_ids=PROBE_IDS).logits
+    out = teacher_pass(self, model, inputs, head)
+    after = unwrapped(input_ids=PROBE_IDS).logits
+    record["leak"].append(float((after - before).abs().max()))
+    return out
+
+
+SelfDistillTrainer._teacher_pass = teacher_pass_spy
 reduce_original = trainer_module.reduce_metrics
 
 
@@ -107,6 +125,7 @@ if __name__ == "__main__":
         "logged_steps": [h["step"] for h in trainer.state.log_history if "loss" in h],
         "rollouts_generated": trainer.rollouts_generated,
         "reduced": record["reduced"],
+        "leak": record["leak"],
         "probe": probe,
         "log_history": trainer.state.log_history,
     }
