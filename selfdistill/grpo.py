@@ -63,3 +63,22 @@ def policy_gradient_losses(
     clipped = ratio.clamp(1.0 - epsilon_low, 1.0 + high) * advantages
     loss = -torch.minimum(unclipped, clipped)
     return loss, (clipped < unclipped).to(logp.dtype).detach()
+
+
+def rollout_advantages(rewards: list[float | None], group_size: int, scale: str = "group") -> list[float] | None:
+    """Advantages of a generation batch as the trainer uses them (GRPO's term and the sources' feedback).
+
+    A rollout without a reward (its verifier failed) gets its group's mean reward, so advantage 0; a group without
+    any reward gets 0. With ``group_size`` 1 the whole batch is the group (centred, not scaled). ``None`` when no
+    rollout has a reward.
+    """
+    if all(r is None for r in rewards):
+        return None
+    values = torch.tensor([float("nan") if r is None else float(r) for r in rewards], dtype=torch.float64)
+    if group_size < 2:
+        values = values.nan_to_num(float(values.nanmean()))
+        return (values - values.mean()).tolist()
+    grouped = values.view(-1, group_size)
+    fill = torch.nanmean(grouped, 1, keepdim=True).nan_to_num(0.0).expand_as(grouped)
+    values = torch.where(torch.isnan(grouped), fill, grouped).reshape(-1)
+    return group_advantages(values, group_size, scale).tolist()

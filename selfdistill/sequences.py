@@ -291,3 +291,54 @@ def shared_prefix_logits(
             head = head.clone()
             head[no_suffix, 0] = first.logits[rows[no_suffix], -1]
     return head
+
+
+@dataclass
+class TeacherContexts:
+    """The teacher side of a generation batch, per rollout: one entry per view."""
+
+    ids: list[list[list[int]]]  # context ids (PI shortened to fit when needed)
+    scored: list[list[list[int]]]  # the ids each view scores (the rollout's own completion ids, usually)
+    names: list[list[str]]
+    tags: list[Any]  # the first view's tag, handed back to the source's feedback
+    truncated_pi: int  # views whose privileged text was shortened
+
+
+def teacher_contexts(tokenizer: Any, source: Any, rollouts: Sequence[Any], views: Sequence[Sequence[TeacherView]],
+                     max_length: int, overflow: str) -> TeacherContexts:
+    """Check a source's views against its combine rule and tokenise them to fit ``max_length``."""
+    name = type(source).__name__
+    if len(views) != len(rollouts):
+        raise ValueError(f"{name}.views returned {len(views)} view lists for {len(rollouts)} rollouts")
+    out = TeacherContexts([], [], [], [], 0)
+    multi = source.combine != "identity"
+    for rollout, rollout_views in zip(rollouts, views):
+        if not multi and len(rollout_views) != 1:
+            raise ValueError(
+                f"{name} returned {len(rollout_views)} views for one rollout but its combine rule is 'identity', "
+                "which takes exactly one view; a multi-view source sets combine = 'consensus'"
+            )
+        names = [view.name for view in rollout_views]
+        if not names or (multi and out.names and names != out.names[0]):
+            raise ValueError(
+                f"{name} returned views {names} for one rollout and {out.names[0] if out.names else []} for "
+                "another; every rollout needs the same views in the same order (their targets are combined "
+                "position by position)"
+            )
+        ids_per_view, scored_per_view = [], []
+        for view in rollout_views:
+            scored = view.completion_ids if view.completion_ids is not None else rollout.completion_ids
+            if len(scored) != len(rollout.completion_ids):
+                raise ValueError(
+                    f"teacher view {view.name!r} scores {len(scored)} tokens for a {len(rollout.completion_ids)}-token "
+                    "rollout; a view must score exactly the rollout's completion tokens"
+                )
+            ids, cut = fit_view(tokenizer, view, len(scored), max_length, overflow)
+            out.truncated_pi += int(cut)
+            ids_per_view.append(ids)
+            scored_per_view.append(list(scored))
+        out.ids.append(ids_per_view)
+        out.scored.append(scored_per_view)
+        out.names.append(names)
+        out.tags.append(rollout_views[0].tag)
+    return out

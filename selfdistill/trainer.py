@@ -31,7 +31,7 @@ from selfdistill.combine import multiview_summary, multiview_token_losses
 from selfdistill.config import SelfDistillConfig
 from selfdistill.distributed import observe_everywhere, reduce_metrics, release_zero3, zero_stage
 from selfdistill.fused import fused_token_losses, output_head
-from selfdistill.grpo import group_advantages, policy_gradient_losses
+from selfdistill.grpo import policy_gradient_losses, rollout_advantages
 from selfdistill.losses import summarize, token_losses
 from selfdistill.modeling import ensure_pad_token, load_model, load_tokenizer
 from selfdistill.rollout import (
@@ -45,11 +45,11 @@ from selfdistill.rollout import (
 from selfdistill.sequences import (
     completion_hidden,
     completion_logits,
-    fit_view,
     head_passthrough,
     render_context,
     shared_prefix_logits,
     splice,
+    teacher_contexts,
 )
 from selfdistill.sources.base import PrivilegedSource, Rollout
 from selfdistill.teacher import TeacherWeights
@@ -348,43 +348,10 @@ class SelfDistillTrainer(Trainer):
         views = self.privileged.views(rollouts)
         if mode == "train":
             observe_everywhere(self.privileged, rollouts, self.accelerator)  # every rank's rollouts, one state
-        if len(views) != len(rollouts):
-            raise ValueError(
-                f"{type(self.privileged).__name__}.views returned {len(views)} view lists for {len(rollouts)} rollouts"
-            )
-        teacher_ids, teacher_completions, view_names, view_tags, truncated_pi = [], [], [], [], 0
-        source = type(self.privileged).__name__
-        for rollout, rollout_views in zip(rollouts, views):
-            if self.privileged.combine == "identity" and len(rollout_views) != 1:
-                raise ValueError(
-                    f"{source} returned {len(rollout_views)} views for one rollout but its combine rule is 'identity', "
-                    "which takes exactly one view; a multi-view source sets combine = 'consensus'"
-                )
-            names = [view.name for view in rollout_views]
-            multi = self.privileged.combine != "identity"
-            if not names or (multi and view_names and names != view_names[0]):
-                raise ValueError(
-                    f"{source} returned views {names} for one rollout and {view_names[0] if view_names else []} for "
-                    "another; every rollout needs the same views in the same order (their targets are combined "
-                    "position by position)"
-                )
-            ids_per_view, scored_per_view = [], []
-            for view in rollout_views:
-                scored = view.completion_ids if view.completion_ids is not None else rollout.completion_ids
-                if len(scored) != len(rollout.completion_ids):
-                    raise ValueError(
-                        f"teacher view {view.name!r} scores {len(scored)} tokens for a "
-                        f"{len(rollout.completion_ids)}-token rollout; a view must score exactly the rollout's "
-                        "completion tokens"
-                    )
-                ids, cut = fit_view(tokenizer, view, len(scored), self.max_teacher_length, self.args.pi_overflow)
-                truncated_pi += int(cut)
-                ids_per_view.append(ids)
-                scored_per_view.append(list(scored))
-            teacher_ids.append(ids_per_view)
-            teacher_completions.append(scored_per_view)
-            view_names.append(names)
-            view_tags.append(rollout_views[0].tag)
+        teacher = teacher_contexts(tokenizer, self.privileged, rollouts, views, self.max_teacher_length,
+                                   self.args.pi_overflow)
+        teacher_ids, teacher_completions = teacher.ids, teacher.scored
+        view_names, view_tags, truncated_pi = teacher.names, teacher.tags, teacher.truncated_pi
         if mode == "train":
             for key, value in self.privileged.metrics().items():
                 self._record(mode, key, value)
@@ -410,7 +377,7 @@ class SelfDistillTrainer(Trainer):
         elif mode == "train" and self.args.reuses_rollouts:
             old_logps = self._sampling_logps(prompt_ids, generated.completion_ids)
 
-        advantages = self._advantages(rewards) if mode == "train" or self.args.grpo_weight > 0 else None
+        advantages = rollout_advantages(rewards, self.args.num_generations, self.args.scale_rewards)
 
         micro = []
         size = math.ceil(n / n_micro)
@@ -453,21 +420,6 @@ class SelfDistillTrainer(Trainer):
         self._record(mode, "env/turns", turns / n, n)
         self._record(mode, "env/invalid_actions", sum(e.invalid_actions for e in episodes) / max(turns, 1), turns)
         self._record(mode, "env/unfinished", sum(not e.done for e in episodes), 1.0, reduce="sum")
-
-    def _advantages(self, rewards: list[float | None]) -> list[float] | None:
-        """GRPO advantages per rollout (TRL's conventions, see selfdistill.grpo); a rollout without a reward gets its
-        group's mean reward, so advantage 0. With num_generations=1 the batch is the group (centred only)."""
-        if all(r is None for r in rewards):
-            return None
-        values = torch.tensor([math.nan if r is None else float(r) for r in rewards], dtype=torch.float64)
-        g = self.args.num_generations
-        if g < 2:
-            values = values.nan_to_num(float(values.nanmean()))
-            return (values - values.mean()).tolist()
-        grouped = values.view(-1, g)
-        fill = torch.nanmean(grouped, 1, keepdim=True).nan_to_num(0.0).expand_as(grouped)
-        values = torch.where(torch.isnan(grouped), fill, grouped).reshape(-1)
-        return group_advantages(values, g, self.args.scale_rewards).tolist()
 
     @torch.no_grad()
     def generate_text(self, prompts: list[Any], max_new_tokens: int) -> list[str]:

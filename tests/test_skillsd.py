@@ -478,3 +478,12 @@ def test_env_recipe_keys_are_checked():
     with pytest.raises(RecipeError, match="Did you mean 'summaries_per_step'"):
         parse_recipe({**base, "source": {"summaries_per_stp": 1}})
 
+
+
+def test_rollout_advantages_fill_missing_rewards_with_the_group_mean():
+    from selfdistill.grpo import rollout_advantages
+
+    got = rollout_advantages([1.0, None, 0.0, 0.5, None, None], 3, "none")
+    assert got == pytest.approx([0.5, 0.0, -0.5, 0.0, 0.0, 0.0])
+    assert rollout_advantages([None, None], 2) is None
+    assert rollout_advantages([1.0, 0.0, None], 1) == pytest.approx([0.5, -0.5, 0.0])
