@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from selfdistill.envs.base import Environment
+from selfdistill.evaluation import take_rows
 from selfdistill.rollout import eos_ids, sample_completions
 from selfdistill.sequences import render_context
 from selfdistill.sources.base import Prompt, append_user_text
@@ -172,6 +173,21 @@ def run_episodes(
     return episodes
 
 
+def episode_stats(episodes: Sequence[Episode]) -> dict[str, float]:
+    """Success rate, mean reward, turns, invalid-action rate, the model's tokens and unfinished episodes."""
+    count = max(len(episodes), 1)
+    turns = sum(e.turns for e in episodes)
+    return {
+        "success": sum(e.success for e in episodes) / count,
+        "mean_reward": sum(e.reward for e in episodes) / count,
+        "turns": float(turns),
+        "mean_turns": turns / count,
+        "invalid_action_rate": sum(e.invalid_actions for e in episodes) / max(turns, 1),
+        "mean_agent_tokens": sum(e.agent_tokens for e in episodes) / count,
+        "unfinished": float(sum(not e.done for e in episodes)),
+    }
+
+
 @torch.no_grad()
 def evaluate_env(
     model: Any,
@@ -193,7 +209,7 @@ def evaluate_env(
     The result uses the same keys as :func:`selfdistill.evaluation.evaluate` (``greedy_accuracy`` is the success
     rate here), so learning curves and summaries treat both alike.
     """
-    rows = dataset.to_list() if n is None else dataset.select(range(min(n, len(dataset)))).to_list()
+    rows = take_rows(dataset, n)
     was_training = model.training
     model.eval()
     eos = eos_ids(model, tokenizer)
@@ -211,15 +227,14 @@ def evaluate_env(
     finally:
         bar.close()
         model.train(was_training)
-    count = max(len(episodes), 1)
-    turns = sum(e.turns for e in episodes)
+    stats = episode_stats(episodes)
     return {
         "n": len(episodes),
-        "greedy_accuracy": sum(e.success for e in episodes) / count,
-        "mean_reward": sum(e.reward for e in episodes) / count,
-        "mean_turns": turns / count,
-        "invalid_action_rate": sum(e.invalid_actions for e in episodes) / max(turns, 1),
-        "mean_completion_tokens": sum(e.agent_tokens for e in episodes) / count,
+        "greedy_accuracy": stats["success"],
+        "mean_reward": stats["mean_reward"],
+        "mean_turns": stats["mean_turns"],
+        "invalid_action_rate": stats["invalid_action_rate"],
+        "mean_completion_tokens": stats["mean_agent_tokens"],
         "seconds": time.perf_counter() - start,
         "samples": [{"prompt": e.prompt, "transcript": e.transcript(), "success": e.success} for e in episodes[:3]],
     }

@@ -34,7 +34,7 @@ def evaluate(
     ``reward_fn`` is a verifier in TRL's convention; a reward >= 0.5 counts as correct. pass@k is the fraction of
     problems with at least one correct sample among k (the unbiased estimator with n = k samples).
     """
-    rows = dataset.to_list() if n is None else dataset.select(range(min(n, len(dataset)))).to_list()
+    rows = take_rows(dataset, n)
     was_training = model.training
     model.eval()
     eos = eos_ids(model, tokenizer)
@@ -81,6 +81,11 @@ def evaluate(
     if pass_k:
         result[f"pass@{pass_k}"] = sum(passes) / max(len(passes), 1)
     return result
+
+
+def take_rows(dataset: Any, n: int | None) -> list[dict[str, Any]]:
+    """The first ``n`` rows of a dataset (all when ``n`` is None) as dicts."""
+    return dataset.to_list() if n is None else dataset.select(range(min(n, len(dataset)))).to_list()
 
 
 def _score(reward_fn, tokenizer, prompts, completion_ids, rows) -> list[bool]:

@@ -74,6 +74,11 @@ def rollout_advantages(rewards: list[float | None], group_size: int, scale: str 
     """
     if all(r is None for r in rewards):
         return None
+    if group_size >= 2 and len(rewards) % group_size:
+        raise ValueError(
+            f"{len(rewards)} rollouts do not split into groups of num_generations={group_size}; make the batch size "
+            "(per_device_eval_batch_size for evaluation) a multiple of num_generations"
+        )
     values = torch.tensor([float("nan") if r is None else float(r) for r in rewards], dtype=torch.float64)
     if group_size < 2:
         values = values.nan_to_num(float(values.nanmean()))

@@ -261,7 +261,10 @@ def parse_recipe(raw: Any, path: str | None = None, hardware_checks: bool = True
     _check_peft(peft)
     source_instance = build_source(recipe.source)
     if env is not None:
-        build_env(env)()
+        build_env(env)  # builds one environment: checks the argument values
+        if recipe.eval.pass_k:
+            raise RecipeError("eval.pass_k counts verifier passes; with an env section the held-out measure is the "
+                              "greedy success rate: remove eval.pass_k")
     if recipe.config(hardware_checks).grpo_weight > 0 and not (rewards or env):
         raise RecipeError("training.grpo_weight > 0 needs rewards: add a verifier under rewards or an env section")
     if source_instance.needs_rewards and not rewards and env is None:

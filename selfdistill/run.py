@@ -84,6 +84,10 @@ def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     setup_seconds = time.perf_counter() - start
     ev = recipe.eval
     eval_kwargs = dict(batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature)
+    if env_factory is not None:  # held-out episodes end where training episodes do
+        eval_kwargs.update(max_turns=args.max_turns)
+        if args.max_episode_length is not None:
+            eval_kwargs.update(max_episode_length=args.max_episode_length)
     can_eval = verifier is not None and test is not None
 
     before = None
@@ -198,9 +202,15 @@ def run_eval(recipe: Recipe, model_path: str | None = None, progress: bool = Tru
     evaluate_fn = evaluate_env if recipe.env is not None else evaluate
     name = model_path or recipe.model
     ev = recipe.eval
+    extra: dict[str, Any] = {}
+    if recipe.env is not None:  # the episode limits of the recipe's training
+        args = recipe.config(hardware_checks=False)
+        extra = {"max_turns": args.max_turns}
+        if args.max_episode_length is not None:
+            extra["max_episode_length"] = args.max_episode_length
     result = evaluate_fn(load_model(name), load_tokenizer(name), test, judge, n=ev.n, batch_size=ev.batch_size,
-                      max_new_tokens=ev.max_new_tokens, pass_k=ev.pass_k, temperature=ev.temperature,
-                      desc=f"eval {name}", progress=progress)
+                         max_new_tokens=ev.max_new_tokens, pass_k=ev.pass_k, temperature=ev.temperature,
+                         desc=f"eval {name}", progress=progress, **extra)
     result["model"] = name
     return result
 

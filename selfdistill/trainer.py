@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from trl.models.utils import unwrap_model_for_generation
-from trl.trainer.utils import RepeatSampler
+from trl.trainer.utils import RepeatSampler, selective_log_softmax
 
 from selfdistill.combine import multiview_summary, multiview_token_losses
 from selfdistill.config import SelfDistillConfig
@@ -377,7 +377,10 @@ class SelfDistillTrainer(Trainer):
         elif mode == "train" and self.args.reuses_rollouts:
             old_logps = self._sampling_logps(prompt_ids, generated.completion_ids)
 
-        advantages = rollout_advantages(rewards, self.args.num_generations, self.args.scale_rewards)
+        # For the GRPO term and the sources' feedback (feedback runs in training only).
+        advantages = None
+        if mode == "train" or self.args.grpo_weight > 0:
+            advantages = rollout_advantages(rewards, self.args.num_generations, self.args.scale_rewards)
 
         micro = []
         size = math.ceil(n / n_micro)
@@ -414,12 +417,13 @@ class SelfDistillTrainer(Trainer):
         return episodes, Generated([e.completion_ids for e in episodes], [not e.done for e in episodes])
 
     def _record_episodes(self, mode: str, episodes: list[Any]) -> None:
-        n = len(episodes)
-        turns = sum(e.turns for e in episodes)
-        self._record(mode, "env/success", sum(e.success for e in episodes) / n, n)
-        self._record(mode, "env/turns", turns / n, n)
-        self._record(mode, "env/invalid_actions", sum(e.invalid_actions for e in episodes) / max(turns, 1), turns)
-        self._record(mode, "env/unfinished", sum(not e.done for e in episodes), 1.0, reduce="sum")
+        from selfdistill.agent import episode_stats
+
+        stats, n = episode_stats(episodes), len(episodes)
+        self._record(mode, "env/success", stats["success"], n)
+        self._record(mode, "env/turns", stats["mean_turns"], n)
+        self._record(mode, "env/invalid_actions", stats["invalid_action_rate"], stats["turns"])
+        self._record(mode, "env/unfinished", stats["unfinished"], 1.0, reduce="sum")
 
     @torch.no_grad()
     def generate_text(self, prompts: list[Any], max_new_tokens: int) -> list[str]:
@@ -526,8 +530,9 @@ class SelfDistillTrainer(Trainer):
             total = self.args.distill_weight * per_token.loss
         counts = self._scored_counts(inputs)
         if self.args.grpo_weight > 0:
-            logp = torch.log_softmax(student_out.float(), -1).gather(-1, tokens[:, None])[:, 0]
-            advantages = torch.tensor(inputs["advantages"], dtype=logp.dtype, device=device)
+            logp = selective_log_softmax(student_out.float(), tokens)
+            # No rollout of the batch was scored (every verifier failed): no policy-gradient signal.
+            advantages = torch.tensor(inputs["advantages"] or [0.0] * len(counts), dtype=logp.dtype, device=device)
             advantages = advantages.repeat_interleave(torch.tensor(counts, device=device))
             pg, pg_clipped = policy_gradient_losses(logp, advantages, old, self.args.grpo_epsilon,
                                                     self.args.grpo_epsilon_high)

@@ -439,7 +439,7 @@ def test_skillsd_recipe_runs_two_steps_and_saves_the_bank(tmp_path, tokenizer, c
         "training": {"output_dir": str(out), "max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 2,
                      "max_completion_length": 3, "logging_steps": 1, "use_cpu": True, "save_strategy": "steps",
                      "save_steps": 1, "disable_tqdm": True, "teacher_policy": "sync", "teacher_update_every": 1,
-                     "support": "sampled", "clip": "none", "grpo_weight": 0.5, "heatmap_steps": 1},
+                     "support": "sampled", "clip": "none", "grpo_weight": 0.5, "heatmap_steps": 1, "max_turns": 1},
     }
     path = tmp_path / "skillsd.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -448,6 +448,7 @@ def test_skillsd_recipe_runs_two_steps_and_saves_the_bank(tmp_path, tokenizer, c
     assert results["method"] == "skillsd" and results["steps"] == 2 and results["rollouts"] == 8
     assert results["eval_before"]["n"] == 4 and results["eval_after"]["n"] == 4
     assert 0.0 <= results["eval_after"]["greedy_accuracy"] <= 1.0 and results["env"]["type"] == "guess_number"
+    assert results["eval_after"]["mean_turns"] == 1.0  # held-out episodes end where training's do (max_turns)
     assert [p["step"] for p in results["learning_curve"]] == [0, 1, 2]
     bank = json.loads((out / "skills.json").read_text())
     assert results["skills"]["count"] == len(bank["skills"])
@@ -477,6 +478,8 @@ def test_env_recipe_keys_are_checked():
         parse_recipe({**base, "data": {"task": "arithmetic"}})
     with pytest.raises(RecipeError, match="Did you mean 'summaries_per_step'"):
         parse_recipe({**base, "source": {"summaries_per_stp": 1}})
+    with pytest.raises(RecipeError, match="remove eval.pass_k"):
+        parse_recipe({**base, "eval": {"pass_k": 4}})
 
 
 
@@ -487,3 +490,15 @@ def test_rollout_advantages_fill_missing_rewards_with_the_group_mean():
     assert got == pytest.approx([0.5, 0.0, -0.5, 0.0, 0.0, 0.0])
     assert rollout_advantages([None, None], 2) is None
     assert rollout_advantages([1.0, 0.0, None], 1) == pytest.approx([0.5, -0.5, 0.0])
+    with pytest.raises(ValueError, match="multiple of num_generations"):
+        rollout_advantages([1.0, 0.0, 1.0], 2)
+
+
+def test_grpo_term_without_any_reward_gives_no_gradient(tmp_path, tokenizer):
+    trainer = _env_trainer(tmp_path, tokenizer, distill_weight=0.0, grpo_weight=1.0)
+    [inputs] = trainer._make_rollouts(trainer.train_dataset.select(range(4)).to_list(), "train", 1)
+    inputs["advantages"] = None  # every verifier failed
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in trainer.model.parameters())

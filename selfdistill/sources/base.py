@@ -86,8 +86,9 @@ class PrivilegedSource(ABC):
         trainer when ``needs_generation`` is set."""
 
     def feedback(self, tags: Sequence[Any], signals: Sequence[dict[str, float]]) -> None:  # noqa: B027
-        """After the loss of a micro-batch: each view's ``tag`` with its rollout's ``reward``, ``advantage``
-        (reward minus its group's mean) and ``logp_gap`` (mean log p_T(y_t) - log p_S(y_t) over the scored tokens)."""
+        """After the loss of a micro-batch: each view's ``tag`` with its rollout's ``reward``, ``advantage`` (GRPO's:
+        the reward minus its group's mean, scaled per ``scale_rewards``; None without rewards) and ``logp_gap``
+        (mean log p_T(y_t) - log p_S(y_t) over the scored tokens)."""
 
     def metrics(self) -> dict[str, float]:
         """Numbers about the source's state, logged after each generation batch."""

@@ -7,11 +7,11 @@ rollout the teacher sees the task plus the skills retrieved for its task; the st
 The skills written from batch k reach the teacher from batch k + 1 on.
 
 Usefulness, the bandit's reward: a skill shown to the teacher for a rollout is credited with
-``A * mean_t(log p_T(y_t) - log p_S(y_t))`` over the model's tokens, where ``A`` is the rollout's reward minus its
-group's mean. It is positive when the skill makes the teacher raise the probability of what the better rollouts
-of a group did and lower that of the worse ones: exactly what the distillation loss then teaches. Rollouts of a
-group with equal rewards (A = 0) credit nothing. This signal is this library's choice (the paper reports a bandit
-over usefulness without publishing its definition).
+``A * mean_t(log p_T(y_t) - log p_S(y_t))`` over the model's tokens, where ``A`` is the rollout's GRPO advantage
+(its reward minus its group's mean, scaled per ``scale_rewards``). It is positive when the skill makes the teacher
+raise the probability of what the better rollouts of a group did and lower that of the worse ones: exactly what
+the distillation loss then teaches. Rollouts of a group with equal rewards (A = 0) credit nothing. This signal is
+this library's choice (the paper reports a bandit over usefulness without publishing its definition).
 """
 
 from __future__ import annotations
