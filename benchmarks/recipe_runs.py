@@ -82,6 +82,9 @@ def run_all(configs: dict[str, tuple[str, list[str]]], names: list[str], results
         recipe, overrides = configs[name]
         print(f"running {name} ...", flush=True)
         results[name] = run_recipe(name, recipe, overrides, out_root)
+        # Merge into what is on disk now: another sweep may have written its runs meanwhile.
+        on_disk = json.loads(results_path.read_text()) if results_path.exists() else {}
+        results = {**on_disk, **{k: v for k, v in results.items() if k == name or k not in on_disk}}
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1, default=str))
         print(table({name: results[name]}), flush=True)

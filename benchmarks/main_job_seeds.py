@@ -1,0 +1,189 @@
+"""The main job on several seeds, and whether its gains carry over to other wordings and to three-digit addition.
+
+For each seed, `selfdistill train recipes/opsd_arithmetic.yaml training.seed=S` runs as its own process (its
+results.json gives the held-out accuracy and the wall time of the whole job: set-up, both evaluations, training,
+saving). Then the base model and every trained model answer the same held-out problems under other prompts:
+
+    trained wording   "Calculate a + b. Give the result in one short sentence."   (the 200 held-out problems)
+    what_is           "What is a + b?"
+    work_out          "Please work out a + b for me."
+    equation          "a + b = ?"
+    three_digit       the trained wording on 200 three-digit additions (never seen in training)
+
+Greedy decoding with 48 new tokens (the base model's answers to "What is a + b?" often run past 32), scored by the
+arithmetic verifier. Prints a table, writes benchmarks/results/main_job_seeds.json and docs/img/main_job_seeds.png.
+
+    python benchmarks/main_job_seeds.py                       # seeds 0 1 2, the shipped recipe
+    python benchmarks/main_job_seeds.py --seeds 0 --name try -- training.learning_rate=3e-5
+    python benchmarks/main_job_seeds.py --eval-only           # re-evaluate the trained models already on disk
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from recipe_runs import ROOT, run_recipe
+
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results" / "main_job_seeds.json"
+PLOT = ROOT / "docs" / "img" / "main_job_seeds.png"
+RECIPE = "recipes/opsd_arithmetic.yaml"
+
+#: name -> (prompt template, operand digits)
+EVAL_SETS: dict[str, tuple[str | None, int]] = {
+    "trained_wording": (None, 2),
+    "what_is": ("What is {question}?", 2),
+    "work_out": ("Please work out {question} for me.", 2),
+    "equation": ("{question} = ?", 2),
+    "three_digit": (None, 3),
+}
+
+
+def eval_sets(n: int) -> dict:
+    from selfdistill.tasks.arithmetic import DEFAULT_PROMPT_TEMPLATE, make_arithmetic_dataset
+
+    out = {}
+    for name, (template, digits) in EVAL_SETS.items():
+        # Test problems depend only on the seed and digits (data seed 0: the main job's held-out set for 2 digits).
+        dd = make_arithmetic_dataset(0, n, seed=0, digits=digits, prompt_template=template or DEFAULT_PROMPT_TEMPLATE)
+        out[name] = dd["test"]
+    return out
+
+
+def evaluate_model(path: str, sets: dict, max_new_tokens: int) -> dict[str, float]:
+    import torch
+
+    from selfdistill.evaluation import evaluate
+    from selfdistill.modeling import load_model, load_tokenizer
+    from selfdistill.tasks.arithmetic import arithmetic_reward
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    scores = {}
+    for name, dataset in sets.items():
+        result = evaluate(model, tokenizer, dataset, arithmetic_reward, batch_size=100, max_new_tokens=max_new_tokens,
+                          desc=f"{Path(path).parent.name}/{name}", progress=False)
+        scores[name] = result["greedy_accuracy"]
+        print(f"  {path}: {name} {result['greedy_accuracy']:.1%} ({result['seconds']:.0f} s)", flush=True)
+    return scores
+
+
+def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1%}"
+    return f"{statistics.mean(values):.1%} ± {statistics.stdev(values):.1%}"
+
+
+def report(record: dict) -> str:
+    runs = record["runs"]
+    lines = [f"recipe {RECIPE} {' '.join(record['overrides'])}", ""]
+    head = f"{'seed':>4} {'before':>7} {'after':>7} {'wall s':>7} {'train s':>7} {'steps':>5}"
+    lines += [head, "-" * len(head)]
+    for seed, r in runs.items():
+        lines.append(f"{seed:>4} {r['before']:>7.1%} {r['after']:>7.1%} {r['wall_seconds']:>7.0f} "
+                     f"{r['train_seconds']:>7.0f} {r['steps']:>5}")
+    afters = [r["after"] for r in runs.values()]
+    walls = [r["wall_seconds"] for r in runs.values()]
+    lines.append(f"mean ± sd: after {spread(afters)}, wall {statistics.mean(walls):.0f} s (max {max(walls):.0f})")
+    if record.get("generalisation"):
+        gen = record["generalisation"]
+        lines += ["", f"{'eval set':16} {'base':>7} {'trained (mean ± sd over seeds)':>32}"]
+        for name in EVAL_SETS:
+            trained = [gen[seed][name] for seed in runs if seed in gen]
+            lines.append(f"{name:16} {gen['base'][name]:>7.1%} {spread(trained):>32}")
+    return "\n".join(lines)
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gen = record["generalisation"]
+    seeds = [s for s in record["runs"] if s in gen]
+    names = list(EVAL_SETS)
+    fig, ax = plt.subplots(figsize=(7.5, 4), dpi=120)
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [100 * gen["base"][n] for n in names], width=0.4, label="base model")
+    means = [100 * statistics.mean(gen[s][n] for s in seeds) for n in names]
+    errs = [100 * statistics.stdev(gen[s][n] for s in seeds) if len(seeds) > 1 else 0 for n in names]
+    ax.bar([i + 0.2 for i in x], means, width=0.4, yerr=errs, capsize=3, label=f"after OPSD ({len(seeds)} seeds)")
+    ax.set_xticks(list(x), names, fontsize=8)
+    ax.set_ylabel("greedy accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.axhline(80, color="grey", ls="--", lw=1)
+    ax.legend(fontsize=8)
+    ax.set_title("Main job: held-out accuracy by prompt wording and digits")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--name", default="shipped", help="record name in the results file")
+    parser.add_argument("--n", type=int, default=200, help="problems per generalisation set")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--eval-only", action="store_true", help="skip training; evaluate the models on disk")
+    parser.add_argument("--no-generalisation", action="store_true", help="train only")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides for every seed (after --)")
+    args = parser.parse_args()
+
+    all_results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    record = all_results.get(args.name, {"overrides": args.overrides, "runs": {}, "generalisation": {}})
+    if record.get("overrides") != args.overrides:
+        record = {"overrides": args.overrides, "runs": {}, "generalisation": {}}
+    out_root = ROOT / "outputs" / "main_job_seeds" / args.name
+
+    def save() -> None:
+        current = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        current[args.name] = record
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(current, indent=1))
+
+    for seed in args.seeds:
+        if args.eval_only:
+            break
+        print(f"seed {seed}: training ...", flush=True)
+        r = run_recipe(f"seed{seed}", RECIPE, [f"training.seed={seed}", *args.overrides], out_root)
+        if "error" in r:
+            raise SystemExit(f"seed {seed}: {r['error']}")
+        record["runs"][str(seed)] = {
+            "before": r["eval_before"]["greedy_accuracy"], "after": r["eval_after"]["greedy_accuracy"],
+            "wall_seconds": r["wall_seconds"], "train_seconds": r["train_seconds"], "steps": r["steps"],
+            "rollouts": r["rollouts"], "generated_tokens": r["generated_tokens"],
+            "learning_curve": r["learning_curve"], "final_model": str(out_root / f"seed{seed}" / "final"),
+        }
+        save()
+        print(f"seed {seed}: {r['eval_before']['greedy_accuracy']:.1%} -> {r['eval_after']['greedy_accuracy']:.1%} "
+              f"in {r['wall_seconds']:.0f} s wall", flush=True)
+
+    if not args.no_generalisation:
+        sets = eval_sets(args.n)
+        gen = record.setdefault("generalisation", {})
+        if "base" not in gen:
+            gen["base"] = evaluate_model("smollm2-135m-instruct", sets, args.max_new_tokens)
+            save()
+        for seed in args.seeds:
+            run = record["runs"].get(str(seed))
+            if run is None:
+                continue
+            gen[str(seed)] = evaluate_model(run["final_model"], sets, args.max_new_tokens)
+            save()
+        record["eval_settings"] = {"n": args.n, "max_new_tokens": args.max_new_tokens, "decoding": "greedy"}
+        save()
+        if len([s for s in record["runs"] if s in gen]) >= 1:
+            plot(record, PLOT)
+    print(report(record))
+    print(f"wrote {RESULTS}" + ("" if args.no_generalisation else f" and {PLOT}"))
+
+
+if __name__ == "__main__":
+    main()
