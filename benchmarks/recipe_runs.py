@@ -48,8 +48,10 @@ def table(results: dict[str, dict]) -> str:
 
 
 def plot(results: dict[str, dict], path: Path, title: str, target: float | None = None,
-         ylabel: str = "held-out greedy accuracy (%, 100 problems)", xlabel: str = "training rollouts") -> None:
-    """Held-out accuracy against training rollouts, one line per run."""
+         ylabel: str = "held-out greedy accuracy (%, 100 problems)", xlabel: str = "training rollouts",
+         x: str = "rollouts") -> None:
+    """Held-out accuracy against training rollouts (or another learning-curve key, e.g. ``generated_tokens``),
+    one line per run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,7 +61,7 @@ def plot(results: dict[str, dict], path: Path, title: str, target: float | None 
     for name, r in results.items():
         if r.get("learning_curve"):
             pts = r["learning_curve"]
-            ax.plot([p["rollouts"] for p in pts], [100 * p["greedy_accuracy"] for p in pts], marker="o", label=name)
+            ax.plot([p[x] for p in pts], [100 * p["greedy_accuracy"] for p in pts], marker="o", label=name)
     if target is not None:
         ax.axhline(target, color="grey", ls="--", lw=1)
     ax.set_xlabel(xlabel)

@@ -84,6 +84,7 @@ def collect_revisions(
             contexts = [render_context(tokenizer, p) for p in prompts]
             first = sample_completions(model, contexts, pad_id=pad, eos=eos, max_new_tokens=config.max_new_tokens,
                                        temperature=config.temperature)
+            stats["generated_tokens"] += sum(len(ids) for ids in first.completion_ids)
             rewards = _verify(tokenizer, reward_funcs, weights, prompts, first.completion_ids, chunk, stats, timeout)
             bar.update(len(chunk))
             reviser_contexts, owners = [], []
@@ -99,6 +100,7 @@ def collect_revisions(
                     owners.append((start + i, verdict))
             revised = sample_completions(model, reviser_contexts, pad_id=pad, eos=eos,
                                          max_new_tokens=config.max_new_tokens, temperature=config.temperature)
+            stats["generated_tokens"] += sum(len(ids) for ids in revised.completion_ids)
             owner_rows = [rows[index] for index, _ in owners]
             owner_prompts = [row["prompt"] for row in owner_rows]
             verdicts = _verify(tokenizer, reward_funcs, weights, owner_prompts, revised.completion_ids, owner_rows,

@@ -132,10 +132,11 @@ def test_reviser_trains_with_sync_on_the_configured_step(tmp_path, tokenizer):
 def test_self_revision_collects_only_accepted_revisions(tokenizer):
     model = build_model(tokenizer)
     rows = build_dataset(4).to_list()
-    calls = []
+    calls, lengths = [], []
 
-    def accept_second_call(prompts, completions, **kwargs):
+    def accept_second_call(prompts, completions, completion_ids, **kwargs):
         calls.append(len(completions))
+        lengths.extend(len(ids) for ids in completion_ids)
         return [0.0 if len(calls) == 1 else 1.0 for _ in completions]  # initial all wrong, revisions all right
 
     config = RevisionConfig(prompts=4, revisions=2, max_new_tokens=4, batch_size=4, max_per_prompt=1,
@@ -144,6 +145,7 @@ def test_self_revision_collects_only_accepted_revisions(tokenizer):
                                         progress=False)
     assert calls == [4, 8]
     assert stats["initial_wrong"] == 4 and stats["revisions_after_wrong"] == 8
+    assert stats["generated_tokens"] == sum(lengths) > 0  # both phases' tokens: the budget comparisons count them
     cue = tokenizer(Reviser().cues["wrong"], add_special_tokens=False)["input_ids"]
     for example in examples:
         labels = example["labels"]
