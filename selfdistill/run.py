@@ -137,6 +137,9 @@ def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
 
     after = None
     main = trainer.accelerator.is_main_process
+    # Training is over: drop accelerate's mixed-precision wrapper (bf16/fp16 autocast around forward) so the final
+    # evaluation and the saved model see the weights in their own precision, like the evaluation before training.
+    trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     if ev.after and can_eval:
         # Every rank enters: under ZeRO-3 the weights are gathered for generation and every rank generates in step.
         with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as unwrapped:

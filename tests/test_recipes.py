@@ -90,3 +90,36 @@ def test_cli_smoke_run_writes_complete_results(tmp_path, tokenizer, capsys):
     assert main(["eval", str(path), "--model", str(tmp_path / "out" / "final"), "--no-progress",
                  "--output", str(tmp_path / "eval.json")]) == 0
     assert json.loads((tmp_path / "eval.json").read_text())["n"] == 8
+
+
+def test_bf16_training_is_evaluated_in_the_weights_own_precision(tmp_path, tokenizer, monkeypatch):
+    """bf16 autocast (accelerate wraps the model's forward) speeds training on CPU; the evaluation after training, like
+    the one before, must run without that wrapper."""
+    import selfdistill.run as run_module
+
+    model_dir = tmp_path / "tiny"
+    build_model(tokenizer, max_position_embeddings=1024).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    wrapped = {}
+    real = run_module.evaluate
+
+    def spy(model, *args, desc="eval", **kwargs):
+        wrapped[desc] = "_original_forward" in vars(model)  # accelerate's autocast wrapper is on
+        return real(model, *args, desc=desc, **kwargs)
+
+    monkeypatch.setattr(run_module, "evaluate", spy)
+    monkeypatch.setattr("selfdistill.evaluation.evaluate", spy)
+    recipe = {
+        "model": str(model_dir),
+        "data": {"task": "arithmetic", "n_train": 16, "n_test": 4, "digits": 1},
+        "rewards": ["arithmetic"],
+        "eval": {"n": 4, "batch_size": 4, "max_new_tokens": 4, "every_steps": 1, "curve_n": 4},
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "per_device_train_batch_size": 4,
+                     "num_generations": 2, "max_completion_length": 4, "use_cpu": True, "bf16": True,
+                     "save_strategy": "no", "disable_tqdm": True},
+    }
+    path = tmp_path / "bf16.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path), "--no-progress"]) == 0
+    assert wrapped["eval before"] is False and wrapped["eval after"] is False
+    assert wrapped["eval"] is True  # the learning curve, during training: the wrapper was there to remove
