@@ -4,11 +4,11 @@ For each seed, `selfdistill train recipes/opsd_arithmetic.yaml training.seed=S` 
 results.json gives the held-out accuracy and the wall time of the whole job: set-up, both evaluations, training,
 saving). Then the base model and every trained model answer the same held-out problems under other prompts:
 
-    trained wording   "Calculate a + b. Give the result in one short sentence."   (the 200 held-out problems)
-    what_is           "What is a + b?"
+    what_is           "What is a + b?"                      (the main job's 200 held-out problems)
     work_out          "Please work out a + b for me."
     equation          "a + b = ?"
-    three_digit       the trained wording on 200 three-digit additions (never seen in training)
+    three_digit       the trained wording, "Calculate a + b. Give the result in one short sentence.", on 200
+                      three-digit additions (never seen in training)
 
 Greedy decoding with 48 new tokens (the base model's answers to "What is a + b?" often run past 32), scored by the
 arithmetic verifier. Prints a table, writes benchmarks/results/main_job_seeds.json and docs/img/main_job_seeds.png.
@@ -34,9 +34,9 @@ RESULTS = ROOT / "benchmarks" / "results" / "main_job_seeds.json"
 PLOT = ROOT / "docs" / "img" / "main_job_seeds.png"
 RECIPE = "recipes/opsd_arithmetic.yaml"
 
-#: name -> (prompt template, operand digits)
+#: name -> (prompt template, operand digits). The trained wording on the two-digit held-out problems is the main job's
+#: own evaluation (results.json eval_before / eval_after), so it is not repeated here.
 EVAL_SETS: dict[str, tuple[str | None, int]] = {
-    "trained_wording": (None, 2),
     "what_is": ("What is {question}?", 2),
     "work_out": ("Please work out {question} for me.", 2),
     "equation": ("{question} = ?", 2),
@@ -93,6 +93,8 @@ def report(record: dict) -> str:
     if record.get("generalisation"):
         gen = record["generalisation"]
         lines += ["", f"{'eval set':16} {'base':>7} {'trained (mean ± sd over seeds)':>32}"]
+        lines.append(f"{'trained wording':16} {statistics.mean(r['before'] for r in runs.values()):>7.1%} "
+                     f"{spread(afters):>32}")
         for name in EVAL_SETS:
             trained = [gen[seed][name] for seed in runs if seed in gen]
             lines.append(f"{name:16} {gen['base'][name]:>7.1%} {spread(trained):>32}")
@@ -105,14 +107,18 @@ def plot(record: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = record["runs"]
     gen = record["generalisation"]
-    seeds = [s for s in record["runs"] if s in gen]
-    names = list(EVAL_SETS)
+    seeds = [s for s in runs if s in gen]
+    # The trained wording: the main job's own before/after evaluation.
+    scores = {s: {"trained_wording": runs[s]["after"], **gen[s]} for s in seeds}
+    base = {"trained_wording": runs[seeds[0]]["before"], **gen["base"]}
+    names = ["trained_wording", *EVAL_SETS]
     fig, ax = plt.subplots(figsize=(7.5, 4), dpi=120)
     x = range(len(names))
-    ax.bar([i - 0.2 for i in x], [100 * gen["base"][n] for n in names], width=0.4, label="base model")
-    means = [100 * statistics.mean(gen[s][n] for s in seeds) for n in names]
-    errs = [100 * statistics.stdev(gen[s][n] for s in seeds) if len(seeds) > 1 else 0 for n in names]
+    ax.bar([i - 0.2 for i in x], [100 * base[n] for n in names], width=0.4, label="base model")
+    means = [100 * statistics.mean(scores[s][n] for s in seeds) for n in names]
+    errs = [100 * statistics.stdev(scores[s][n] for s in seeds) if len(seeds) > 1 else 0 for n in names]
     ax.bar([i + 0.2 for i in x], means, width=0.4, yerr=errs, capsize=3, label=f"after OPSD ({len(seeds)} seeds)")
     ax.set_xticks(list(x), names, fontsize=8)
     ax.set_ylabel("greedy accuracy (%)")
