@@ -20,7 +20,7 @@ import json
 import statistics
 from pathlib import Path
 
-from recipe_runs import ROOT, run_recipe
+from recipe_runs import ROOT, run_recipe, save_percent_plot
 
 RESULTS = ROOT / "benchmarks" / "results" / "all_methods.json"
 PLOT = ROOT / "docs" / "img" / "all_methods.png"
@@ -97,13 +97,8 @@ def plot(results: dict[str, dict], path: Path) -> None:
         colors.setdefault(name, line[0].get_color())
     ax.set_xlabel("generated tokens (training rollouts; SD-Zero includes its self-revision phase)")
     ax.set_ylabel("held-out greedy accuracy (%, 100 problems)")
-    ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Methods on SmolLM2-135M-Instruct, two-digit addition (CPU), 960 rollouts each")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_percent_plot(fig, ax, path, "Methods on SmolLM2-135M-Instruct, two-digit addition (CPU), 960 rollouts each")
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from recipe_runs import ROOT, run_recipe
+from recipe_runs import ROOT, run_recipe, save_percent_plot
 
 sys.path.insert(0, str(ROOT))
 
@@ -122,13 +122,8 @@ def plot(record: dict, path: Path) -> None:
     ax.bar([i + 0.2 for i in x], means, width=0.4, yerr=errs, capsize=3, label=f"after OPSD ({len(seeds)} seeds)")
     ax.set_xticks(list(x), names, fontsize=8)
     ax.set_ylabel("greedy accuracy (%)")
-    ax.set_ylim(0, 100)
     ax.axhline(80, color="grey", ls="--", lw=1)
-    ax.legend(fontsize=8)
-    ax.set_title("Main job: held-out accuracy by prompt wording and digits")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_percent_plot(fig, ax, path, "Main job: held-out accuracy by prompt wording and digits")
 
 
 def main() -> None:

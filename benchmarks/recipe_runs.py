@@ -66,9 +66,14 @@ def plot(results: dict[str, dict], path: Path, title: str, target: float | None 
         ax.axhline(target, color="grey", ls="--", lw=1)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    save_percent_plot(fig, ax, path, title, legend_size=7)
+
+
+def save_percent_plot(fig, ax, path: Path, title: str, legend_size: int = 8) -> None:
+    """Finish a plot whose y axis is a percentage, and write it (folders made as needed)."""
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=legend_size)
     ax.set_title(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
