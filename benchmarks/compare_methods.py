@@ -20,7 +20,7 @@ import json
 import statistics
 from pathlib import Path
 
-from recipe_runs import ROOT, run_recipe, save_percent_plot
+from recipe_runs import ROOT, record_result, run_recipe, save_percent_plot
 
 RESULTS = ROOT / "benchmarks" / "results" / "all_methods.json"
 PLOT = ROOT / "docs" / "img" / "all_methods.png"
@@ -115,19 +115,13 @@ def main() -> None:
     def load() -> dict:
         return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
 
-    def save(run: str, result: dict) -> None:
-        results = load()  # merge into what is on disk: another invocation may have written meanwhile
-        results[run] = result
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=1, default=str))
-
     for item in args.reuse:
         run, _, path = item.partition("=")
         name, seed = split_name(run)
         if name not in CONFIGS:
             raise SystemExit(f"--reuse {item}: unknown configuration {name!r}")
         recipe, overrides = CONFIGS[name]
-        save(f"{name}@s{seed}", {**json.loads(Path(path).read_text()), "name": name, "recipe": recipe,
+        record_result(RESULTS, f"{name}@s{seed}", {**json.loads(Path(path).read_text()), "name": name, "recipe": recipe,
                                  "overrides": overrides, "reused_from": path})
     if not args.plot_only and not (args.reuse and not args.names):
         for seed in args.seeds:
@@ -136,7 +130,7 @@ def main() -> None:
                 run = f"{name}@s{seed}"
                 print(f"running {run} ...", flush=True)
                 result = run_recipe(run, recipe, [*overrides, f"training.seed={seed}"], ROOT / "outputs" / "methods")
-                save(run, result)
+                record_result(RESULTS, run, result)
                 print(table({run: result}), flush=True)
     results = load()
     print(table(results))

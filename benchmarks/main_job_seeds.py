@@ -26,7 +26,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from recipe_runs import ROOT, run_recipe, save_percent_plot
+from recipe_runs import ROOT, record_result, run_recipe, save_percent_plot
 
 sys.path.insert(0, str(ROOT))
 
@@ -144,10 +144,7 @@ def main() -> None:
     out_root = ROOT / "outputs" / "main_job_seeds" / args.name
 
     def save() -> None:
-        current = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        current[args.name] = record
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(current, indent=1))
+        record_result(RESULTS, args.name, record)
 
     for seed in args.seeds:
         if args.eval_only:
@@ -161,6 +158,8 @@ def main() -> None:
             "wall_seconds": r["wall_seconds"], "train_seconds": r["train_seconds"], "steps": r["steps"],
             "rollouts": r["rollouts"], "generated_tokens": r["generated_tokens"],
             "learning_curve": r["learning_curve"], "final_model": str(out_root / f"seed{seed}" / "final"),
+            # Seconds per optimizer step by stage, from the last logging window.
+            "step_seconds": {k: v for k, v in r["final_train_metrics"].items() if k.startswith("time/")},
         }
         save()
         print(f"seed {seed}: {r['eval_before']['greedy_accuracy']:.1%} -> {r['eval_after']['greedy_accuracy']:.1%} "

@@ -80,6 +80,16 @@ def save_percent_plot(fig, ax, path: Path, title: str, legend_size: int = 8) -> 
     fig.savefig(path)
 
 
+def record_result(path: Path, key: str, value: dict) -> dict:
+    """Set ``key`` in the JSON results file and return all of it; merged into what is on disk now, since another
+    benchmark process may have written its own runs meanwhile."""
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results[key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=str))
+    return results
+
+
 def run_all(configs: dict[str, tuple[str, list[str]]], names: list[str], results_path: Path, out_root: Path) -> dict:
     """Run the named configurations (all when none), merging into ``results_path`` after each one."""
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -88,12 +98,7 @@ def run_all(configs: dict[str, tuple[str, list[str]]], names: list[str], results
             raise SystemExit(f"unknown configuration {name!r}; choose from: {', '.join(configs)}")
         recipe, overrides = configs[name]
         print(f"running {name} ...", flush=True)
-        results[name] = run_recipe(name, recipe, overrides, out_root)
-        # Merge into what is on disk now: another sweep may have written its runs meanwhile.
-        on_disk = json.loads(results_path.read_text()) if results_path.exists() else {}
-        results = {**on_disk, **{k: v for k, v in results.items() if k == name or k not in on_disk}}
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps(results, indent=1, default=str))
+        results = record_result(results_path, name, run_recipe(name, recipe, overrides, out_root))
         print(table({name: results[name]}), flush=True)
     print(table(results))
     return results

@@ -59,9 +59,6 @@ CONFIGS: dict[str, list[str]] = {
                                          "training.learning_rate=3e-5", "training.lr_scheduler_type=linear",
                                          "training.warmup_steps=5", "training.max_completion_length=16",
                                          "training.max_steps=120", "eval.every_steps=20"],
-    "s80_rkl_scale_lr3e-5_linear_warmup5_len12": [T06, "training.clip=scale", "training.learning_rate=3e-5",
-                                                  "training.lr_scheduler_type=linear", "training.warmup_steps=5",
-                                                  "training.max_completion_length=12", "training.max_steps=80"],
 }
 
 
