@@ -10,6 +10,7 @@ generated).
     python benchmarks/compare_methods.py opsd grpo --seeds 0 1 2 # only these (results are merged)
     python benchmarks/compare_methods.py --reuse opsd@s0=outputs/main_job_seeds/shipped/seed0/results.json
         # record an earlier run of the same configuration instead of running it again (marked "reused_from")
+    python benchmarks/compare_methods.py --reuse-main-job 1 2    # OPSD's seeds 1 and 2 from main_job_seeds.py
     python benchmarks/compare_methods.py --plot-only             # table and plot from the recorded results
 """
 
@@ -20,10 +21,11 @@ import json
 import statistics
 from pathlib import Path
 
-from recipe_runs import ROOT, record_result, run_recipe, save_percent_plot
+from recipe_runs import ROOT, record_result, run_recipe, mean_sd, save_percent_plot, split_name
 
 RESULTS = ROOT / "benchmarks" / "results" / "all_methods.json"
 PLOT = ROOT / "docs" / "img" / "all_methods.png"
+MAIN_JOB = ROOT / "benchmarks" / "results" / "main_job_seeds.json"
 
 # Every run: the main job's settings: 120 optimizer steps x 8 rollouts = 960 training rollouts of at most 16 tokens,
 # temperature 0.6, lr 3e-5 decaying linearly, bf16 autocast, full fine-tuning, the same 2000 training and 200
@@ -46,13 +48,21 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
 MAIN = ("opsd", "sdzero", "avsd", "skillsd", "grpo")
 
 
-def split_name(run: str) -> tuple[str, int]:
-    name, _, seed = run.partition("@s")
-    return name, int(seed or 0)
-
-
 def srt_tokens(result: dict) -> int:
     return int((result.get("srt") or {}).get("generated_tokens", 0))
+
+
+def from_main_job(seed: int) -> dict:
+    """OPSD's run of one seed as benchmarks/main_job_seeds.py recorded it, in this script's result shape."""
+    runs = json.loads(MAIN_JOB.read_text())["shipped"]["runs"]
+    if str(seed) not in runs:
+        raise SystemExit(f"--reuse-main-job {seed}: {MAIN_JOB} has no seed {seed} (seeds: {', '.join(runs)})")
+    run = runs[str(seed)]
+    recipe, overrides = CONFIGS["opsd"]
+    return {"name": "opsd", "recipe": recipe, "overrides": overrides, "reused_from": f"{MAIN_JOB.name} seed {seed}",
+            "eval_before": {"greedy_accuracy": run["before"]}, "eval_after": {"greedy_accuracy": run["after"]},
+            **{k: run[k] for k in ("steps", "rollouts", "generated_tokens", "train_seconds", "wall_seconds",
+                                   "learning_curve")}}
 
 
 def table(results: dict[str, dict]) -> str:
@@ -66,12 +76,11 @@ def table(results: dict[str, dict]) -> str:
     for name in [n for n in CONFIGS if n in by_config]:
         runs = by_config[name]
         after = [r["eval_after"]["greedy_accuracy"] for r in runs]
-        sd = f" ± {statistics.stdev(after):.1%}" if len(after) > 1 else ""
         tokens = statistics.mean(r["generated_tokens"] + srt_tokens(r) for r in runs)
         lines.append(
             f"{name:16} {len(runs):>5} {runs[0]['rollouts']:>8} {tokens:>11.0f} "
             f"{statistics.mean(r['train_seconds'] for r in runs):>8.0f} "
-            f"{runs[0]['eval_before']['greedy_accuracy']:>7.1%} {statistics.mean(after):>11.1%}{sd:<7} "
+            f"{runs[0]['eval_before']['greedy_accuracy']:>7.1%} {mean_sd(after):>18} "
             f"{' '.join(f'{a:.1%}' for a in after):>20}"
         )
     return "\n".join(lines)
@@ -106,6 +115,8 @@ def main() -> None:
     parser.add_argument("names", nargs="*", help=f"configurations to run (default: {', '.join(MAIN)})")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--reuse", action="append", default=[], metavar="NAME@sSEED=RESULTS_JSON")
+    parser.add_argument("--reuse-main-job", type=int, nargs="+", default=[], metavar="SEED",
+                        help="record opsd@sSEED from benchmarks/results/main_job_seeds.json (the same recipe, run alone)")
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
     for name in args.names:
@@ -123,7 +134,9 @@ def main() -> None:
         recipe, overrides = CONFIGS[name]
         record_result(RESULTS, f"{name}@s{seed}", {**json.loads(Path(path).read_text()), "name": name, "recipe": recipe,
                                  "overrides": overrides, "reused_from": path})
-    if not args.plot_only and not (args.reuse and not args.names):
+    for seed in args.reuse_main_job:
+        record_result(RESULTS, f"opsd@s{seed}", from_main_job(seed))
+    if not args.plot_only and not ((args.reuse or args.reuse_main_job) and not args.names):
         for seed in args.seeds:
             for name in args.names or MAIN:
                 recipe, overrides = CONFIGS[name]

@@ -26,7 +26,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from recipe_runs import ROOT, record_result, run_recipe, save_percent_plot
+from recipe_runs import ROOT, mean_sd, record_result, run_recipe, save_percent_plot
 
 sys.path.insert(0, str(ROOT))
 
@@ -73,12 +73,6 @@ def evaluate_model(path: str, sets: dict, max_new_tokens: int) -> dict[str, floa
     return scores
 
 
-def spread(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.1%}"
-    return f"{statistics.mean(values):.1%} ± {statistics.stdev(values):.1%}"
-
-
 def report(record: dict) -> str:
     runs = record["runs"]
     lines = [f"recipe {RECIPE} {' '.join(record['overrides'])}", ""]
@@ -89,15 +83,15 @@ def report(record: dict) -> str:
                      f"{r['train_seconds']:>7.0f} {r['steps']:>5}")
     afters = [r["after"] for r in runs.values()]
     walls = [r["wall_seconds"] for r in runs.values()]
-    lines.append(f"mean ± sd: after {spread(afters)}, wall {statistics.mean(walls):.0f} s (max {max(walls):.0f})")
+    lines.append(f"mean ± sd: after {mean_sd(afters)}, wall {statistics.mean(walls):.0f} s (max {max(walls):.0f})")
     if record.get("generalisation"):
         gen = record["generalisation"]
         lines += ["", f"{'eval set':16} {'base':>7} {'trained (mean ± sd over seeds)':>32}"]
         lines.append(f"{'trained wording':16} {statistics.mean(r['before'] for r in runs.values()):>7.1%} "
-                     f"{spread(afters):>32}")
+                     f"{mean_sd(afters):>32}")
         for name in EVAL_SETS:
             trained = [gen[seed][name] for seed in runs if seed in gen]
-            lines.append(f"{name:16} {gen['base'][name]:>7.1%} {spread(trained):>32}")
+            lines.append(f"{name:16} {gen['base'][name]:>7.1%} {mean_sd(trained):>32}")
     return "\n".join(lines)
 
 

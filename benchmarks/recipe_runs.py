@@ -6,6 +6,7 @@ Runs go one after the other, never two at once: two processes on two cores slow 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +29,29 @@ def run_recipe(name: str, recipe: str, overrides: list[str], out_root: Path) -> 
     result = json.loads((out / "results.json").read_text())
     result.update(name=name, recipe=recipe, overrides=overrides, process_seconds=round(time.perf_counter() - start, 1))
     return result
+
+
+def split_name(run: str) -> tuple[str, int]:
+    """``"grpo@s2"`` -> ``("grpo", 2)``: a configuration's name and the seed of one run of it (0 when unnamed)."""
+    name, _, seed = run.partition("@s")
+    return name, int(seed or 0)
+
+
+def seed_summary(results: dict[str, dict], key=lambda r: r["eval_after"]["greedy_accuracy"]) -> dict[str, list]:
+    """The runs of each configuration (``NAME@sS`` grouped by NAME, failed runs left out), in first-seen order,
+    as ``{name: [(seed, key(result)), ...]}``."""
+    by_config: dict[str, list] = {}
+    for run, r in results.items():
+        if "error" not in r:
+            name, seed = split_name(run)
+            by_config.setdefault(name, []).append((seed, key(r)))
+    return by_config
+
+
+def mean_sd(values: list[float]) -> str:
+    """``"35.9% ± 4.1%"`` (sample standard deviation; the mean alone for one value)."""
+    mean = statistics.mean(values)
+    return f"{mean:.1%} ± {statistics.stdev(values):.1%}" if len(values) > 1 else f"{mean:.1%}"
 
 
 def table(results: dict[str, dict]) -> str:
@@ -58,10 +82,14 @@ def plot(results: dict[str, dict], path: Path, title: str, target: float | None 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for name, r in results.items():
+    colors: dict[str, str] = {}   # runs of one configuration (NAME@sS) share a colour and a legend entry
+    for run, r in results.items():
         if r.get("learning_curve"):
+            name, _ = split_name(run)
             pts = r["learning_curve"]
-            ax.plot([p[x] for p in pts], [100 * p["greedy_accuracy"] for p in pts], marker="o", label=name)
+            line = ax.plot([p[x] for p in pts], [100 * p["greedy_accuracy"] for p in pts], marker="o", ms=3,
+                           color=colors.get(name), label=None if name in colors else name, alpha=0.8)
+            colors.setdefault(name, line[0].get_color())
     if target is not None:
         ax.axhline(target, color="grey", ls="--", lw=1)
     ax.set_xlabel(xlabel)

@@ -10,7 +10,8 @@ other (same seed, same episodes per step, same optimizer steps):
 Prints a table, writes benchmarks/results/skillsd_<env>.json and docs/img/skillsd_<env>.png (held-out greedy
 success rate against training episodes).
 
-    python benchmarks/skillsd_vs_grpo.py                        # guess_number, all three
+    python benchmarks/skillsd_vs_grpo.py                        # guess_number, all three, seed 0
+    python benchmarks/skillsd_vs_grpo.py skillsd grpo --seeds 1 2   # more seeds (results are merged)
     python benchmarks/skillsd_vs_grpo.py --env sokoban skillsd grpo
     python benchmarks/skillsd_vs_grpo.py --plot-only
 """
@@ -21,9 +22,10 @@ import argparse
 import ast
 import json
 import re
+import statistics
 from pathlib import Path
 
-from recipe_runs import ROOT, plot, run_all, table
+from recipe_runs import ROOT, mean_sd, plot, run_all, seed_summary, table
 
 CONFIGS: dict[str, list[str]] = {
     "skillsd": [],
@@ -53,10 +55,11 @@ def plot_training(results: dict[str, dict], out_root: Path, path: Path, every: i
     lines = [f"{'run':20} training success per window of {every} steps (sampled episodes)"]
     for name in results:
         log = out_root / f"{name}.log"
-        if not log.exists():
+        if log.exists():
+            results[name]["training_success"] = training_success(log)
+        values = results[name].get("training_success")
+        if not values:
             continue
-        values = training_success(log)
-        results[name]["training_success"] = values
         ax.plot([every * (i + 1) for i in range(len(values))], [100 * v for v in values], marker="o", label=name)
         mean = sum(values) / max(len(values), 1)
         lines.append(f"{name:20} " + " ".join(f"{v:5.1%}" for v in values) + f"   mean {mean:.1%}")
@@ -70,21 +73,40 @@ def plot_training(results: dict[str, dict], out_root: Path, path: Path, every: i
     return "\n".join(lines)
 
 
+def summary(results: dict[str, dict]) -> str:
+    """Held-out success after training and sampled training success, mean ± sd over each configuration's seeds."""
+    after = seed_summary(results)
+    sampled = seed_summary(results, key=lambda r: statistics.mean(r.get("training_success") or [float("nan")]))
+    lines = [f"{'configuration':16} {'seeds':>5} {'held-out success after':>24} {'training success (sampled)':>28}"]
+    for name, runs in after.items():
+        values = [v for _, v in runs]
+        lines.append(f"{name:16} {len(runs):>5} {mean_sd(values):>24} {mean_sd([v for _, v in sampled[name]]):>28}"
+                     f"   per seed: {' '.join(f's{s} {v:.1%}' for s, v in runs)}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("names", nargs="*", help=f"configurations to run: {', '.join(CONFIGS)}")
     parser.add_argument("--env", default="guess_number", choices=["guess_number", "sokoban"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (runs named NAME@sSEED)")
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--override", action="append", default=[], help="extra key=value for every run")
     args = parser.parse_args()
     recipe = f"recipes/skillsd_{args.env}.yaml"
     results_path = ROOT / "benchmarks" / "results" / f"skillsd_{args.env}.json"
-    configs = {name: (recipe, overrides + args.override) for name, overrides in CONFIGS.items()}
+    for name in args.names:
+        if name not in CONFIGS:
+            raise SystemExit(f"unknown configuration {name!r}; choose from: {', '.join(CONFIGS)}")
+    configs = {f"{name}@s{seed}": (recipe, [*overrides, *args.override, f"training.seed={seed}"])
+               for seed in args.seeds for name, overrides in CONFIGS.items()}
+    runs = [f"{name}@s{seed}" for seed in args.seeds for name in args.names or CONFIGS]
     if args.plot_only:
         results = json.loads(results_path.read_text())
         print(table(results))
     else:
-        results = run_all(configs, args.names, results_path, ROOT / "outputs" / f"skillsd_{args.env}")
+        results = run_all(configs, runs, results_path, ROOT / "outputs" / f"skillsd_{args.env}")
+    print(summary(results))
     path = ROOT / "docs" / "img" / f"skillsd_{args.env}.png"
     plot(results, path, f"Skill-SD vs GRPO on {args.env} (SmolLM2-135M-Instruct, CPU)",
          ylabel="held-out greedy success rate (%)", xlabel="training episodes")
