@@ -13,9 +13,12 @@ completion tokens of each optimizer step is known before its first backward and 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -24,6 +27,7 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import RepeatSampler, selective_log_softmax
 
@@ -55,12 +59,35 @@ from selfdistill.sources.base import PrivilegedSource, Rollout
 from selfdistill.teacher import TeacherWeights
 from selfdistill.tracking import log_rollout_table
 
+logger = logging.getLogger(__name__)
+
 TEACHER_STATE = "teacher_state.pt"
 SOURCE_STATE = "privileged_source.json"
+CHECKPOINT_INFO = "selfdistill_checkpoint.json"  # world size and ZeRO stage of the run that wrote it
+BUFFER_STATE = "rollout_buffer_rank{}.pt"  # rollouts the next steps still train on, when a checkpoint falls mid-reuse
+STAGING_DIR = ".partial"  # checkpoints being written; never matched by transformers' checkpoint-N pattern
 
 
 def _collate_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
+
+
+class EpochRepeatSampler(RepeatSampler):
+    """TRL's RepeatSampler, with each epoch's shuffle drawn from (seed, epoch) instead of from one generator that
+    advances epoch by epoch: a run resumed in epoch e then draws epoch e's order, as the uninterrupted run did (a
+    fresh generator would replay epoch 0's). The first epoch's order is RepeatSampler's own."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by transformers/accelerate at the start of every epoch
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        if self.shuffle and self.seed is not None:
+            self.generator.manual_seed(self.seed + 1_000_003 * self.epoch)
+        return super().__iter__()
 
 
 class _TeacherUpdate(TrainerCallback):
@@ -212,7 +239,7 @@ class SelfDistillTrainer(Trainer):
 
             self.vllm = VLLMRollouts(self.model, self.accelerator, processing_class, args)
         self.add_callback(_TeacherUpdate(self))
-        self._step = 0
+        self._step: int | None = None  # micro-steps trained (set at the first one, so a resumed run counts on)
         self._buffered: list[dict[str, Any]] | None = None
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(lambda: [0.0, 0.0]),
                                                              "eval": defaultdict(lambda: [0.0, 0.0])}
@@ -254,7 +281,7 @@ class SelfDistillTrainer(Trainer):
         # steps_per_generation times, which the buffer in _prepare_inputs turns into micro-batches.
         dataset = dataset if dataset is not None else self.train_dataset
         global_rollouts = self._rollout_batch_size() * self.accelerator.num_processes
-        return RepeatSampler(
+        return EpochRepeatSampler(
             data_source=dataset,
             mini_repeat_count=self.args.num_generations,
             batch_size=global_rollouts // self.args.num_generations,
@@ -275,6 +302,8 @@ class SelfDistillTrainer(Trainer):
     def _prepare_inputs(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         if self.model.training:
             every = self.args.steps_per_generation * self.args.num_iterations
+            if self._step is None:  # first step of this process: count from where a resumed run stands
+                self._step = self.state.global_step * self.args.gradient_accumulation_steps
             if self._buffered is None or self._step % every == 0:
                 self._buffered = self._make_rollouts(batch, "train", self.args.steps_per_generation)
             return self._buffered[self._step % self.args.steps_per_generation]
@@ -694,18 +723,82 @@ class SelfDistillTrainer(Trainer):
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        # Full teacher tensors, whatever the number of ranks (under ZeRO-3 a collective: every rank takes part).
-        state = {}
-        if self.teacher.keeps_copy and (self.args.should_save or self._zero3):
-            state = self.teacher.state_dict(self.accelerator.unwrap_model(self.model))
-        if not self.args.should_save:
-            return
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        if state:
-            torch.save(state, os.path.join(folder, TEACHER_STATE))
-        with open(os.path.join(folder, SOURCE_STATE), "w") as f:
-            json.dump(self.privileged.state_dict(), f, indent=1)
+        """Write checkpoint-N whole or not at all. Every file (transformers' own, the teacher copy, the source state)
+        goes to ``<output_dir>/.partial/checkpoint-N`` first; the folder is renamed into place once complete, and only
+        then are old checkpoints rotated out. A crash or kill mid-save leaves the previous checkpoint as the last.
+        """
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, STAGING_DIR)
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        if self.args.should_save and os.path.isdir(staged):  # a save of this step that a crash cut short
+            shutil.rmtree(staged)
+        self.accelerator.wait_for_everyone()
+        self._staging_root = staging_root  # _get_output_dir answers it while transformers writes its files
+        try:
+            super()._save_checkpoint(model, trial)
+            # Full teacher tensors, whatever the number of ranks (under ZeRO-3 a collective: every rank takes part).
+            state = {}
+            if self.teacher.keeps_copy and (self.args.should_save or self._zero3):
+                state = self.teacher.state_dict(self.accelerator.unwrap_model(self.model))
+            if self.args.should_save:
+                if state:
+                    torch.save(state, os.path.join(staged, TEACHER_STATE))
+                with open(os.path.join(staged, SOURCE_STATE), "w") as f:
+                    json.dump(self.privileged.state_dict(), f, indent=1)
+            every = self.args.steps_per_generation * self.args.num_iterations
+            if self._buffered is not None and self._step is not None and self._step % every:
+                # Rollouts the next step(s) still train on (steps_per_generation or num_iterations > 1): without them
+                # a resumed run would sample new ones and part from the uninterrupted run. One file per rank.
+                os.makedirs(staged, exist_ok=True)
+                torch.save(self._buffered, os.path.join(staged, BUFFER_STATE.format(self.accelerator.process_index)))
+            if self.args.should_save:
+                with open(os.path.join(staged, CHECKPOINT_INFO), "w") as f:
+                    json.dump({"world_size": self.accelerator.num_processes, "deepspeed": self.is_deepspeed_enabled,
+                               "zero_stage": zero_stage(self.accelerator), "step": self.state.global_step}, f)
+        finally:
+            self._staging_root = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish_checkpoint(staged, final)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial):
+        return getattr(self, "_staging_root", None) or super()._get_output_dir(trial)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        if resume_from_checkpoint:
+            self._check_resumable(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _check_resumable(self, checkpoint: str | bool) -> None:
+        """Refuse, before any state loads, a DeepSpeed checkpoint whose partitions were written by another number of
+        processes: ZeRO shards optimizer state (and, at stage 3, weights) per rank, so it cannot be read back on M."""
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            if checkpoint is None:
+                return  # transformers names the problem: no checkpoint in output_dir
+        info = self._checkpoint_info(str(checkpoint))
+        saved, now = info.get("world_size"), self.accelerator.num_processes
+        if info.get("deepspeed") and self.is_deepspeed_enabled and info.get("zero_stage", 0) > 0 and saved != now:
+            raise CheckpointMismatch(
+                f"{checkpoint} was written by DeepSpeed ZeRO-{info['zero_stage']} on {saved} processes and this run "
+                f"has {now}: ZeRO partitions the optimizer state per process, so it cannot be resumed on {now}. "
+                f"Resume with `accelerate launch --num_processes {saved} ...`, or turn the checkpoint into full "
+                f"weights with DeepSpeed's zero_to_fp32.py (`python {checkpoint}/zero_to_fp32.py {checkpoint} OUT`) "
+                "and start a new run from them (`model: OUT`)."
+            )
+
+    @staticmethod
+    def _checkpoint_info(checkpoint: str) -> dict[str, Any]:
+        """What the run that wrote a checkpoint recorded about itself; {} for plain transformers' checkpoints."""
+        info_file = os.path.join(checkpoint, CHECKPOINT_INFO)
+        if not os.path.exists(info_file):
+            return {}
+        with open(info_file) as f:
+            return json.load(f)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         # transformers calls this once per resume for every engine (plain, DDP, DeepSpeed, FSDP), after the model is
@@ -730,6 +823,53 @@ class SelfDistillTrainer(Trainer):
             with open(source_file) as f:
                 self.privileged.load_state_dict(json.load(f))
         self._buffered = None
+        buffer_file = os.path.join(resume_from_checkpoint, BUFFER_STATE.format(self.accelerator.process_index))
+        if os.path.exists(buffer_file):
+            saved_world = self._checkpoint_info(resume_from_checkpoint).get("world_size")
+            if saved_world in (None, self.accelerator.num_processes):
+                self._buffered = torch.load(buffer_file, map_location="cpu", weights_only=True)
+            else:
+                logger.warning(f"{resume_from_checkpoint} holds rollouts buffered on {saved_world} ranks; this run "
+                               f"has {self.accelerator.num_processes}, so the next step samples new ones")
+
+
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint that this run cannot resume (e.g. ZeRO partitions written by another number of processes)."""
+
+
+def publish_checkpoint(staged: str, final: str) -> None:
+    """Move a completely written checkpoint folder into place with one atomic rename (same filesystem). A folder
+    already at ``final`` (the same step saved again) is renamed aside first and removed after."""
+    _fsync_tree(staged)
+    old = None
+    if os.path.exists(final):
+        old = f"{staged}.replaced"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(staged, final)
+    _fsync_dir(os.path.dirname(final))
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+    with contextlib.suppress(OSError):  # empty now, unless another save is staged
+        os.rmdir(os.path.dirname(staged))
+
+
+def _fsync_tree(folder: str) -> None:
+    """Flush every file of ``folder`` to disk, so the rename never publishes data that is still in the page cache."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(root)
+
+
+def _fsync_dir(folder: str) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for fsync
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _check_finite(logits: torch.Tensor, side: str) -> None:

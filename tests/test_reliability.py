@@ -1,0 +1,207 @@
+"""Crashes and restarts lose nothing: kill -9 and resume, a crash mid-save, the same seed giving the same run.
+
+The kill test runs real subprocesses (tests/workers/kill_resume.py) and really kills them with SIGKILL at a step drawn
+at random, then resumes them in a new process and compares the end state with an uninterrupted run of the same
+configuration: every teacher policy, with and without LoRA, and Skill-SD with its skill bank and credits.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_trainer import make_trainer, params
+
+import selfdistill.trainer as trainer_module
+from selfdistill.trainer import BUFFER_STATE, CHECKPOINT_INFO, STAGING_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "workers" / "kill_resume.py"
+SCENARIOS = ("live", "initial", "ema", "sync", "lora-live", "lora-initial", "lora-ema", "lora-sync", "skillsd")
+STEPS = 6  # as in the worker
+TOLERANCE = 1e-6
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled",
+               PYTHONPATH=str(ROOT / "tests") + os.pathsep + str(ROOT))
+    env.pop("ACCELERATE_USE_CPU", None)
+    return env
+
+
+def _launch(root: Path, *args: str) -> subprocess.Popen:
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / f"worker-{time.monotonic_ns()}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(WORKER), str(root), *args], stdout=f, stderr=subprocess.STDOUT,
+                                env=_env(), cwd=ROOT)
+    proc.log = log
+    return proc
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> None:
+    code = proc.wait(timeout=timeout)
+    if code:
+        raise AssertionError(f"worker {proc.args[3:]} exited {code}; log: {proc.log.read_text()[-3000:]}")
+
+
+def _kill_each_after(procs: dict[str, subprocess.Popen], checkpoints: dict[str, Path], timeout: float = 300) -> None:
+    """SIGKILL each process as soon as its checkpoint has been published (checkpoints appear whole: see the
+    trainer), watching all of them at once."""
+    deadline = time.monotonic() + timeout
+    waiting = dict(procs)
+    while waiting:
+        for name, proc in list(waiting.items()):
+            if checkpoints[name].exists():
+                os.kill(proc.pid, signal.SIGKILL)
+                assert proc.wait(timeout=60) == -signal.SIGKILL, f"{name} finished before the kill"
+                del waiting[name]
+            elif proc.poll() is not None:
+                raise AssertionError(f"{name} ended (exit {proc.returncode}) before {checkpoints[name].name}: "
+                                     f"{proc.log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            for proc in waiting.values():
+                proc.kill()
+            raise AssertionError(f"checkpoints never appeared for {', '.join(waiting)}")
+        time.sleep(0.01)
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((float((a[n].double() - b[n].double()).abs().max()) for n in a), default=0.0)
+
+
+def test_kill_9_at_a_random_step_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
+    rng = random.Random()  # a new draw every run; the steps drawn are in the report and in any failure message
+    kill_at = {scenario: rng.randint(1, STEPS - 2) for scenario in SCENARIOS}
+    die_in_save = rng.randint(2, STEPS - 1)
+    straight = _launch(tmp_path / "straight", *SCENARIOS)
+    killed = {s: _launch(tmp_path / "killed", s, "--step-delay", "0.5") for s in SCENARIOS}
+    # One more: killed inside the save of a checkpoint (model written, optimizer not), by itself.
+    died = _launch(tmp_path / "died", "ema", "--die-in-save", str(die_in_save))
+    _kill_each_after(killed, {s: tmp_path / "killed" / s / f"checkpoint-{kill_at[s]}" for s in SCENARIOS})
+    assert died.wait(timeout=600) == -signal.SIGKILL
+    died_dir = tmp_path / "died" / "ema"
+    assert not (died_dir / f"checkpoint-{die_in_save}").exists(), "a half-written checkpoint was published"
+    assert (died_dir / STAGING_DIR / f"checkpoint-{die_in_save}").exists()
+    assert (died_dir / f"checkpoint-{die_in_save - 1}" / CHECKPOINT_INFO).exists()
+
+    resumed = [_launch(tmp_path / "killed", *SCENARIOS, "--resume"), _launch(tmp_path / "died", "ema", "--resume")]
+    for proc in (straight, *resumed):
+        _finish(proc)
+
+    report = {}
+    for scenario, root in [*((s, "killed") for s in SCENARIOS), ("ema (killed mid-save)", "died")]:
+        name = scenario.split(" ")[0]
+        ref = torch.load(tmp_path / "straight" / name / "final.pt", weights_only=True)
+        got = torch.load(tmp_path / root / name / "final.pt", weights_only=True)
+        report[scenario] = {
+            "killed after step": kill_at.get(scenario, die_in_save - 1),
+            "weights": _max_diff(ref["params"], got["params"]),
+            "teacher": _max_diff(ref["teacher"], got["teacher"]),
+            "losses": max(abs(a - b) for a, b in zip(ref["losses"], got["losses"], strict=True)),
+        }
+        assert got["step"] == ref["step"] == STEPS
+        assert got["source"] == ref["source"], f"{scenario}: source state differs after resume"
+        if scenario == "skillsd":
+            skills = ref["source"]["bank"]["skills"]
+            assert skills and any(s["uses"] for s in skills), "the test needs credited skills to compare"
+    print("\nmax |difference| resumed vs uninterrupted:\n" + json.dumps(report, indent=1))
+    for scenario, diffs in report.items():
+        for key in ("weights", "teacher", "losses"):
+            assert diffs[key] <= TOLERANCE, f"{scenario} ({diffs['killed after step']=}): {key} differ by {diffs[key]}"
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_to_resume_from(tmp_path, tokenizer, monkeypatch):
+    common = dict(max_steps=5, save_strategy="steps", save_steps=1, save_total_limit=1, teacher_policy="ema",
+                  teacher_ema_rate=0.5)
+    straight = make_trainer(tmp_path / "a", tokenizer, **common)
+    straight.train()
+
+    crashing = make_trainer(tmp_path / "b", tokenizer, **common)
+    real_save = torch.save
+
+    def save_then_crash(obj, path, *args, **kwargs):
+        if crashing.state.global_step == 3 and str(path).endswith("teacher_state.pt"):
+            raise OSError("disk full (simulated)")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.torch, "save", save_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        crashing.train()
+    monkeypatch.setattr(trainer_module.torch, "save", real_save)
+    out = Path(crashing.args.output_dir)
+    # save_total_limit=1 did not delete checkpoint-2 for a checkpoint-3 that never completed.
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert (out / STAGING_DIR / "checkpoint-3").exists()
+
+    resumed = make_trainer(tmp_path / "b", tokenizer, **common)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 5
+    assert not (out / STAGING_DIR).exists()
+    for name, value in params(straight.model).items():
+        torch.testing.assert_close(params(resumed.model)[name], value, rtol=0, atol=TOLERANCE)
+
+
+def test_resuming_between_two_iterations_on_one_batch_reuses_its_rollouts(tmp_path, tokenizer):
+    common = dict(max_steps=4, save_strategy="steps", save_steps=1, num_iterations=2, ratio_clip=2.0,
+                  teacher_policy="live")
+    straight = make_trainer(tmp_path / "a", tokenizer, **common)
+    straight.train()
+    checkpoint = Path(straight.args.output_dir) / "checkpoint-3"
+    # Step 3 trained on the first use of a batch that step 4 uses again: the checkpoint carries it.
+    assert (checkpoint / BUFFER_STATE.format(0)).exists()
+    assert not (Path(straight.args.output_dir) / "checkpoint-4" / BUFFER_STATE.format(0)).exists()
+
+    resumed = make_trainer(tmp_path / "b", tokenizer, **common)
+    calls = []
+    original = resumed._make_rollouts
+    resumed._make_rollouts = lambda *a, **k: calls.append(1) or original(*a, **k)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert not calls, "the resumed run sampled new rollouts instead of reusing the saved ones"
+    for name, value in params(straight.model).items():
+        torch.testing.assert_close(params(resumed.model)[name], value, rtol=0, atol=TOLERANCE)
+
+
+def test_the_same_seed_gives_the_same_run(tmp_path, tokenizer):
+    runs = []
+    for name in ("a", "b"):
+        trainer = make_trainer(tmp_path / name, tokenizer, max_steps=4, teacher_policy="ema", teacher_ema_rate=0.5)
+        trainer.train()
+        runs.append((trainer, [h["loss"] for h in trainer.state.log_history if "loss" in h]))
+    (first, first_losses), (second, second_losses) = runs
+    assert first_losses == second_losses and len(first_losses) == 4
+    for name, value in params(first.model).items():
+        assert torch.equal(params(second.model)[name], value), name
+    for name, value in first.teacher.params.items():
+        assert torch.equal(second.teacher.params[name], value), name
+    # and a different seed does give a different run (the test can fail)
+    other = make_trainer(tmp_path / "c", tokenizer, max_steps=4, teacher_policy="ema", teacher_ema_rate=0.5, seed=1)
+    other.train()
+    assert [h["loss"] for h in other.state.log_history if "loss" in h] != first_losses
+
+
+def test_resuming_in_a_later_epoch_draws_that_epochs_prompts(tmp_path, tokenizer):
+    # 8 prompts x 2 generations in batches of 4 rollouts: 4 steps an epoch, so checkpoint-5 lies in the second epoch.
+    common = dict(max_steps=6, save_strategy="steps", save_steps=1)
+    straight = make_trainer(tmp_path / "a", tokenizer, **common)
+    seen = []
+    original = straight._make_rollouts
+    straight._make_rollouts = lambda rows, *a: seen.append([r["answer"] for r in rows]) or original(rows, *a)
+    straight.train()
+    assert seen[4:] != seen[:2]  # the second epoch is shuffled anew
+
+    resumed = make_trainer(tmp_path / "b", tokenizer, **common)
+    again = []
+    original = resumed._make_rollouts
+    resumed._make_rollouts = lambda rows, *a: again.append([r["answer"] for r in rows]) or original(rows, *a)
+    resumed.train(resume_from_checkpoint=str(Path(straight.args.output_dir) / "checkpoint-5"))
+    assert again == seen[5:], "the resumed run trained on other prompts than the uninterrupted one"
+    for name, value in params(straight.model).items():
+        torch.testing.assert_close(params(resumed.model)[name], value, rtol=0, atol=TOLERANCE)
