@@ -124,8 +124,14 @@ def _call(func: Callable, timeout: float | None, kwargs: dict[str, Any]) -> Any:
     return box["value"]
 
 
+class RewardFunctionError(RuntimeError):
+    """A reward function failed on every rollout of a batch: a broken verifier, not a malformed completion."""
+
+
 def _values(func: Callable, timeout: float | None, kwargs: dict[str, Any], n: int) -> list[float]:
     values = _call(func, timeout, kwargs)
+    if values is None or isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"returned {values!r} instead of a list with one float (or None) per completion")
     values = [math.nan if v is None else float(v) for v in values]
     if len(values) != n:
         raise ValueError(f"returned {len(values)} rewards for {n} completions")
@@ -146,8 +152,9 @@ def score_rollouts(
     Functions follow TRL's convention ``f(prompts, completions, completion_ids, **columns) -> list[float | None]``.
     A verifier must never kill a long run: when a batch call raises, each rollout is retried alone, so one
     malformed completion costs only its own reward; a call that raises or exceeds ``timeout`` seconds gives NaN
-    for the rollouts it covered and each of them is counted as a failure. NaN or None rewards are left out of the
-    weighted sum (a rollout with no finite reward gets NaN).
+    for the rollouts it covered and each of them is counted as a failure. A function that fails on *every* rollout
+    of the batch (raises, hangs, returns None) is broken: :class:`RewardFunctionError` names it and the fix. NaN or
+    None rewards are left out of the weighted sum (a rollout with no finite reward gets NaN).
     """
     columns = {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
     columns.pop("prompt", None)
@@ -159,12 +166,12 @@ def score_rollouts(
         if name in per_func:  # two functions with one name (lambdas, partials) keep separate metrics
             name = f"{name}_{index}"
         kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        failed, first_error = 0, None
         try:
             values = _values(func, timeout, kwargs, n)
         except VerifierTimeout as err:
             # Retrying item by item could cost n timeouts; the whole batch is given up instead.
-            failures += n
-            logger.warning("reward function %s %s; %d rollouts counted as failures", name, err, n)
+            failed, first_error = n, err
             values = [math.nan] * n
         except Exception as err:
             logger.warning("reward function %s failed on a batch (%s: %s); retrying rollout by rollout", name,
@@ -175,10 +182,21 @@ def score_rollouts(
                 try:
                     values.extend(_values(func, timeout, one, 1))
                 except Exception as item_err:
-                    failures += 1
+                    failed += 1
+                    first_error = first_error or item_err
                     logger.warning("reward function %s failed on rollout %d (%s: %s); counted as a failure", name,
                                    i, type(item_err).__name__, item_err)
                     values.append(math.nan)
+        if n and failed == n:
+            # One malformed completion costs its own reward; a function that fails on all of them is broken, and
+            # training on without its rewards would be silent garbage.
+            raise RewardFunctionError(
+                f"reward function {name!r} failed on all {n} rollouts of a batch ({type(first_error).__name__}: "
+                f"{first_error}). Fix it: it is called as f(prompts, completions, completion_ids, **dataset_columns) "
+                "and returns a list with one float (or None) per completion. If it is only slow, raise "
+                "reward_timeout; or leave it out of reward_funcs (recipe: rewards)."
+            ) from first_error
+        failures += failed
         per_func[name] = values
     columns_by_func = list(per_func.values())
     totals = []

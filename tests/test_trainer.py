@@ -8,7 +8,7 @@ from conftest import build_dataset, build_model
 
 import selfdistill.trainer as trainer_module
 from selfdistill import ReferenceSolution, SelfDistillConfig, SelfDistillTrainer
-from selfdistill.rollout import Generated
+from selfdistill.rollout import Generated, RewardFunctionError
 from selfdistill.sources.base import PrivilegedSource, TeacherView
 from selfdistill.trainer import NonFiniteLogits
 
@@ -232,18 +232,30 @@ def test_nan_logits_raise_a_named_error(tmp_path, tokenizer):
         trainer.train()
 
 
-def test_raising_reward_function_is_counted(tmp_path, tokenizer):
+def test_a_reward_function_that_always_raises_stops_the_run_with_the_fix(tmp_path, tokenizer):
     def broken(prompts, completions, **kwargs):
         raise RuntimeError("verifier crashed")
 
     trainer = SelfDistillTrainer(model=build_model(tokenizer), args=make_args(tmp_path, max_steps=1),
                                  train_dataset=build_dataset(), processing_class=tokenizer,
                                  privileged=ReferenceSolution(), reward_funcs=[broken, exact_reward])
-    trainer.train()
+    with pytest.raises(RewardFunctionError, match="'broken' failed on all 4 rollouts.*verifier crashed"):
+        trainer.train()
+
+
+def test_a_reward_function_failing_on_some_rollouts_is_counted(tmp_path, tokenizer):
+    def picky(prompts, completions, answer, **kwargs):
+        if "30" in answer:
+            raise ValueError("cannot score the problem whose answer is 30")
+        return [1.0] * len(answer)
+
+    trainer = SelfDistillTrainer(model=build_model(tokenizer), args=make_args(tmp_path, max_steps=4),
+                                 train_dataset=build_dataset(), processing_class=tokenizer,
+                                 privileged=ReferenceSolution(), reward_funcs=[picky])
+    trainer.train()  # 4 steps x 2 prompts: every prompt once, the one with answer 30 in two rollouts
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    # every rollout of the step lost the broken verifier's reward (each counted), the other verifier still scored
-    assert logs[0]["reward_failures"] == trainer.rollouts_generated > 0
-    assert "rewards/exact_reward" in logs[0]
+    assert sum(h["reward_failures"] for h in logs) == 2
+    assert all(h["reward"] == 1.0 for h in logs)
 
 
 @pytest.mark.parametrize("overrides, message", [
