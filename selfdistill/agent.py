@@ -101,6 +101,27 @@ class Episode:
         return "\n".join(f"{names.get(m['role'], m['role'])}: {m['content']}" for m in self.messages)
 
 
+class EnvironmentFailure(RuntimeError):
+    """An environment raised or hung during an episode; the message names the call, the turn and the task."""
+
+
+def _env_call(func: Any, what: str, row: dict[str, Any], turn: int, timeout: float | None, *args: Any,
+              **kwargs: Any) -> Any:
+    from selfdistill.rollout import _call
+
+    owner = getattr(func, "__self__", None)
+    name = type(owner).__name__ if owner is not None else getattr(func, "__name__", type(func).__name__)
+    try:
+        return _call(lambda: func(*args, **kwargs), timeout, {}, setting="env_timeout", error=TimeoutError)
+    except Exception as err:
+        task = {k: v for k, v in row.items() if k != "prompt"}
+        raise EnvironmentFailure(
+            f"environment {name}: {what} failed at turn {turn} ({type(err).__name__}: {err}) on the task "
+            f"{str(task)[:200]}. Fix the environment's {what} (it must not raise on any reply the model can write: "
+            "report a bad reply as an invalid action instead), or raise env_timeout if it is only slow."
+        ) from err
+
+
 @torch.no_grad()
 def run_episodes(
     model: Any,
@@ -118,6 +139,7 @@ def run_episodes(
     top_p: float = 1.0,
     top_k: int | None = None,
     template: TurnTemplate | None = None,
+    env_timeout: float | None = None,
 ) -> list[Episode]:
     """Play one episode per row, all rows in lock-step: each turn is one batched ``generate`` over the episodes
     still running.
@@ -128,14 +150,18 @@ def run_episodes(
         max_new_tokens: the per-reply token limit.
         max_turns: stop after this many replies (default: the environment's own ``max_turns``).
         max_episode_length: cap on ``len(completion_ids)``; an episode that would exceed it on its next turn stops.
+        env_timeout: seconds each environment call (construction, reset, step, reward) may take.
+
+    An environment that raises or exceeds ``env_timeout`` stops the rollout with :class:`EnvironmentFailure`, which
+    names the environment, the call, the turn and the task.
     """
     template = template or TurnTemplate(tokenizer)
     eos_set = set(eos)
     episodes, envs = [], []
     for row in rows:
-        env = env_factory()
         task = {k: v for k, v in row.items() if k != "prompt"}
-        prompt = with_observation(row["prompt"], env.reset(**task))
+        env = _env_call(env_factory, "construction", row, 0, env_timeout)
+        prompt = with_observation(row["prompt"], _env_call(env.reset, "reset", row, 0, env_timeout, **task))
         episodes.append(Episode(row=dict(row), prompt=prompt, prompt_ids=render_context(tokenizer, prompt)))
         envs.append(env)
     limit = max_turns or max(env.max_turns for env in envs)
@@ -153,14 +179,15 @@ def run_episodes(
             episode.truncated_replies += int(cut)
             text = tokenizer.decode(reply, skip_special_tokens=True).strip()
             episode.messages.append({"role": "assistant", "content": text})
-            result = env.step(text)
+            result = _env_call(env.step, "step", episode.row, episode.turns, env_timeout, text)
             episode.invalid_actions += int(not result.valid)
             episode.done = result.done
             closed = bool(reply) and reply[-1] in eos_set
             between = [] if result.done else template.between(result.observation, closed)
             budget_left = max_episode_length - len(episode.completion_ids) - len(between) - max_new_tokens
             if result.done or episode.turns >= limit or budget_left < 0:
-                episode.reward = float(env.get_reward())
+                episode.reward = float(_env_call(env.get_reward, "get_reward", episode.row, episode.turns,
+                                                 env_timeout))
                 episode.success = env.success
                 if result.done:
                     episode.messages.append({"role": "user", "content": result.observation})
@@ -202,6 +229,7 @@ def evaluate_env(
     max_episode_length: int = 1024,
     desc: str = "eval",
     progress: bool = True,
+    env_timeout: float | None = 60.0,
     **_: Any,
 ) -> dict[str, Any]:
     """Greedy success rate of ``model`` on the environment tasks of ``dataset``.
@@ -222,7 +250,8 @@ def evaluate_env(
             chunk = rows[i : i + batch_size]
             episodes += run_episodes(model, tokenizer, chunk, env_factory, pad_id=tokenizer.pad_token_id, eos=eos,
                                      max_new_tokens=max_new_tokens, max_turns=max_turns,
-                                     max_episode_length=max_episode_length, do_sample=False, template=template)
+                                     max_episode_length=max_episode_length, do_sample=False, template=template,
+                                     env_timeout=env_timeout)
             bar.update(len(chunk))
     finally:
         bar.close()

@@ -28,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("recipes", help="list the shipped recipes")
     check = sub.add_parser("check", help="validate recipes without loading a model (GPU-only settings included)")
     check.add_argument("recipes", nargs="+")
+    for command in (train, ev, check):
+        command.add_argument("--allow-code", action="append", default=[], metavar="MODULE",
+                             help="let the recipe name reward or view functions from MODULE (repeatable; '*': any "
+                                  "module, and trust_remote_code). Without it only selfdistill's own run.")
     skills = sub.add_parser("skills", help="print a Skill-SD skill bank (a run's output dir, a checkpoint, or a JSON)")
     skills.add_argument("path", help="skills.json, a checkpoint's privileged_source.json, or a folder holding one")
     skills.add_argument("--task", help="only this task tag")
@@ -55,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "check":
             for path in args.recipes:
-                load_recipe(path, hardware_checks=False)
+                load_recipe(path, hardware_checks=False, allow_code=args.allow_code)
                 print(f"ok  {path}")
             return 0
-        recipe = load_recipe(args.recipe, args.overrides)
+        recipe = load_recipe(args.recipe, args.overrides, allow_code=args.allow_code)
         from selfdistill.run import run_eval, run_train
 
         if args.command == "train":

@@ -161,7 +161,13 @@ class SelfDistillConfig(TrainingArguments):
     reward_timeout: float | None = field(
         default=60.0,
         metadata={"help": "Seconds a reward function may take on one batch; a slower call counts its rollouts as "
-                  "verifier failures (NaN reward) instead of stalling the run. None: no limit."},
+                  "verifier failures (NaN reward) instead of stalling the run, and a function that fails on every "
+                  "rollout of a batch stops the run with the fix. None: no limit."},
+    )
+    env_timeout: float | None = field(
+        default=60.0,
+        metadata={"help": "Seconds each environment call (construction, reset, step, reward) may take; a slower or "
+                  "raising one stops the run with an error naming the call, the turn and the task. None: no limit."},
     )
 
     # Scale-out: vLLM rollouts and the final model (docs/scaling.md)
@@ -260,6 +266,12 @@ class SelfDistillConfig(TrainingArguments):
             raise ValueError(f"num_generations={self.num_generations} must be >= 1")
         if self.max_completion_length < 1:
             raise ValueError(f"max_completion_length={self.max_completion_length} must be >= 1")
+        if self.per_device_train_batch_size < 1:
+            raise ValueError(f"per_device_train_batch_size={self.per_device_train_batch_size} must be >= 1 (rollouts "
+                             "per device per optimizer step)")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps={self.max_steps} trains nothing; give a number of optimizer steps >= 1 (or -1 "
+                             "to train for num_train_epochs)")
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be > 0; rollouts are sampled, not greedy")
         if not 0 < self.top_p <= 1:
@@ -293,8 +305,10 @@ class SelfDistillConfig(TrainingArguments):
             raise ValueError(f"teacher_update_every={self.teacher_update_every} must be >= 1")
         if self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size={self.loss_chunk_size} must be >= 1")
-        if self.reward_timeout is not None and not self.reward_timeout > 0:
-            raise ValueError(f"reward_timeout={self.reward_timeout} must be > 0 seconds (or None for no limit)")
+        for name in ("reward_timeout", "env_timeout"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name}={value} must be > 0 seconds (or None for no limit)")
         if self.heatmap_steps < 0 or self.heatmap_samples < 1:
             raise ValueError("heatmap_steps must be >= 0 (0 switches heatmaps off) and heatmap_samples >= 1")
         _choice("scale_rewards", self.scale_rewards, ("group", "batch", "none"))

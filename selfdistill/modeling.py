@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+
+class ModelNotFound(OSError):
+    """A model name that is neither embedded, nor a local folder, nor loadable from a hub."""
 
 
 def resolve(name_or_path: str) -> str:
@@ -14,14 +19,31 @@ def resolve(name_or_path: str) -> str:
     return resolve_model_path(name_or_path)
 
 
+def _load(loader: Any, name_or_path: str, what: str, **kwargs: Any) -> Any:
+    if name_or_path.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise ModelNotFound(f"model {name_or_path!r} is a path, and no folder exists there; give the folder a "
+                            "model was saved to (save_pretrained), or an embedded model's name")
+    try:
+        return loader.from_pretrained(resolve(name_or_path), **kwargs)
+    except OSError as err:
+        from selfdistill.embedded import EMBEDDED_MODELS
+
+        known = ", ".join(EMBEDDED_MODELS)
+        raise ModelNotFound(
+            f"cannot load the {what} of model {name_or_path!r}: it is not an embedded model ({known}), "
+            f"not a folder holding a saved model, and no model hub answered for it ({err.__class__.__name__}: "
+            f"{str(err).splitlines()[0][:200]}). Give an embedded name, or a folder written by save_pretrained."
+        ) from err
+
+
 def load_model(name_or_path: str, init_kwargs: dict[str, Any] | None = None) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` on the resolved path."""
-    return AutoModelForCausalLM.from_pretrained(resolve(name_or_path), **(init_kwargs or {}))
+    return _load(AutoModelForCausalLM, name_or_path, "weights", **(init_kwargs or {}))
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The tokenizer with a pad token (the EOS token when it has none; masks, not ids, mark padding here)."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path))
+    tokenizer = _load(AutoTokenizer, name_or_path, "tokenizer")
     return ensure_pad_token(tokenizer)
 
 

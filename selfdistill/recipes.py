@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,8 +192,57 @@ def build_config(training: dict[str, Any], hardware_checks: bool = True) -> Self
         raise RecipeError(f"training: {err}") from err
 
 
-def parse_recipe(raw: Any, path: str | None = None, hardware_checks: bool = True) -> Recipe:
-    """Validate a recipe mapping (already YAML-loaded) and return it; builds the config to check it."""
+BUILTIN_REWARDS = {
+    "arithmetic": "selfdistill.tasks.arithmetic:arithmetic_reward",
+    "math": "selfdistill.rewards:math_reward",
+}
+ALLOW_CODE_ENV = "SELFDISTILL_ALLOW_CODE"  # comma-separated modules a recipe may import code from ("*": any)
+
+
+def allowed_code(allow: Sequence[str] = ()) -> tuple[str, ...]:
+    """Modules whose functions a recipe may name: selfdistill's own, ``allow`` (``--allow-code``) and the
+    comma-separated ``SELFDISTILL_ALLOW_CODE``."""
+    from_env = [m.strip() for m in os.environ.get(ALLOW_CODE_ENV, "").split(",") if m.strip()]
+    return ("selfdistill", *allow, *from_env)
+
+
+def check_code(rewards: list[str], source: SourceSpec, training: dict[str, Any], allow: Sequence[str]) -> None:
+    """Refuse, before anything is imported, a recipe that would run code the user has not allowed: a dotted-path
+    reward or view outside the allowed modules, or a model loaded with ``trust_remote_code``."""
+    from selfdistill.sources.multiview import BUILTIN_VIEWS
+
+    refs = [("rewards", r) for r in rewards if r not in BUILTIN_REWARDS]
+    views = source.args.get("views") or []
+    refs += [("source.views", v) for v in views if isinstance(v, str) and v not in BUILTIN_VIEWS and v not in SOURCES]
+    for where, target in refs:
+        module = target.partition(":")[0] if ":" in target else target.rpartition(".")[0]
+        if not module:  # not a dotted path: no code to import (an unknown view is named by the source itself)
+            if where == "rewards":
+                raise RecipeError(f"reward {target!r} is neither built in ({', '.join(BUILTIN_REWARDS)}) nor a dotted "
+                                  "path like 'my_package.rewards.exact_match'")
+            continue
+        if "*" in allow or any(module == m or module.startswith(m + ".") for m in allow):
+            continue
+        top = module.split(".")[0] or target
+        raise RecipeError(
+            f"{where}: {target!r} would import and run code from module {module!r}, which this run does not allow. "
+            f"Recipes may name built-in functions freely; code of your own needs your consent: "
+            f"`selfdistill train RECIPE --allow-code {top}` (or {ALLOW_CODE_ENV}={top}). See docs/reliability.md."
+        )
+    if (training.get("model_init_kwargs") or {}).get("trust_remote_code") and "*" not in allow:
+        raise RecipeError(
+            "training.model_init_kwargs.trust_remote_code runs Python files shipped with the model; allow it "
+            f"explicitly with `--allow-code '*'` (or {ALLOW_CODE_ENV}='*'), or remove it"
+        )
+
+
+def parse_recipe(raw: Any, path: str | None = None, hardware_checks: bool = True,
+                 allow_code: Sequence[str] = ()) -> Recipe:
+    """Validate a recipe mapping (already YAML-loaded) and return it; builds the config to check it.
+
+    ``allow_code``: modules (besides selfdistill) whose functions the recipe may name as rewards or views
+    (``"*"``: any); see :func:`check_code`.
+    """
     if not isinstance(raw, dict):
         raise RecipeError(f"a recipe is a YAML mapping of sections; {path or 'the input'} holds {type(raw).__name__}")
     for key in raw:
@@ -229,6 +280,7 @@ def parse_recipe(raw: Any, path: str | None = None, hardware_checks: bool = True
     for key in ("model", "description"):
         if key in raw and not isinstance(raw[key], str):
             raise RecipeError(f"{key}: expected a string, got {type(raw[key]).__name__}")
+    check_code(rewards, source, training, allowed_code(allow_code))
     data = sections["data"]
     env = parse_env(raw.get("env"))
     if env is not None:
@@ -369,14 +421,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"override {item!r}: {part!r} is not a section")
-        parsed = yaml.safe_load(value) if value.strip() else None
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as err:
+            raise RecipeError(f"override {item!r}: the value is not a YAML scalar or list ({err}); quote it, e.g. "
+                              f"{key}='\"...\"'") from err
         if isinstance(parsed, str) and _FLOAT.match(parsed.strip()):
             parsed = float(parsed)
         node[parts[-1]] = parsed
     return raw
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None, hardware_checks: bool = True) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, hardware_checks: bool = True,
+                allow_code: Sequence[str] = ()) -> Recipe:
     path = Path(path)
     if not path.exists():
         raise RecipeError(f"recipe {path} does not exist; `selfdistill recipes` lists the shipped ones")
@@ -386,7 +443,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, hardware_c
         raise RecipeError(f"{path} is not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
-    return parse_recipe(apply_overrides(raw, overrides or []), str(path), hardware_checks)
+    return parse_recipe(apply_overrides(raw, overrides or []), str(path), hardware_checks, allow_code)
 
 
 def recipe_dirs() -> list[Path]:

@@ -101,9 +101,10 @@ class VerifierTimeout(TimeoutError):
     """A reward function did not return within the configured time."""
 
 
-def _call(func: Callable, timeout: float | None, kwargs: dict[str, Any]) -> Any:
-    """``func(**kwargs)``, abandoned after ``timeout`` seconds (a Python thread cannot be killed: a hung verifier
-    keeps its thread, but the run goes on)."""
+def _call(func: Callable, timeout: float | None, kwargs: dict[str, Any], setting: str = "reward_timeout",
+          error: type[TimeoutError] = VerifierTimeout) -> Any:
+    """``func(**kwargs)``, abandoned after ``timeout`` seconds with ``error`` naming the ``setting`` that sets the
+    limit (a Python thread cannot be killed: a hung call keeps its thread, but the caller goes on)."""
     if not timeout:
         return func(**kwargs)
     box: dict[str, Any] = {}
@@ -114,11 +115,11 @@ def _call(func: Callable, timeout: float | None, kwargs: dict[str, Any]) -> Any:
         except BaseException as err:  # re-raised in the caller's thread
             box["error"] = err
 
-    thread = threading.Thread(target=target, daemon=True, name=f"verifier-{reward_name(func)}")
+    thread = threading.Thread(target=target, daemon=True, name=f"timed-{reward_name(func)}")
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        raise VerifierTimeout(f"did not return within {timeout:g} s (reward_timeout)")
+        raise error(f"did not return within {timeout:g} s ({setting})")
     if "error" in box:
         raise box["error"]
     return box["value"]

@@ -18,13 +18,9 @@ from selfdistill.distributed import gathered, is_zero3_model, rank_report
 from selfdistill.evaluation import LearningCurve, evaluate
 from selfdistill.export import save_final_model
 from selfdistill.modeling import load_model, load_tokenizer
-from selfdistill.recipes import Recipe, RecipeError, build_env, build_source
+from selfdistill.recipes import BUILTIN_REWARDS, Recipe, RecipeError, build_env, build_source
 from selfdistill.revision import self_revision_training
-
-BUILTIN_REWARDS = {
-    "arithmetic": "selfdistill.tasks.arithmetic:arithmetic_reward",
-    "math": "selfdistill.rewards:math_reward",
-}
+from selfdistill.trainer import check_datasets
 
 
 def resolve_reward(name: str) -> Callable:
@@ -79,6 +75,7 @@ def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     verifier = env_factory or (rewards[0] if rewards else None)
     evaluate_fn = evaluate_env if env_factory is not None else evaluate
     source = build_source(recipe.source)
+    check_datasets(source, args, train)  # missing columns, too few prompts: named before the model loads
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model, args.model_init_kwargs)
     setup_seconds = time.perf_counter() - start

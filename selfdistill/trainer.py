@@ -72,6 +72,30 @@ def _collate_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def check_datasets(privileged: PrivilegedSource, args: SelfDistillConfig, train_dataset: Any,
+                   eval_dataset: Any = None) -> None:
+    """The columns the trainer and the source read, and enough prompts for one generation batch; raised before any
+    model work (``selfdistill train`` calls it before the model loads)."""
+    for split, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+        columns = getattr(dataset, "column_names", None)
+        if isinstance(columns, list):
+            if "prompt" not in columns:
+                raise KeyError(
+                    f"{split} has no 'prompt' column (columns: {', '.join(columns)}); rename the task column "
+                    "with dataset.rename_column(old, 'prompt')"
+                )
+            privileged.check_dataset(columns)
+    if train_dataset is not None and hasattr(train_dataset, "__len__"):
+        per_batch = args.per_device_train_batch_size * args.steps_per_generation * args.world_size
+        prompts = per_batch // args.num_generations
+        if len(train_dataset) < prompts:
+            raise ValueError(
+                f"train_dataset has {len(train_dataset)} prompts; one generation batch takes {prompts} distinct "
+                f"prompts ({per_batch} rollouts / num_generations={args.num_generations}), so not one step could run. "
+                "Add rows, or lower per_device_train_batch_size or steps_per_generation"
+            )
+
+
 class EpochRepeatSampler(RepeatSampler):
     """TRL's RepeatSampler, with each epoch's shuffle drawn from (seed, epoch) instead of from one generator that
     advances epoch by epoch: a run resumed in epoch e then draws epoch e's order, as the uninterrupted run did (a
@@ -177,15 +201,7 @@ class SelfDistillTrainer(Trainer):
         if privileged.needs_rewards and not self.reward_funcs:
             raise ValueError(f"{type(privileged).__name__} needs rewards; pass reward_funcs=[...] (a verifier)")
 
-        for split, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            columns = getattr(dataset, "column_names", None)
-            if isinstance(columns, list):
-                if "prompt" not in columns:
-                    raise KeyError(
-                        f"{split} has no 'prompt' column (columns: {', '.join(columns)}); rename the task column "
-                        "with dataset.rename_column(old, 'prompt')"
-                    )
-                privileged.check_dataset(columns)
+        check_datasets(privileged, args, train_dataset, eval_dataset)
 
         if args.grpo_weight > 0 and not (self.reward_funcs or environment_factory):
             raise ValueError("grpo_weight > 0 needs rewards: pass reward_funcs=[...] or an environment_factory")
@@ -442,6 +458,7 @@ class SelfDistillTrainer(Trainer):
                 max_episode_length=self.args.max_episode_length or self.max_teacher_length // 2,
                 temperature=self.args.temperature,
                 top_p=self.args.top_p, top_k=self.args.top_k, template=self.turn_template,
+                env_timeout=self.args.env_timeout,
             )
         return episodes, Generated([e.completion_ids for e in episodes], [not e.done for e in episodes])
 
@@ -571,6 +588,11 @@ class SelfDistillTrainer(Trainer):
                                 "grpo/advantage_abs": advantages.abs().mean().item()})
         # Normalised by the completion-token count of the whole optimizer step (see _set_normalizers).
         loss = total.sum() / inputs["normalizer"]
+        if not torch.isfinite(loss):  # finite logits can still give one (e.g. NaN old log-probs, an inf advantage)
+            raise NonFiniteLogits(
+                f"the loss of step {self.state.global_step + 1} is {loss.item()} although the logits were finite: a "
+                f"NaN or inf entered through the sampling log-probs, the rewards or the advantages; {NON_FINITE_FIX}"
+            )
         n = float(tokens.numel())
         for key, value in metrics.items():
             self._record(mode, key, value, n)

@@ -247,7 +247,7 @@ def test_two_stage_recipe_end_to_end_with_a_dotted_path_verifier(tmp_path, token
     }
     path = tmp_path / "sdzero.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    assert main(["train", str(path), "--no-progress"]) == 0
+    assert main(["train", str(path), "--no-progress", "--allow-code", "my_verifiers"]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["method"] == "sdzero" and results["steps"] == 2
     assert results["srt"]["examples"] > 0 and results["srt"]["sft_steps"] >= 1
