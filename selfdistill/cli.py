@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from selfdistill.modeling import ModelNotFound
 from selfdistill.recipes import RecipeError, list_recipes, load_recipe
 
 
@@ -76,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except RecipeError as err:
         print(f"selfdistill: recipe error: {err}", file=sys.stderr)
+        return 2
+    except ModelNotFound as err:
+        print(f"selfdistill: {err}", file=sys.stderr)
         return 2
 
 

@@ -75,7 +75,10 @@ def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     verifier = env_factory or (rewards[0] if rewards else None)
     evaluate_fn = evaluate_env if env_factory is not None else evaluate
     source = build_source(recipe.source)
-    check_datasets(source, args, train)  # missing columns, too few prompts: named before the model loads
+    try:  # missing columns, malformed prompts, too few prompts: named before the model loads
+        check_datasets(source, args, train)
+    except (KeyError, TypeError, ValueError) as err:
+        raise RecipeError(f"data: {err.args[0] if err.args else err}") from err
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model, args.model_init_kwargs)
     setup_seconds = time.perf_counter() - start

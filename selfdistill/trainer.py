@@ -85,6 +85,9 @@ def check_datasets(privileged: PrivilegedSource, args: SelfDistillConfig, train_
                     "with dataset.rename_column(old, 'prompt')"
                 )
             privileged.check_dataset(columns)
+            if hasattr(dataset, "__len__") and len(dataset):
+                for i, prompt in enumerate(dataset.select(range(min(len(dataset), 64)))["prompt"]):
+                    check_prompt(prompt, f"{split} row {i}")
     if train_dataset is not None and hasattr(train_dataset, "__len__"):
         per_batch = args.per_device_train_batch_size * args.steps_per_generation * args.world_size
         prompts = per_batch // args.num_generations
@@ -94,6 +97,20 @@ def check_datasets(privileged: PrivilegedSource, args: SelfDistillConfig, train_
                 f"prompts ({per_batch} rollouts / num_generations={args.num_generations}), so not one step could run. "
                 "Add rows, or lower per_device_train_batch_size or steps_per_generation"
             )
+
+
+def check_prompt(prompt: Any, where: str) -> None:
+    """A prompt is plain text or a conversation: a list of {"role": ..., "content": ...} messages."""
+    if isinstance(prompt, str):
+        return
+    if isinstance(prompt, list) and prompt and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
+    ):
+        return
+    raise TypeError(
+        f"{where}: the prompt is {type(prompt).__name__} {repr(prompt)[:80]}; a prompt is a string (plain text) or a "
+        'list of messages like [{"role": "user", "content": "..."}] (conversational, rendered with the chat template)'
+    )
 
 
 class EpochRepeatSampler(RepeatSampler):

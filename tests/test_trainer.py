@@ -33,7 +33,8 @@ def make_args(tmp_path, **overrides):
 
 
 def exact_reward(prompts, completions, answer, **kwargs):
-    return [float(a in c[0]["content"]) for c, a in zip(completions, answer)]
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]  # plain-text or conversational
+    return [float(a in t) for t, a in zip(texts, answer)]
 
 
 def make_trainer(tmp_path, tokenizer, model=None, dataset=None, privileged=None, **overrides):

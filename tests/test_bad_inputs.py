@@ -1,0 +1,262 @@
+"""Bad input through the CLI and the Python API: one clear error that names the problem and the fix, raised before
+any model loads where the input allows it. docs/reliability.md lists every case with its test (here or elsewhere).
+"""
+
+import functools
+import json
+import math
+import time
+
+import pytest
+import torch
+import yaml
+from conftest import build_dataset, build_model
+from datasets import Dataset
+from test_trainer import exact_reward, make_args, make_trainer
+
+import selfdistill.run as run_module
+import selfdistill.trainer as trainer_module
+from selfdistill import ReferenceSolution, SelfDistillTrainer
+from selfdistill.agent import EnvironmentFailure
+from selfdistill.cli import main
+from selfdistill.envs import GuessNumber
+from selfdistill.recipes import ALLOW_CODE_ENV, RecipeError, load_recipe, parse_recipe
+from selfdistill.rollout import RewardFunctionError
+from selfdistill.sources import Skills
+from selfdistill.trainer import CheckpointMismatch, NonFiniteLogits
+
+BASE = {"data": {"task": "arithmetic", "n_train": 16, "n_test": 4}, "rewards": ["arithmetic"],
+        "training": {"use_cpu": True}}
+
+
+def _cli(tmp_path, capsys, raw, *overrides, flags=()) -> str:
+    """Run ``selfdistill train`` on a recipe whose model path does not exist: an error about anything else proves the
+    check came before the model load. Returns stderr; the exit code must be 2 (a named error, no traceback)."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw))
+    assert main(["train", str(path), *overrides, "--no-progress", *flags]) == 2
+    return capsys.readouterr().err
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was named")
+
+    monkeypatch.setattr(run_module, "load_model", refuse)
+    monkeypatch.setattr(run_module, "load_tokenizer", refuse)
+
+
+# ------------------------------------------------------------------------------------------------ recipes, CLI
+@pytest.mark.parametrize("override, message", [
+    ("training.num_generations=0", "num_generations=0 must be >= 1"),
+    ("training.max_completion_length=0", "max_completion_length=0 must be >= 1"),
+    ("training.per_device_train_batch_size=0", "per_device_train_batch_size=0 must be >= 1"),
+    ("training.per_device_train_batch_size=-4", "per_device_train_batch_size=-4 must be >= 1"),
+    ("training.max_steps=0", "max_steps=0 trains nothing"),
+    ("training.divergence=kl", "divergence='kl' is not valid; choose one of"),
+    ("training.support=top64", "support='top64' is not valid; choose one of"),
+    ("training.clip=hard", "clip='hard' is not valid; choose one of"),
+])
+def test_bad_sizes_and_names_through_the_cli(tmp_path, capsys, no_model_load, override, message):
+    err = _cli(tmp_path, capsys, BASE, override)
+    assert "recipe error" in err and message in err, err
+
+
+def test_a_python_object_tag_is_refused_by_the_safe_loader(tmp_path, capsys, no_model_load):
+    marker = tmp_path / "pwned"
+    raw = f"training:\n  output_dir: !!python/object/apply:os.system ['touch {marker}']\n"
+    err = _cli(tmp_path, capsys, raw)
+    assert "is not valid YAML" in err and "python/object" in err
+    assert not marker.exists()
+    with pytest.raises(RecipeError, match="not a YAML scalar"):  # the same tag in an override
+        load_recipe(_write(tmp_path, BASE), ["training.output_dir=!!python/object/apply:os.system [ls]"])
+
+
+def test_an_override_value_that_is_not_yaml_names_the_override(tmp_path):
+    with pytest.raises(RecipeError, match=r"override 'training.max_steps=\[': the value is not a YAML"):
+        load_recipe(_write(tmp_path, BASE), ["training.max_steps=["])
+
+
+def test_an_unknown_source_type_suggests_the_closest(tmp_path):
+    with pytest.raises(RecipeError, match="source.type='refrence' is not available. Did you mean 'reference'"):
+        parse_recipe({**BASE, "source": {"type": "refrence"}})
+
+
+def test_code_named_by_a_recipe_needs_consent(tmp_path, capsys, no_model_load, monkeypatch):
+    monkeypatch.delenv(ALLOW_CODE_ENV, raising=False)
+    raw = {**BASE, "rewards": ["os.system"]}
+    err = _cli(tmp_path, capsys, raw)
+    assert "'os.system' would import and run code from module 'os'" in err and "--allow-code os" in err
+    views = {**BASE, "method": "avsd", "source": {"views": ["full_solution", "json.loads"]}}
+    with pytest.raises(RecipeError, match="source.views: 'json.loads' would import"):
+        parse_recipe(views)
+    with pytest.raises(RecipeError, match="trust_remote_code runs Python files"):
+        parse_recipe({**BASE, "training": {"use_cpu": True, "model_init_kwargs": {"trust_remote_code": True}}})
+    # Consent by flag or environment variable; built-in rewards never need it.
+    parse_recipe(views, allow_code=["json"])
+    monkeypatch.setenv(ALLOW_CODE_ENV, "json")
+    parse_recipe(views)
+    parse_recipe(BASE, allow_code=[])
+
+
+def test_a_reward_that_is_neither_built_in_nor_a_path(tmp_path):
+    with pytest.raises(RecipeError, match="reward 'exact' is neither built in"):
+        parse_recipe({**BASE, "rewards": ["exact"]})
+
+
+def test_an_allowed_reward_that_cannot_be_imported(tmp_path, capsys, no_model_load):
+    err = _cli(tmp_path, capsys, {**BASE, "rewards": ["no_such_pkg.rewards.f"]}, flags=["--allow-code", "no_such_pkg"])
+    assert "cannot import 'f' from 'no_such_pkg.rewards'" in err
+
+
+def test_a_model_path_that_does_not_exist(tmp_path, capsys):
+    err = _cli(tmp_path, capsys, {**BASE, "model": str(tmp_path / "nowhere"), "eval": {"before": False}})
+    assert "is a path, and no folder exists there" in err
+
+
+def test_a_missing_privileged_column_in_data_files_is_named_before_the_model_loads(tmp_path, capsys, no_model_load):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"prompt": f"What is {i} + 1?", "answer": str(i + 1)}) for i in range(8)))
+    raw = {"data": {"task": None, "train_files": str(rows)}, "rewards": ["arithmetic"],
+           "training": {"use_cpu": True, "per_device_train_batch_size": 4, "num_generations": 2}}
+    err = _cli(tmp_path, capsys, raw)
+    assert "column 'solution' missing from the dataset; ReferenceSolution reads it" in err
+
+
+def test_too_few_prompts_for_one_generation_batch(tmp_path, capsys, no_model_load):
+    raw = {**BASE, "data": {"task": "arithmetic", "n_train": 2, "n_test": 2},
+           "training": {"use_cpu": True, "per_device_train_batch_size": 8, "num_generations": 2}}
+    err = _cli(tmp_path, capsys, raw)
+    assert "train_dataset has 2 prompts; one generation batch takes 4 distinct prompts" in err
+
+
+def _write(tmp_path, raw):
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- Python API
+def test_an_empty_dataset(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="train_dataset has 0 prompts"):
+        make_trainer(tmp_path, tokenizer, dataset=build_dataset().select([]))
+
+
+def test_prompts_as_strings_or_messages_both_train_and_other_types_are_named(tmp_path, tokenizer):
+    as_text = build_dataset().map(lambda row: {"prompt": row["prompt"][0]["content"]})
+    for dataset in (build_dataset(), as_text):
+        trainer = make_trainer(tmp_path, tokenizer, dataset=dataset, max_steps=1)
+        trainer.train()
+        assert trainer.state.global_step == 1
+    numbers = Dataset.from_list([{**row, "prompt": 7} for row in build_dataset().to_list()])
+    with pytest.raises(TypeError, match="train_dataset row 0: the prompt is int 7; a prompt is a string"):
+        make_trainer(tmp_path, tokenizer, dataset=numbers)
+
+
+def test_a_reward_function_returning_none(tmp_path, tokenizer):
+    trainer = SelfDistillTrainer(model=build_model(tokenizer), args=make_args(tmp_path, max_steps=1),
+                                 train_dataset=build_dataset(), processing_class=tokenizer,
+                                 privileged=ReferenceSolution(), reward_funcs=[lambda prompts, completions, **kw: None])
+    with pytest.raises(RewardFunctionError, match="returned None instead of a list with one float"):
+        trainer.train()
+
+
+def test_a_non_finite_loss_from_finite_logits(tmp_path, tokenizer, monkeypatch):
+    trainer = make_trainer(tmp_path, tokenizer, max_steps=1)
+    real = trainer_module.token_losses
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.loss[0] = math.nan
+        return out
+
+    monkeypatch.setattr(trainer_module, "token_losses", poisoned)
+    with pytest.raises(NonFiniteLogits, match="the loss of step 1 is nan although the logits were finite"):
+        trainer.train()
+
+
+class _Exploding(GuessNumber):
+    def step(self, action):
+        if self.turns >= 1:
+            raise RuntimeError("board state corrupted")
+        return super().step(action)
+
+
+class _Hanging(GuessNumber):
+    def step(self, action):
+        time.sleep(2)
+        return super().step(action)
+
+
+def _env_trainer(tmp_path, tokenizer, env_cls, **overrides):
+    rows = GuessNumber.make_rows(4, seed=0, split="train", low=1, high=4, max_turns=3)
+    args = make_args(tmp_path, max_steps=1, max_completion_length=4, max_turns=3, support="sampled", clip="none",
+                     **overrides)
+    return SelfDistillTrainer(model=build_model(tokenizer, max_position_embeddings=1024), args=args,
+                              train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                              privileged=Skills(summaries_per_step=0),
+                              environment_factory=functools.partial(env_cls, low=1, high=4, max_turns=3))
+
+
+def test_an_environment_that_raises_mid_episode(tmp_path, tokenizer):
+    trainer = _env_trainer(tmp_path, tokenizer, _Exploding)
+    with pytest.raises(EnvironmentFailure, match=r"environment _Exploding: step failed at turn 2 \(RuntimeError: "
+                                                 r"board state corrupted\) on the task \{'secret'"):
+        trainer.train()
+
+
+def test_an_environment_that_hangs(tmp_path, tokenizer):
+    trainer = _env_trainer(tmp_path, tokenizer, _Hanging, env_timeout=0.2)
+    start = time.perf_counter()
+    with pytest.raises(EnvironmentFailure, match=r"step failed at turn 1 \(TimeoutError: did not return within 0.2 s "
+                                                 r"\(env_timeout\)\).*raise env_timeout"):
+        trainer.train()
+    assert time.perf_counter() - start < 30
+
+
+def test_a_zero_checkpoint_from_another_world_size_is_refused_before_loading(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, max_steps=1)
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / trainer_module.CHECKPOINT_INFO).write_text(
+        json.dumps({"world_size": 4, "deepspeed": True, "zero_stage": 2, "step": 2}))
+    trainer.is_deepspeed_enabled = True  # as under `accelerate launch --use_deepspeed` on one process
+    with pytest.raises(CheckpointMismatch, match="ZeRO-2 on 4 processes and this run has 1.*--num_processes 4"
+                                                 ".*zero_to_fp32.py"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 0
+
+
+def test_reward_weights_and_non_callables(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="2 reward_weights for 1 reward_funcs"):
+        SelfDistillTrainer(model=build_model(tokenizer), args=make_args(tmp_path), train_dataset=build_dataset(),
+                           processing_class=tokenizer, privileged=ReferenceSolution(), reward_funcs=[exact_reward],
+                           reward_weights=[1.0, 2.0])
+    with pytest.raises(TypeError, match="is not callable"):
+        SelfDistillTrainer(model=build_model(tokenizer), args=make_args(tmp_path), train_dataset=build_dataset(),
+                           processing_class=tokenizer, privileged=ReferenceSolution(), reward_funcs=["exact"])
+
+
+def test_nothing_is_lost_on_a_bad_input_mid_run(tmp_path, tokenizer):
+    """A run stopped by a bad input keeps its last checkpoint: the error never deletes or half-writes one."""
+    trainer = make_trainer(tmp_path, tokenizer, max_steps=4, save_strategy="steps", save_steps=1)
+    real = trainer_module.token_losses
+    calls = []
+
+    def fails_at_step_3(*args, **kwargs):
+        calls.append(1)
+        out = real(*args, **kwargs)
+        if len(calls) >= 3:  # one call per step: step 3
+            out.loss[0] = torch.inf
+        return out
+
+    trainer_module_patch = pytest.MonkeyPatch()
+    trainer_module_patch.setattr(trainer_module, "token_losses", fails_at_step_3)
+    try:
+        with pytest.raises(NonFiniteLogits):
+            trainer.train()
+    finally:
+        trainer_module_patch.undo()
+    saved = sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*"))
+    assert saved and all((tmp_path / "out" / name / trainer_module.CHECKPOINT_INFO).exists() for name in saved)
