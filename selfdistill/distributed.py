@@ -83,6 +83,20 @@ def reduce_metrics(accelerator: Any, metrics: dict[str, list[float]]) -> dict[st
 
 
 # ------------------------------------------------------------------------------------------ privileged source
+def feedback_everywhere(source: Any, tags: Sequence[Any], signals: Sequence[dict], accelerator: Any) -> None:
+    """``source.feedback`` with every rank's view tags and outcomes, in rank order, on every rank: a stateful source
+    (Skill-SD's skill credits) then learns from all ranks' rollouts and keeps one state. Every rank must call it the
+    same number of times (once per micro-batch), also when its own micro-batch carries no tags."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        per_rank = gather_object([(list(tags), list(signals))])
+        tags = [t for part_tags, _ in per_rank for t in part_tags]
+        signals = [s for _, part_signals in per_rank for s in part_signals]
+    if any(tag for tag in tags):
+        source.feedback(tags, signals)
+
+
 def observe_everywhere(source: Any, rollouts: Sequence[Any], accelerator: Any) -> None:
     """``source.observe`` with every rank's rollouts, then rank 0's state on every rank.
 

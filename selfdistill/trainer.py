@@ -33,7 +33,13 @@ from trl.trainer.utils import RepeatSampler, selective_log_softmax
 
 from selfdistill.combine import multiview_summary, multiview_token_losses
 from selfdistill.config import SelfDistillConfig
-from selfdistill.distributed import observe_everywhere, reduce_metrics, release_zero3, zero_stage
+from selfdistill.distributed import (
+    feedback_everywhere,
+    observe_everywhere,
+    reduce_metrics,
+    release_zero3,
+    zero_stage,
+)
 from selfdistill.fused import fused_token_losses, output_head
 from selfdistill.grpo import policy_gradient_losses, rollout_advantages
 from selfdistill.losses import summarize, token_losses
@@ -229,6 +235,8 @@ class SelfDistillTrainer(Trainer):
                 "combiner needs every view's logits. Set fused_loss=False"
             )
         self.privileged = privileged
+        # A source that learns from feedback (Skill-SD's credits) gets every rank's, so all ranks call it in step.
+        self._gathers_feedback = type(privileged).feedback is not PrivilegedSource.feedback
         super().__init__(
             model=model,
             args=args,
@@ -633,7 +641,7 @@ class SelfDistillTrainer(Trainer):
     def _source_feedback(self, inputs: dict[str, Any], logp_gap: torch.Tensor, counts: list[int]) -> None:
         """Hand each view's tag back to the source with its rollout's outcome (e.g. to credit skills)."""
         tags = inputs.get("view_tags") or []
-        if not any(tag for tag in tags):
+        if not self._gathers_feedback or (self.accelerator.num_processes == 1 and not any(tags)):
             return
         advantages = inputs.get("advantages") or [None] * len(counts)
         signals = []
@@ -641,7 +649,7 @@ class SelfDistillTrainer(Trainer):
                                           advantages):
             signals.append({"reward": reward, "advantage": advantage,
                             "logp_gap": gap.mean().item() if gap.numel() else 0.0})
-        self.privileged.feedback(tags, signals)
+        feedback_everywhere(self.privileged, tags, signals, self.accelerator)
 
     def _teacher_pass(
         self, model: torch.nn.Module, inputs: dict[str, Any], head: torch.nn.Module | None

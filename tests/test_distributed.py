@@ -32,7 +32,8 @@ def _free_port() -> int:
 def _env(cpu_flag: bool = True) -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled",
-               PYTHONPATH=str(ROOT / "tests") + os.pathsep + str(ROOT))
+               PYTHONPATH=str(ROOT / "tests") + os.pathsep + str(ROOT), SELFDISTILL_ALLOW_CODE="workers",
+               WORKER_SEED_SKILLS="1")
     # DDP on CPU needs accelerate's CPU mode (else both processes train apart); DeepSpeed needs it off (it would
     # switch DeepSpeed off) and ddp_backend=gloo in the recipe instead.
     if cpu_flag:
@@ -68,15 +69,18 @@ def _recipe(tmp: Path, model: Path, out: Path, **training) -> Path:
     return path
 
 
-def _launch(args: list[str], timeout: float = 240, cpu_flag: bool = True) -> None:
+def _launch(args: list[str], timeout: float = 240, cpu_flag: bool = True, fails: bool = False) -> str:
     proc = subprocess.run(args, cwd=ROOT, env=_env(cpu_flag), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    if (proc.returncode != 0) != fails:
+        raise AssertionError(f"launch {'succeeded' if fails else 'failed'} ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc.stdout + proc.stderr
 
 
-def _accelerate(*extra: str) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *extra]
+def _accelerate(*extra: str, processes: int = 2) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), *extra]
 
 
 def _ranks(out: Path) -> list[dict]:
@@ -180,3 +184,36 @@ def test_two_rank_deepspeed_zero3_run(tmp_path):
     shapes = {n: p.shape for n, p in build_model(build_tokenizer()).named_parameters()}
     assert {n: t.shape for n, t in teacher.items()} == shapes
     assert (out / "final" / "model.safetensors").exists()  # saved gathered (stage3_gather_16bit_weights_on_model_save)
+
+    # Resumed on one process under DeepSpeed: refused before any state loads, with the two ways out.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    recipe = _recipe(tmp_path, model, resumed, ddp_backend="gloo", resume_from_checkpoint=str(resumed / "checkpoint-2"))
+    log = _launch(_accelerate("--use_deepspeed", "--deepspeed_config_file", str(ds_config), str(WORKER), str(recipe),
+                              "eval.before=false", processes=1), timeout=300, cpu_flag=False, fails=True)
+    assert "CheckpointMismatch" in log and "written by DeepSpeed ZeRO-3 on 2 processes and this run has 1" in log, log
+    assert "--num_processes 2" in log and "zero_to_fp32.py" in log
+
+
+def test_skill_credits_come_from_every_rank_under_ddp(tmp_path):
+    model = tmp_path / "model"
+    _save_tiny_model(model)
+    out = tmp_path / "skills"
+    raw = yaml.safe_load(_recipe(tmp_path, model, out).read_text())
+    raw.update(method="skillsd", env={"type": "guess_number", "low": 1, "high": 4, "max_turns": 2},
+               source={"type": "skills", "summaries_per_step": 0, "max_per_task": 8},
+               rewards=["workers.kill_resume.parity_reward"], data={"n_train": 32, "n_test": 4, "seed": 0},
+               eval={"before": False, "after": False})
+    raw["training"].update(max_completion_length=4, max_turns=2, support="sampled", clip="none", grpo_weight=0.5,
+                           teacher_policy="sync", save_strategy="no")
+    path = tmp_path / "skills.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    _launch(_accelerate("--multi_gpu", str(WORKER), str(path)))
+    ranks = _ranks(out)
+    assert ranks[0]["source_state"] == ranks[1]["source_state"]  # one bank, credits included, on both ranks
+    skills = ranks[0]["source_state"]["bank"]["skills"]
+    uses = sum(s["uses"] for s in skills)
+    # Every rank's credits are in it (rank 1's were lost before: each rank credited its own, then rank 0's state
+    # was broadcast).
+    assert ranks[0]["credited"] > 0 and ranks[1]["credited"] > 0, [r["credited"] for r in ranks]
+    assert uses == ranks[0]["credited"] + ranks[1]["credited"]

@@ -45,8 +45,29 @@ original = SelfDistillTrainer._make_rollouts
 def spy(self, rows, mode, n_micro):
     if mode == "train":
         record["prompts"] += [row["prompt"][-1]["content"] for row in rows]
+        bank = getattr(self.privileged, "bank", None)
+        if os.environ.get("WORKER_SEED_SKILLS") and bank is not None and not len(bank):
+            # Skills in the bank from the first step (the same on every rank), so every rollout's teacher shows some
+            # and the feedback credits them.
+            for text in ("Guess two first, then move up or down by one.", "Start in the middle and halve the range."):
+                bank.add(rows[0]["task"], text, step=0)
     record["trainer"] = self
     return original(self, rows, mode, n_micro)
+
+
+record["credited"] = 0
+source_feedback = SelfDistillTrainer._source_feedback
+
+
+def source_feedback_spy(self, inputs, logp_gap, counts):
+    # Skill credits this rank's own rollouts earn: one per shown skill of a rollout with a non-zero advantage.
+    for ids, advantage in zip(inputs.get("view_tags") or [], inputs.get("advantages") or []):
+        if ids and advantage:
+            record["credited"] += len(list(ids))
+    return source_feedback(self, inputs, logp_gap, counts)
+
+
+SelfDistillTrainer._source_feedback = source_feedback_spy
 
 
 SelfDistillTrainer._make_rollouts = spy
@@ -124,6 +145,7 @@ if __name__ == "__main__":
         "steps": trainer.state.global_step,
         "logged_steps": [h["step"] for h in trainer.state.log_history if "loss" in h],
         "rollouts_generated": trainer.rollouts_generated,
+        "credited": record["credited"],
         "reduced": record["reduced"],
         "leak": record["leak"],
         "probe": probe,
