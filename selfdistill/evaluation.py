@@ -28,10 +28,12 @@ def evaluate(
     temperature: float = 1.0,
     desc: str = "eval",
     progress: bool = True,
+    reward_timeout: float | None = 60.0,
 ) -> dict[str, Any]:
     """Greedy accuracy (and pass@k from k samples per problem) of ``model`` on ``dataset``.
 
-    ``reward_fn`` is a verifier in TRL's convention; a reward >= 0.5 counts as correct. pass@k is the fraction of
+    ``reward_fn`` is a verifier in TRL's convention, called with the time limit ``reward_timeout`` (seconds per
+    batch); a reward >= 0.5 counts as correct. pass@k is the fraction of
     problems with at least one correct sample among k (the unbiased estimator with n = k samples).
     """
     rows = take_rows(dataset, n)
@@ -50,7 +52,7 @@ def evaluate(
             out = sample_completions(model, ids, pad_id=tokenizer.pad_token_id, eos=eos,
                                      max_new_tokens=max_new_tokens, do_sample=False)
             tokens += sum(len(c) for c in out.completion_ids)
-            ok = _score(reward_fn, tokenizer, prompts, out.completion_ids, chunk)
+            ok = _score(reward_fn, tokenizer, prompts, out.completion_ids, chunk, reward_timeout)
             correct.extend(ok)
             if len(samples) < 5:
                 texts = tokenizer.batch_decode(out.completion_ids[:5], skip_special_tokens=True)
@@ -65,7 +67,7 @@ def evaluate(
                     sampled = sample_completions(model, rep_ids, pad_id=tokenizer.pad_token_id, eos=eos,
                                                  max_new_tokens=max_new_tokens, temperature=temperature)
                     hits = _score(reward_fn, tokenizer, [r["prompt"] for r in rep_rows], sampled.completion_ids,
-                                  rep_rows)
+                                  rep_rows, reward_timeout)
                     passes.extend(any(hits[q * pass_k : (q + 1) * pass_k]) for q in range(len(sub)))
                     bar.update(len(sub) * pass_k)
     finally:
@@ -88,10 +90,10 @@ def take_rows(dataset: Any, n: int | None) -> list[dict[str, Any]]:
     return dataset.to_list() if n is None else dataset.select(range(min(n, len(dataset)))).to_list()
 
 
-def _score(reward_fn, tokenizer, prompts, completion_ids, rows) -> list[bool]:
+def _score(reward_fn, tokenizer, prompts, completion_ids, rows, timeout: float | None = 60.0) -> list[bool]:
     # The trainer's scoring path: a verifier that raises on one completion costs that completion only (counted as
     # wrong), never the evaluation.
-    verified = verify_completions(tokenizer, [reward_fn], [1.0], prompts, completion_ids, rows)
+    verified = verify_completions(tokenizer, [reward_fn], [1.0], prompts, completion_ids, rows, timeout)
     return [r is not None and r >= 0.5 for r in verified.rewards]
 
 

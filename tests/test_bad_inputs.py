@@ -260,3 +260,17 @@ def test_nothing_is_lost_on_a_bad_input_mid_run(tmp_path, tokenizer):
         trainer_module_patch.undo()
     saved = sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*"))
     assert saved and all((tmp_path / "out" / name / trainer_module.CHECKPOINT_INFO).exists() for name in saved)
+
+
+def test_held_out_evaluation_gives_a_hanging_verifier_the_same_time_limit(tokenizer):
+    from selfdistill.evaluation import evaluate
+
+    def hangs(prompts, completions, **kwargs):
+        time.sleep(2)
+        return [1.0] * len(completions)
+
+    start = time.perf_counter()
+    with pytest.raises(RewardFunctionError, match="'hangs' failed on all 4 rollouts.*reward_timeout"):
+        evaluate(build_model(tokenizer), tokenizer, build_dataset(4), hangs, max_new_tokens=2, progress=False,
+                 reward_timeout=0.2)
+    assert time.perf_counter() - start < 1.8
