@@ -26,6 +26,8 @@ def save_final_model(trainer: Any, folder: str | Path, merged: bool = False) -> 
     """Save the model (every rank calls it: saving under ZeRO-3 gathers); returns the paths written."""
     folder = Path(folder)
     trainer.save_model(str(folder))
+    if hasattr(trainer, "create_model_card"):
+        trainer.create_model_card(output_dir=str(folder))
     trainer.accelerator.wait_for_everyone()
     model = trainer.accelerator.unwrap_model(trainer.model)
     out: dict[str, Any] = {"path": str(folder), "adapter": is_peft_model(model), "merged_path": None}

@@ -808,9 +808,47 @@ class SelfDistillTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             publish_checkpoint(staged, final)
+            self.create_model_card()
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
         self.accelerator.wait_for_everyone()
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
+                          tags: str | list[str] | None = None, output_dir: str | None = None) -> None:
+        """A README.md model card in ``output_dir`` (default args.output_dir): the base model, the method and its
+        paper, the loss and the run's size. Written with every checkpoint, with the final model, and on push_to_hub."""
+        if not self.is_world_process_zero():
+            return
+        from importlib.metadata import version
+        from importlib.resources import files
+
+        from huggingface_hub import ModelCard, ModelCardData
+
+        folder = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        base = getattr(getattr(model, "config", None), "_name_or_path", None)
+        base = base if base and not os.path.isdir(base) else None
+        paper = getattr(self.privileged, "paper", {}) or {}
+        name = model_name or os.path.basename(os.path.normpath(folder))
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        tags += [t for t in ("selfdistill", "on-policy-distillation", paper.get("name")) if t and t not in tags]
+        method = paper.get("name", type(self.privileged).__name__)
+        if paper.get("id"):
+            method += f" ([{paper.get('title', paper['id'])}](https://huggingface.co/papers/{paper['id']}))"
+        a = self.args
+        card = ModelCard.from_template(
+            ModelCardData(base_model=base, datasets=dataset_name, library_name="transformers", model_name=name,
+                          tags=tags),
+            template_path=str(files("selfdistill") / "templates" / "model_card.md"),
+            model_name=name, base_model=base, model_ref=self.hub_model_id or folder, method_line=method,
+            dataset_name=dataset_name, source=type(self.privileged).__name__, teacher_policy=a.teacher_policy,
+            loss=f"{a.divergence}, support {a.support}, clip {a.clip} (tau {a.clip_tau})",
+            steps=self.state.global_step, rollouts_per_step=a.per_device_train_batch_size * a.world_size,
+            num_generations=a.num_generations, learning_rate=a.learning_rate,
+            selfdistill_version=version("selfdistill"), trl_version=version("trl"),
+            transformers_version=version("transformers"), pytorch_version=version("torch"),
+        )
+        card.save(os.path.join(folder, "README.md"))
 
     def _get_output_dir(self, trial):
         return getattr(self, "_staging_root", None) or super()._get_output_dir(trial)

@@ -289,3 +289,15 @@ def test_reward_functions_with_one_name_are_kept_apart():
     totals, per_func, failures = score_rollouts(funcs, [1.0, 2.0], ["p"], ["c"], [[1]], [{"prompt": "p"}])
     assert totals == [2.0] and failures == 0
     assert list(per_func) == ["<lambda>", "<lambda>_1"]
+
+
+def test_checkpoints_and_the_final_model_carry_a_model_card(tmp_path, tokenizer):
+    from selfdistill.export import save_final_model
+
+    trainer = make_trainer(tmp_path, tokenizer, max_steps=1, save_strategy="steps", save_steps=1)
+    trainer.train()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "selfdistill" in card and "OPSD" in card and "2601.18734" in card
+    save_final_model(trainer, tmp_path / "out" / "final")
+    final = (tmp_path / "out" / "final" / "README.md").read_text()
+    assert "library_name: transformers" in final and "on-policy-distillation" in final

@@ -73,6 +73,8 @@ class PrivilegedSource(ABC):
     needs_rewards: bool = False
     #: Whether the source writes text with the model (it is then given ``generate`` through :meth:`attach`).
     needs_generation: bool = False
+    #: The method's paper, for the model card: {"name": ..., "title": ..., "id": arXiv id}.
+    paper: dict[str, str] = {}
 
     @abstractmethod
     def views(self, rollouts: Sequence[Rollout]) -> list[list[TeacherView]]:

@@ -97,6 +97,8 @@ class MultiView(PrivilegedSource):
         threshold: reward at or above which the feedback view calls an attempt correct.
     """
 
+    paper = {"name": "AVSD", "title": "Adaptive-View Self-Distillation", "id": "2605.20643"}
+
     combine = "consensus"
 
     def __init__(

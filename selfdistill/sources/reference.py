@@ -31,6 +31,8 @@ class ReferenceSolution(PrivilegedSource):
             paper (understand the reference, do not copy it).
     """
 
+    paper = {"name": "OPSD", "title": "On-Policy Self-Distillation (Self-Distilled Reasoner)", "id": "2601.18734"}
+
     def __init__(self, column: str = "solution", answer_column: str | None = None, template: str = DEFAULT_TEMPLATE):
         for key in ("{problem}", "{solution}"):
             if key not in template:

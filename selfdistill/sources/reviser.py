@@ -38,6 +38,8 @@ class Reviser(PrivilegedSource):
             assistant turn.
     """
 
+    paper = {"name": "SD-Zero", "title": "Self-Distillation Zero", "id": "2604.12002"}
+
     needs_rewards = True
 
     def __init__(self, cues: Mapping[str, str] | None = None, threshold: float = 0.5, strip_eos: bool = True):

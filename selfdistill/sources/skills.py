@@ -64,6 +64,9 @@ class Skills(PrivilegedSource):
         success_threshold: a trajectory with reward >= this is described as a success in the summary prompt.
     """
 
+    paper = {"name": "Skill-SD", "title": "Skill-Conditioned Self-Distillation for multi-turn agents",
+             "id": "2604.10674"}
+
     needs_generation = True
 
     def __init__(self, max_per_task: int = 8, top_k: int = 2, retrieval: str = "ucb", exploration: float = 1.0,
