@@ -230,11 +230,16 @@ class SelfDistillConfig(TrainingArguments):
         metadata={"help": "Weight lambda of a GRPO term beside the distillation loss (Skill-SD trains both); needs "
                   "rewards and num_generations >= 2. 0: off."},
     )
-    grpo_epsilon: float = field(
-        default=0.2, metadata={"help": "GRPO: lower clip of the ratio, 1 - epsilon (TRL's `epsilon`)."}
+    epsilon: float = field(
+        default=0.2, metadata={"help": "GRPO term: lower clip of the ratio, 1 - epsilon (as GRPOConfig)."}
     )
-    grpo_epsilon_high: float | None = field(
-        default=None, metadata={"help": "GRPO: upper clip 1 + epsilon_high (default: grpo_epsilon)."}
+    epsilon_high: float | None = field(
+        default=None, metadata={"help": "GRPO term: upper clip 1 + epsilon_high (default: epsilon; as GRPOConfig)."}
+    )
+    reward_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "One weight per reward function (default 1.0 each), as GRPOConfig; the trainer's "
+                  "reward_weights= argument, when given, takes precedence."},
     )
     scale_rewards: str = field(
         default="group",
@@ -243,8 +248,13 @@ class SelfDistillConfig(TrainingArguments):
     )
 
     # Logging
-    log_completions: int = field(
-        default=0, metadata={"help": "Print this many sample rollouts with their rewards at each logging step."}
+    log_completions: bool = field(
+        default=False,
+        metadata={"help": "At each logging step, print sample rollouts with their rewards and log them as a "
+                  "wandb.Table (as GRPOConfig)."},
+    )
+    num_completions_to_print: int | None = field(
+        default=None, metadata={"help": "How many sample rollouts log_completions shows (default 4)."}
     )
     heatmap_steps: int = field(
         default=0,
@@ -326,8 +336,8 @@ class SelfDistillConfig(TrainingArguments):
         if self.grpo_weight > 0 and self.fused_loss:
             raise ValueError("grpo_weight > 0 needs the student's token log-probs, which the fused loss does not form; "
                              "set fused_loss=False")
-        if self.grpo_epsilon <= 0 or (self.grpo_epsilon_high is not None and self.grpo_epsilon_high <= 0):
-            raise ValueError("grpo_epsilon and grpo_epsilon_high must be > 0")
+        if self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0):
+            raise ValueError("epsilon and epsilon_high must be > 0")
         self.loss_spec()  # validates the loss combination with the loss module's own messages
         self._check_vllm()
 

@@ -1,9 +1,10 @@
 """Experiment tracking beside what ``transformers`` reports itself (config and metrics, rank 0 only).
 
 ``report_to: [wandb]`` (online, or offline with ``WANDB_MODE=offline``: no key, no network) gets, from the
-trainer: the sample rollouts of each logging step as a ``wandb.Table`` (``log_completions`` of them, with prompt,
-completion and reward) and the per-token divergence heatmaps (``heatmap_steps``). ``report_to: [trackio]``, a
-lighter local tracker, gets the config and metrics through ``transformers``' own callback.
+trainer: the sample rollouts of each logging step as a ``wandb.Table`` (with ``log_completions``:
+``num_completions_to_print`` of them, with prompt, completion and reward) and the per-token divergence heatmaps
+(``heatmap_steps``). ``report_to: [trackio]``, a lighter local tracker, gets the config and metrics through
+``transformers``' own callback.
 """
 
 from __future__ import annotations

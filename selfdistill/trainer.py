@@ -217,7 +217,7 @@ class SelfDistillTrainer(Trainer):
             if not callable(func):
                 raise TypeError(f"reward function {func!r} is not callable; pass functions in TRL's convention")
         if reward_weights is None:
-            reward_weights = [1.0] * len(self.reward_funcs)
+            reward_weights = args.reward_weights or [1.0] * len(self.reward_funcs)
         if len(reward_weights) != len(self.reward_funcs):
             raise ValueError(f"{len(reward_weights)} reward_weights for {len(self.reward_funcs)} reward_funcs")
         self.reward_weights = [float(w) for w in reward_weights]
@@ -400,7 +400,7 @@ class SelfDistillTrainer(Trainer):
             for name, values in verified.per_func.items():
                 finite = [v for v in values if not math.isnan(v)]
                 if finite:
-                    self._record(mode, f"rewards/{name}", sum(finite) / len(finite), len(finite))
+                    self._record(mode, f"rewards/{name}/mean", sum(finite) / len(finite), len(finite))
             finite = [r for r in rewards if r is not None]
             if finite:
                 self._record(mode, "reward", sum(finite) / len(finite), len(finite))
@@ -434,12 +434,12 @@ class SelfDistillTrainer(Trainer):
             self.rollouts_generated += n
             self.tokens_generated += sum(lengths)
         self._record(mode, "completions/mean_length", sum(lengths) / n, n)
-        self._record(mode, "completions/truncated_fraction", sum(generated.truncated) / n, n)
+        self._record(mode, "completions/clipped_ratio", sum(generated.truncated) / n, n)
         self._record(mode, "completions/empty", sum(1 for x in lengths if x == 0), 1.0, reduce="sum")
         self._record(mode, "pi_truncated", truncated_pi, 1.0, reduce="sum")
         self._samples = [
             {"prompt": p, "completion": t, "reward": r} for p, t, r in zip(prompts, texts, rewards)
-        ][: max(self.args.log_completions, 0)]
+        ][: (self.args.num_completions_to_print or 4) if self.args.log_completions else 0]
 
         old_logps = None
         if mode == "train" and sampler_logps is not None and self.args.vllm_importance_sampling:
@@ -605,8 +605,8 @@ class SelfDistillTrainer(Trainer):
             # No rollout of the batch was scored (every verifier failed): no policy-gradient signal.
             advantages = torch.tensor(inputs["advantages"] or [0.0] * len(counts), dtype=logp.dtype, device=device)
             advantages = advantages.repeat_interleave(torch.tensor(counts, device=device))
-            pg, pg_clipped = policy_gradient_losses(logp, advantages, old, self.args.grpo_epsilon,
-                                                    self.args.grpo_epsilon_high)
+            pg, pg_clipped = policy_gradient_losses(logp, advantages, old, self.args.epsilon,
+                                                    self.args.epsilon_high)
             total = total + self.args.grpo_weight * pg
             if pg.numel():
                 metrics.update({"grpo/loss": pg.detach().mean().item(), "grpo/clip_fraction": pg_clipped.mean().item(),

@@ -123,3 +123,24 @@ def test_bf16_training_is_evaluated_in_the_weights_own_precision(tmp_path, token
     assert main(["train", str(path), "--no-progress"]) == 0
     assert wrapped["eval before"] is False and wrapped["eval after"] is False
     assert wrapped["eval"] is True  # the learning curve, during training: the wrapper was there to remove
+
+
+def test_a_trl_style_flat_config_parses_with_trls_own_parser(tmp_path):
+    """A TRL user's script: TrlParser over SelfDistillConfig with a flat YAML and command-line flags."""
+    from trl import TrlParser
+
+    from selfdistill import SelfDistillConfig
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "learning_rate": 3e-5,
+                                      "num_generations": 2, "per_device_train_batch_size": 4, "epsilon": 0.3,
+                                      "reward_weights": [1.0, 0.5], "teacher_policy": "ema", "use_cpu": True}))
+    (args,) = TrlParser((SelfDistillConfig,)).parse_args_and_config(["--config", str(config), "--max_steps", "7"])
+    assert isinstance(args, SelfDistillConfig)
+    assert (args.learning_rate, args.max_steps, args.epsilon, args.reward_weights, args.teacher_policy) == (
+        3e-5, 7, 0.3, [1.0, 0.5], "ema")
+    # The same validation as SelfDistillConfig(...) itself.
+    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "num_generations": 3,
+                                      "per_device_train_batch_size": 4, "use_cpu": True}))
+    with pytest.raises(ValueError, match="not divisible by num_generations=3"):
+        TrlParser((SelfDistillConfig,)).parse_args_and_config(["--config", str(config)])

@@ -21,7 +21,8 @@ def test_offline_wandb_run_holds_config_metrics_rollouts_and_heatmaps(tmp_path, 
     monkeypatch.setenv("WANDB_SILENT", "true")
     args = SelfDistillConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
                              num_generations=2, max_completion_length=6, logging_steps=1, report_to=["wandb"],
-                             save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, log_completions=3,
+                             save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
+                             log_completions=True, num_completions_to_print=3,
                              heatmap_steps=1, heatmap_samples=2, teacher_policy="ema", run_name="tracking-test")
     trainer = SelfDistillTrainer(model=build_model(tokenizer), args=args, train_dataset=build_dataset(),
                                  processing_class=tokenizer, privileged=ReferenceSolution())

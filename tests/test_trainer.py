@@ -61,7 +61,7 @@ def test_three_steps_change_weights_and_log_metrics(tmp_path, tokenizer):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 3
     for key in ["loss", "divergence", "clip_fraction", "ratio_clip_fraction", "teacher_student_logp_gap",
-                "completions/mean_length", "completions/truncated_fraction", "reward", "time/generation",
+                "completions/mean_length", "completions/clipped_ratio", "reward", "time/generation",
                 "time/teacher", "time/student", "pi_truncated"]:
         assert key in logs[0], key
         assert math.isfinite(logs[0][key])
