@@ -54,9 +54,9 @@ import torch
 from selfdistill.losses import (
     LossSpec,
     TokenLosses,
-    _divergence_terms,
-    _log_softmax,
+    divergence_terms,
     importance_ratio,
+    log_probs,
     sampled_losses,
     summarize,
     support_losses,
@@ -185,7 +185,7 @@ def _check_inputs(student_logp: torch.Tensor, view_logp: torch.Tensor, weights: 
     if not torch.isfinite(student_logp).all():
         raise ValueError(
             "the student log-probs hold NaN or inf; check the student logits (NaN or +inf logits, a diverged run) "
-            "and pass log-probs floored like selfdistill.losses._log_softmax does"
+            "and pass log-probs floored like selfdistill.losses.log_probs does"
         )
     if not torch.isfinite(view_logp).all():
         raise ValueError(
@@ -217,7 +217,7 @@ def _mean_pairwise_jsd(view_logp: torch.Tensor, valid: torch.Tensor | None) -> t
     # A loop over pairs, not an [M, M, N, K] broadcast: with top_k = 0 the entries are the whole vocabulary.
     for v in range(m):
         for u in range(v + 1, m):
-            jsd = _masked_sum(_divergence_terms(view_logp[v], view_logp[u], _JSD_HALF), valid).clamp_min(0.0)
+            jsd = _masked_sum(divergence_terms(view_logp[v], view_logp[u], _JSD_HALF), valid).clamp_min(0.0)
             per_view[v] += jsd
             per_view[u] += jsd
     return per_view / max(m - 1, 1)
@@ -284,7 +284,7 @@ def _view_logps(
     at_token, on_support = [], []
     # One view at a time: the float32 upcast of one [N, V] view is the peak, not of all M.
     for v in range(view_logits.shape[0]):
-        logp = _log_softmax(view_logits[v].detach()).to(dtype)
+        logp = log_probs(view_logits[v].detach()).to(dtype)
         at_token.append(logp.gather(-1, tokens[:, None]).squeeze(-1))
         if support:
             on_support.append(logp if ids is None else logp.gather(-1, ids))
@@ -341,7 +341,7 @@ def multiview_token_losses(
             )
 
     m = view_logits.shape[0]
-    s_all = _log_softmax(student_logits)
+    s_all = log_probs(student_logits)
     s_y = s_all.gather(-1, tokens[:, None]).squeeze(-1)
     ratio, ratio_clipped = importance_ratio(s_y, old_logps, spec.ratio_clip)
     # The candidate set: needed by the full form, and by the agreement JSD (weights or metric) when M > 1.
@@ -381,7 +381,7 @@ def multiview_token_losses(
         gate = _masked_sum(combined.gate, valid) / count
         jensen = _masked_sum(combined.jensen, valid) / count
         with torch.no_grad():
-            view_divergence = _masked_sum(_divergence_terms(s.detach(), views, spec), valid)
+            view_divergence = _masked_sum(divergence_terms(s.detach(), views, spec), valid)
         if ids is None:
             pos = tokens[:, None]
         else:

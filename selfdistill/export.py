@@ -8,6 +8,7 @@ the gathered weights and the merge runs on the main process from the saved adapt
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +52,37 @@ def save_final_model(trainer: Any, folder: str | Path, merged: bool = False) -> 
     trainer.accelerator.wait_for_everyone()
     out["merged_path"] = str(target)
     return out
+
+
+def write_model_card(trainer: Any, folder: str, model_name: str | None = None, dataset_name: str | None = None,
+                     tags: str | list[str] | None = None) -> None:
+    """A README.md model card in ``folder``: the base model, the method and its paper, the source, teacher policy
+    and loss, the run's size and the library versions (template: selfdistill/templates/model_card.md)."""
+    from importlib.metadata import version
+    from importlib.resources import files
+
+    from huggingface_hub import ModelCard, ModelCardData
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    base = getattr(getattr(model, "config", None), "_name_or_path", None)
+    base = base if base and not os.path.isdir(base) else None
+    paper = getattr(trainer.privileged, "paper", {}) or {}
+    name = model_name or os.path.basename(os.path.normpath(folder))
+    tags = [tags] if isinstance(tags, str) else list(tags or [])
+    tags += [t for t in ("selfdistill", "on-policy-distillation", paper.get("name")) if t and t not in tags]
+    method = paper.get("name", type(trainer.privileged).__name__)
+    if paper.get("id"):
+        method += f" ([{paper.get('title', paper['id'])}](https://huggingface.co/papers/{paper['id']}))"
+    a = trainer.args
+    card = ModelCard.from_template(
+        ModelCardData(base_model=base, datasets=dataset_name, library_name="transformers", model_name=name, tags=tags),
+        template_path=str(files("selfdistill") / "templates" / "model_card.md"),
+        model_name=name, base_model=base, model_ref=trainer.hub_model_id or folder, method_line=method,
+        dataset_name=dataset_name, source=type(trainer.privileged).__name__, teacher_policy=a.teacher_policy,
+        loss=f"{a.divergence}, support {a.support}, clip {a.clip} (tau {a.clip_tau})",
+        steps=trainer.state.global_step, rollouts_per_step=a.per_device_train_batch_size * a.world_size,
+        num_generations=a.num_generations, learning_rate=a.learning_rate,
+        selfdistill_version=version("selfdistill"), trl_version=version("trl"),
+        transformers_version=version("transformers"), pytorch_version=version("torch"),
+    )
+    card.save(os.path.join(folder, "README.md"))

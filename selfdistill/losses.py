@@ -40,7 +40,7 @@ CLIPS = ("none", "entry", "token", "scale")
 
 # Log-probabilities below this are treated as zero probability: exp(-1000) is 0 in float32 and float64, and it
 # keeps 0 * (-inf) = NaN out of the sums when a logit is -inf.
-_LOGP_FLOOR = -1000.0
+LOGP_FLOOR = -1000.0
 # Log-ratios are clamped before exp (METHODS.md §1).
 _MAX_LOG_RATIO = 20.0
 
@@ -112,11 +112,12 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(repr(c) for c in choices)}")
 
 
-def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    # Half-precision logits are upcast: the divergence of two near-equal distributions is a small difference of
-    # large numbers.
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the last axis as every loss here takes it: float32 at least (half-precision logits are upcast:
+    the divergence of two near-equal distributions is a small difference of large numbers) and floored at
+    ``LOGP_FLOOR``, so ``exp * log`` terms stay finite where a probability underflows."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return torch.log_softmax(logits.to(dtype), dim=-1).clamp_min(_LOGP_FLOOR)
+    return torch.log_softmax(logits.to(dtype), dim=-1).clamp_min(LOGP_FLOOR)
 
 
 def _support_ids(
@@ -151,8 +152,10 @@ def _restrict_to_support(
     return picked - captured, valid
 
 
-def _divergence_terms(s: torch.Tensor, t: torch.Tensor, spec: LossSpec) -> torch.Tensor:
-    """Per-entry terms whose sum over the support is the divergence; s and t are log-probabilities."""
+def divergence_terms(s: torch.Tensor, t: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+    """Per-entry terms whose sum over the support is ``spec.divergence`` between student log-probabilities ``s``
+    and teacher log-probabilities ``t`` (any matching shapes; reduce over the last axis). Building block of
+    combine-style losses (selfdistill.combine)."""
     if spec.divergence == "reverse_kl":
         return s.exp() * (s - t)
     if spec.divergence == "forward_kl":
@@ -185,7 +188,7 @@ def support_losses(
     ``s`` and ``t`` are ``[N, K]`` student and (stop-gradient) target log-probabilities on the same K support
     entries; ``valid`` masks entries that are not real (duplicates), ``None`` when all are.
     """
-    terms = _divergence_terms(s, t, spec)
+    terms = divergence_terms(s, t, spec)
     if valid is not None:
         terms = torch.where(valid, terms, torch.zeros_like(terms))
     divergence = terms.sum(-1).detach()
@@ -243,8 +246,8 @@ def token_losses(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ; "
             "both must be [tokens, vocab] at the same completion positions (do the models share a tokenizer?)"
         )
-    s_all = _log_softmax(student_logits)
-    t_all = _log_softmax(teacher_logits.detach())
+    s_all = log_probs(student_logits)
+    t_all = log_probs(teacher_logits.detach())
     s_y = s_all.gather(-1, tokens[:, None]).squeeze(-1)
     t_y = t_all.gather(-1, tokens[:, None]).squeeze(-1)
     ratio, ratio_clipped = importance_ratio(s_y, old_logps, spec.ratio_clip)

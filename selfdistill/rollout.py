@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from trl.trainer.utils import RepeatSampler
 
 from selfdistill.sequences import splice
 
@@ -236,3 +237,21 @@ def verify_completions(
     totals, per_func, failures = score_rollouts(reward_funcs, weights, prompts, as_completions(prompts, texts),
                                                 completion_ids, list(rows), timeout=timeout)
     return Verified(texts, [None if math.isnan(r) else r for r in totals], per_func, failures)
+
+
+class EpochRepeatSampler(RepeatSampler):
+    """TRL's RepeatSampler, with each epoch's shuffle drawn from (seed, epoch) instead of from one generator that
+    advances epoch by epoch: a run resumed in epoch e then draws epoch e's order, as the uninterrupted run did (a
+    fresh generator would replay epoch 0's). The first epoch's order is RepeatSampler's own."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by transformers/accelerate at the start of every epoch
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        if self.shuffle and self.seed is not None:
+            self.generator.manual_seed(self.seed + 1_000_003 * self.epoch)
+        return super().__iter__()

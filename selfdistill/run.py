@@ -13,6 +13,7 @@ from transformers import set_seed
 from trl.models.utils import unwrap_model_for_generation
 
 from selfdistill.agent import evaluate_env
+from selfdistill.checks import check_datasets
 from selfdistill.data import load_splits
 from selfdistill.distributed import gathered, is_zero3_model, rank_report
 from selfdistill.evaluation import LearningCurve, evaluate
@@ -20,7 +21,6 @@ from selfdistill.export import save_final_model
 from selfdistill.modeling import load_model, load_tokenizer
 from selfdistill.recipes import BUILTIN_REWARDS, Recipe, RecipeError, build_env, build_source
 from selfdistill.revision import self_revision_training
-from selfdistill.trainer import check_datasets
 
 
 def resolve_reward(name: str) -> Callable:

@@ -13,7 +13,6 @@ completion tokens of each optimizer step is known before its first backward and 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -31,6 +30,17 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import RepeatSampler, selective_log_softmax
 
+from selfdistill.checkpoints import (
+    BUFFER_STATE,
+    CHECKPOINT_INFO,
+    SOURCE_STATE,
+    STAGING_DIR,
+    TEACHER_STATE,
+    CheckpointMismatch,
+    checkpoint_info,
+    publish_checkpoint,
+)
+from selfdistill.checks import check_datasets
 from selfdistill.combine import multiview_summary, multiview_token_losses
 from selfdistill.config import SelfDistillConfig
 from selfdistill.distributed import (
@@ -40,12 +50,14 @@ from selfdistill.distributed import (
     release_zero3,
     zero_stage,
 )
+from selfdistill.export import write_model_card
 from selfdistill.fused import fused_token_losses, output_head
 from selfdistill.grpo import policy_gradient_losses, rollout_advantages
 from selfdistill.losses import summarize, token_losses
 from selfdistill.modeling import ensure_pad_token, load_model, load_tokenizer
 from selfdistill.rollout import (
     NON_FINITE_FIX,
+    EpochRepeatSampler,
     Generated,
     NonFiniteLogits,
     eos_ids,
@@ -67,74 +79,8 @@ from selfdistill.tracking import log_rollout_table
 
 logger = logging.getLogger(__name__)
 
-TEACHER_STATE = "teacher_state.pt"
-SOURCE_STATE = "privileged_source.json"
-CHECKPOINT_INFO = "selfdistill_checkpoint.json"  # world size and ZeRO stage of the run that wrote it
-BUFFER_STATE = "rollout_buffer_rank{}.pt"  # rollouts the next steps still train on, when a checkpoint falls mid-reuse
-STAGING_DIR = ".partial"  # checkpoints being written; never matched by transformers' checkpoint-N pattern
-
-
 def _collate_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
-
-
-def check_datasets(privileged: PrivilegedSource, args: SelfDistillConfig, train_dataset: Any,
-                   eval_dataset: Any = None) -> None:
-    """The columns the trainer and the source read, and enough prompts for one generation batch; raised before any
-    model work (``selfdistill train`` calls it before the model loads)."""
-    for split, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-        columns = getattr(dataset, "column_names", None)
-        if isinstance(columns, list):
-            if "prompt" not in columns:
-                raise KeyError(
-                    f"{split} has no 'prompt' column (columns: {', '.join(columns)}); rename the task column "
-                    "with dataset.rename_column(old, 'prompt')"
-                )
-            privileged.check_dataset(columns)
-            if hasattr(dataset, "__len__") and len(dataset):
-                for i, prompt in enumerate(dataset.select(range(min(len(dataset), 64)))["prompt"]):
-                    check_prompt(prompt, f"{split} row {i}")
-    if train_dataset is not None and hasattr(train_dataset, "__len__"):
-        per_batch = args.per_device_train_batch_size * args.steps_per_generation * args.world_size
-        prompts = per_batch // args.num_generations
-        if len(train_dataset) < prompts:
-            raise ValueError(
-                f"train_dataset has {len(train_dataset)} prompts; one generation batch takes {prompts} distinct "
-                f"prompts ({per_batch} rollouts / num_generations={args.num_generations}), so not one step could run. "
-                "Add rows, or lower per_device_train_batch_size or steps_per_generation"
-            )
-
-
-def check_prompt(prompt: Any, where: str) -> None:
-    """A prompt is plain text or a conversation: a list of {"role": ..., "content": ...} messages."""
-    if isinstance(prompt, str):
-        return
-    if isinstance(prompt, list) and prompt and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
-    ):
-        return
-    raise TypeError(
-        f"{where}: the prompt is {type(prompt).__name__} {repr(prompt)[:80]}; a prompt is a string (plain text) or a "
-        'list of messages like [{"role": "user", "content": "..."}] (conversational, rendered with the chat template)'
-    )
-
-
-class EpochRepeatSampler(RepeatSampler):
-    """TRL's RepeatSampler, with each epoch's shuffle drawn from (seed, epoch) instead of from one generator that
-    advances epoch by epoch: a run resumed in epoch e then draws epoch e's order, as the uninterrupted run did (a
-    fresh generator would replay epoch 0's). The first epoch's order is RepeatSampler's own."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:  # called by transformers/accelerate at the start of every epoch
-        self.epoch = int(epoch)
-
-    def __iter__(self):
-        if self.shuffle and self.seed is not None:
-            self.generator.manual_seed(self.seed + 1_000_003 * self.epoch)
-        return super().__iter__()
 
 
 class _TeacherUpdate(TrainerCallback):
@@ -815,40 +761,10 @@ class SelfDistillTrainer(Trainer):
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
                           tags: str | list[str] | None = None, output_dir: str | None = None) -> None:
-        """A README.md model card in ``output_dir`` (default args.output_dir): the base model, the method and its
-        paper, the loss and the run's size. Written with every checkpoint, with the final model, and on push_to_hub."""
-        if not self.is_world_process_zero():
-            return
-        from importlib.metadata import version
-        from importlib.resources import files
-
-        from huggingface_hub import ModelCard, ModelCardData
-
-        folder = output_dir or self.args.output_dir
-        model = self.accelerator.unwrap_model(self.model)
-        base = getattr(getattr(model, "config", None), "_name_or_path", None)
-        base = base if base and not os.path.isdir(base) else None
-        paper = getattr(self.privileged, "paper", {}) or {}
-        name = model_name or os.path.basename(os.path.normpath(folder))
-        tags = [tags] if isinstance(tags, str) else list(tags or [])
-        tags += [t for t in ("selfdistill", "on-policy-distillation", paper.get("name")) if t and t not in tags]
-        method = paper.get("name", type(self.privileged).__name__)
-        if paper.get("id"):
-            method += f" ([{paper.get('title', paper['id'])}](https://huggingface.co/papers/{paper['id']}))"
-        a = self.args
-        card = ModelCard.from_template(
-            ModelCardData(base_model=base, datasets=dataset_name, library_name="transformers", model_name=name,
-                          tags=tags),
-            template_path=str(files("selfdistill") / "templates" / "model_card.md"),
-            model_name=name, base_model=base, model_ref=self.hub_model_id or folder, method_line=method,
-            dataset_name=dataset_name, source=type(self.privileged).__name__, teacher_policy=a.teacher_policy,
-            loss=f"{a.divergence}, support {a.support}, clip {a.clip} (tau {a.clip_tau})",
-            steps=self.state.global_step, rollouts_per_step=a.per_device_train_batch_size * a.world_size,
-            num_generations=a.num_generations, learning_rate=a.learning_rate,
-            selfdistill_version=version("selfdistill"), trl_version=version("trl"),
-            transformers_version=version("transformers"), pytorch_version=version("torch"),
-        )
-        card.save(os.path.join(folder, "README.md"))
+        """A README.md model card in ``output_dir`` (default args.output_dir); see selfdistill.export. Written with
+        every checkpoint, with the final model, and on push_to_hub."""
+        if self.is_world_process_zero():
+            write_model_card(self, output_dir or self.args.output_dir, model_name, dataset_name, tags)
 
     def _get_output_dir(self, trial):
         return getattr(self, "_staging_root", None) or super()._get_output_dir(trial)
@@ -865,7 +781,7 @@ class SelfDistillTrainer(Trainer):
             checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
             if checkpoint is None:
                 return  # transformers names the problem: no checkpoint in output_dir
-        info = self._checkpoint_info(str(checkpoint))
+        info = checkpoint_info(str(checkpoint))
         saved, now = info.get("world_size"), self.accelerator.num_processes
         if info.get("deepspeed") and self.is_deepspeed_enabled and info.get("zero_stage", 0) > 0 and saved != now:
             raise CheckpointMismatch(
@@ -875,15 +791,6 @@ class SelfDistillTrainer(Trainer):
                 f"weights with DeepSpeed's zero_to_fp32.py (`python {checkpoint}/zero_to_fp32.py {checkpoint} OUT`) "
                 "and start a new run from them (`model: OUT`)."
             )
-
-    @staticmethod
-    def _checkpoint_info(checkpoint: str) -> dict[str, Any]:
-        """What the run that wrote a checkpoint recorded about itself; {} for plain transformers' checkpoints."""
-        info_file = os.path.join(checkpoint, CHECKPOINT_INFO)
-        if not os.path.exists(info_file):
-            return {}
-        with open(info_file) as f:
-            return json.load(f)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         # transformers calls this once per resume for every engine (plain, DDP, DeepSpeed, FSDP), after the model is
@@ -910,51 +817,12 @@ class SelfDistillTrainer(Trainer):
         self._buffered = None
         buffer_file = os.path.join(resume_from_checkpoint, BUFFER_STATE.format(self.accelerator.process_index))
         if os.path.exists(buffer_file):
-            saved_world = self._checkpoint_info(resume_from_checkpoint).get("world_size")
+            saved_world = checkpoint_info(resume_from_checkpoint).get("world_size")
             if saved_world in (None, self.accelerator.num_processes):
                 self._buffered = torch.load(buffer_file, map_location="cpu", weights_only=True)
             else:
                 logger.warning(f"{resume_from_checkpoint} holds rollouts buffered on {saved_world} ranks; this run "
                                f"has {self.accelerator.num_processes}, so the next step samples new ones")
-
-
-class CheckpointMismatch(RuntimeError):
-    """A checkpoint that this run cannot resume (e.g. ZeRO partitions written by another number of processes)."""
-
-
-def publish_checkpoint(staged: str, final: str) -> None:
-    """Move a completely written checkpoint folder into place with one atomic rename (same filesystem). A folder
-    already at ``final`` (the same step saved again) is renamed aside first and removed after."""
-    _fsync_tree(staged)
-    old = None
-    if os.path.exists(final):
-        old = f"{staged}.replaced"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(staged, final)
-    _fsync_dir(os.path.dirname(final))
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-    with contextlib.suppress(OSError):  # empty now, unless another save is staged
-        os.rmdir(os.path.dirname(staged))
-
-
-def _fsync_tree(folder: str) -> None:
-    """Flush every file of ``folder`` to disk, so the rename never publishes data that is still in the page cache."""
-    for root, _, files in os.walk(folder):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(root)
-
-
-def _fsync_dir(folder: str) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for fsync
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _check_finite(logits: torch.Tensor, side: str) -> None:

@@ -18,12 +18,13 @@ import selfdistill.run as run_module
 import selfdistill.trainer as trainer_module
 from selfdistill import ReferenceSolution, SelfDistillTrainer
 from selfdistill.agent import EnvironmentFailure
+from selfdistill.checkpoints import CHECKPOINT_INFO, CheckpointMismatch
 from selfdistill.cli import main
 from selfdistill.envs import GuessNumber
 from selfdistill.recipes import ALLOW_CODE_ENV, RecipeError, load_recipe, parse_recipe
 from selfdistill.rollout import RewardFunctionError
 from selfdistill.sources import Skills
-from selfdistill.trainer import CheckpointMismatch, NonFiniteLogits
+from selfdistill.trainer import NonFiniteLogits
 
 BASE = {"data": {"task": "arithmetic", "n_train": 16, "n_test": 4}, "rewards": ["arithmetic"],
         "training": {"use_cpu": True}}
@@ -219,7 +220,7 @@ def test_a_zero_checkpoint_from_another_world_size_is_refused_before_loading(tmp
     trainer = make_trainer(tmp_path, tokenizer, max_steps=1)
     checkpoint = tmp_path / "checkpoint-2"
     checkpoint.mkdir()
-    (checkpoint / trainer_module.CHECKPOINT_INFO).write_text(
+    (checkpoint / CHECKPOINT_INFO).write_text(
         json.dumps({"world_size": 4, "deepspeed": True, "zero_stage": 2, "step": 2}))
     trainer.is_deepspeed_enabled = True  # as under `accelerate launch --use_deepspeed` on one process
     with pytest.raises(CheckpointMismatch, match="ZeRO-2 on 4 processes and this run has 1.*--num_processes 4"
@@ -259,7 +260,7 @@ def test_nothing_is_lost_on_a_bad_input_mid_run(tmp_path, tokenizer):
     finally:
         trainer_module_patch.undo()
     saved = sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*"))
-    assert saved and all((tmp_path / "out" / name / trainer_module.CHECKPOINT_INFO).exists() for name in saved)
+    assert saved and all((tmp_path / "out" / name / CHECKPOINT_INFO).exists() for name in saved)
 
 
 def test_held_out_evaluation_gives_a_hanging_verifier_the_same_time_limit(tokenizer):

@@ -19,7 +19,7 @@ import torch
 from test_trainer import make_trainer, params
 
 import selfdistill.trainer as trainer_module
-from selfdistill.trainer import BUFFER_STATE, CHECKPOINT_INFO, STAGING_DIR
+from selfdistill.checkpoints import BUFFER_STATE, CHECKPOINT_INFO, STAGING_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "workers" / "kill_resume.py"
