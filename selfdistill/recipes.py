@@ -206,6 +206,17 @@ def allowed_code(allow: Sequence[str] = ()) -> tuple[str, ...]:
     return ("selfdistill", *allow, *from_env)
 
 
+def _check_module(where: str, target: str, module: str, allow: Sequence[str]) -> None:
+    if "*" in allow or any(module == m or module.startswith(m + ".") for m in allow):
+        return
+    top = module.split(".")[0] or target
+    raise RecipeError(
+        f"{where}: {target!r} would import and run code from module {module!r}, which this run does not allow. "
+        f"Recipes may name built-in functions freely; code of your own needs your consent: "
+        f"`selfdistill train RECIPE --allow-code {top}` (or {ALLOW_CODE_ENV}={top}). See docs/reliability.md."
+    )
+
+
 def check_code(rewards: list[str], source: SourceSpec, training: dict[str, Any], allow: Sequence[str]) -> None:
     """Refuse, before anything is imported, a recipe that would run code the user has not allowed: a dotted-path
     reward or view outside the allowed modules, or a model loaded with ``trust_remote_code``."""
@@ -221,14 +232,7 @@ def check_code(rewards: list[str], source: SourceSpec, training: dict[str, Any],
                 raise RecipeError(f"reward {target!r} is neither built in ({', '.join(BUILTIN_REWARDS)}) nor a dotted "
                                   "path like 'my_package.rewards.exact_match'")
             continue
-        if "*" in allow or any(module == m or module.startswith(m + ".") for m in allow):
-            continue
-        top = module.split(".")[0] or target
-        raise RecipeError(
-            f"{where}: {target!r} would import and run code from module {module!r}, which this run does not allow. "
-            f"Recipes may name built-in functions freely; code of your own needs your consent: "
-            f"`selfdistill train RECIPE --allow-code {top}` (or {ALLOW_CODE_ENV}={top}). See docs/reliability.md."
-        )
+        _check_module(where, target, module, allow)
     if (training.get("model_init_kwargs") or {}).get("trust_remote_code") and "*" not in allow:
         raise RecipeError(
             "training.model_init_kwargs.trust_remote_code runs Python files shipped with the model; allow it "
@@ -249,10 +253,14 @@ def parse_recipe(raw: Any, path: str | None = None, hardware_checks: bool = True
         if key not in _TOP:
             raise RecipeError(f"unknown top-level key {key!r}.{_suggest(key, sorted(_TOP))}")
     method = raw.get("method", "opsd")
-    if method not in METHODS:
-        raise RecipeError(f"method={method!r} is not available; choose one of: {', '.join(METHODS)}")
+    given_type = raw["source"].get("type") if isinstance(raw.get("source"), dict) else None
+    if method not in METHODS and not given_type:  # a method of your own is named freely, with its source.type
+        raise RecipeError(f"method={method!r} is not available; choose one of: {', '.join(METHODS)} (or name your "
+                          "own method and give its source.type)")
+    if not isinstance(method, str):
+        raise RecipeError(f"method: expected a string, got {type(method).__name__}")
     sections = {name: _build_section(name, cls, raw.get(name)) for name, cls in _SECTIONS.items()}
-    source = parse_source(raw.get("source"), METHODS[method])
+    source = parse_source(raw.get("source"), METHODS.get(method, "reference"), allow_code)
     srt = None
     if raw.get("srt") is not None:
         if source.type != "reviser":
@@ -326,18 +334,40 @@ def parse_recipe(raw: Any, path: str | None = None, hardware_checks: bool = True
     return recipe
 
 
-def parse_source(raw: Any, default_type: str) -> SourceSpec:
-    """``type`` plus constructor arguments checked against the source class's signature."""
+def parse_source(raw: Any, default_type: str, allow_code: Sequence[str] = ()) -> SourceSpec:
+    """``type`` plus constructor arguments checked against the source class's signature. ``type`` is a registered
+    name (``reference``, ...) or the dotted path of a :class:`PrivilegedSource` subclass (``pkg.module:Class``),
+    imported only from allowed modules (:func:`check_code`): a new method is a file plus a recipe."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise RecipeError(f"source: expected a mapping of keys to values, got {type(raw).__name__}")
     args = dict(raw)
     kind = args.pop("type", None) or default_type
-    if kind not in SOURCES:
-        raise RecipeError(f"source.type={kind!r} is not available.{_suggest(str(kind), list(SOURCES))}")
-    _check_args("source", kind, SOURCES[kind], args)
+    _check_args("source", kind, source_class(kind, allowed_code(allow_code)), args)
     return SourceSpec(type=kind, args=args)
+
+
+def source_class(kind: str, allow: Sequence[str] = ("selfdistill",)) -> type[PrivilegedSource]:
+    """The class of a registered source name, or of a dotted path ``pkg.module:Class`` / ``pkg.module.Class`` from an
+    allowed module."""
+    if kind in SOURCES:
+        return SOURCES[kind]
+    module, _, attr = kind.partition(":") if ":" in kind else kind.rpartition(".")
+    if not module or not attr:
+        raise RecipeError(f"source.type={kind!r} is not available.{_suggest(str(kind), list(SOURCES))} Or give "
+                          "the dotted path of a PrivilegedSource subclass, e.g. my_pkg.sources:MySource")
+    _check_module("source.type", kind, module, allow)
+    import importlib
+
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise RecipeError(f"source.type={kind!r}: cannot import {attr!r} from {module!r} ({err})") from err
+    if not (isinstance(cls, type) and issubclass(cls, PrivilegedSource)):
+        raise RecipeError(f"source.type={kind!r} is {cls!r}, not a subclass of "
+                          "selfdistill.sources.PrivilegedSource")
+    return cls
 
 
 def _check_args(section: str, kind: str, cls: type, args: dict[str, Any]) -> None:
@@ -391,7 +421,7 @@ def build_env(spec: EnvSpec) -> Any:
 def build_source(spec: SourceSpec) -> PrivilegedSource:
     """The source object a recipe describes; bad argument values become a :class:`RecipeError`."""
     try:
-        return SOURCES[spec.type](**spec.args)
+        return source_class(spec.type, ("*",))(**spec.args)  # parse_source checked the consent
     except (TypeError, ValueError) as err:
         raise RecipeError(f"source ({spec.type}): {err}") from err
 
