@@ -41,7 +41,6 @@ from selfdistill.checkpoints import (
     publish_checkpoint,
 )
 from selfdistill.checks import check_datasets
-from selfdistill.combine import multiview_summary, multiview_token_losses
 from selfdistill.config import SelfDistillConfig
 from selfdistill.distributed import (
     feedback_everywhere,
@@ -53,7 +52,7 @@ from selfdistill.distributed import (
 from selfdistill.export import write_model_card
 from selfdistill.fused import fused_token_losses, output_head
 from selfdistill.grpo import policy_gradient_losses, rollout_advantages
-from selfdistill.losses import summarize, token_losses
+from selfdistill.losses import summarize
 from selfdistill.modeling import ensure_pad_token, load_model, load_tokenizer
 from selfdistill.rollout import (
     NON_FINITE_FIX,
@@ -535,15 +534,9 @@ class SelfDistillTrainer(Trainer):
                 per_token = fused_token_losses(student_out, head.weight, teacher_out[0], teacher_head, tokens,
                                                self.loss_spec, old_logps=old, chunk_size=self.args.loss_chunk_size)
                 metrics = summarize(per_token)
-            elif self.privileged.combine == "identity":
-                per_token = token_losses(student_out, teacher_out[0], tokens, self.loss_spec, old_logps=old)
-                metrics = summarize(per_token)
-            else:
-                combined = multiview_token_losses(
-                    student_out, teacher_out, tokens, self.loss_spec, self.privileged.view_spec, old_logps=old
-                )
-                per_token = combined.tokens
-                metrics = multiview_summary(combined, inputs["view_names"][0])
+            else:  # one view, or the source's combination of several (AVSD)
+                per_token, metrics = self.privileged.token_losses(student_out, teacher_out, tokens, self.loss_spec,
+                                                                  inputs["view_names"][0], old_logps=old)
             total = self.args.distill_weight * per_token.loss
         counts = self._scored_counts(inputs)
         if self.args.grpo_weight > 0:

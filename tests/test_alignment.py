@@ -20,7 +20,8 @@ import torch
 from conftest import build_dataset, build_model
 from datasets import Dataset
 
-import selfdistill.trainer as trainer_module
+import selfdistill.combine as combine_module
+import selfdistill.losses as losses_module
 from selfdistill import SelfDistillConfig, SelfDistillTrainer
 from selfdistill.envs import GuessNumber
 from selfdistill.sources import MultiView, ReferenceSolution, Reviser, Skills
@@ -67,9 +68,10 @@ def _capture(monkeypatch):
         seen.append((student.detach(), views.detach(), tokens))
         return original_multi(student, views, tokens, spec, view, old_logps=old_logps)
 
-    original_single, original_multi = trainer_module.token_losses, trainer_module.multiview_token_losses
-    monkeypatch.setattr(trainer_module, "token_losses", single)
-    monkeypatch.setattr(trainer_module, "multiview_token_losses", multi)
+    # The sources' token_losses hooks look these up at call time.
+    original_single, original_multi = losses_module.token_losses, combine_module.multiview_token_losses
+    monkeypatch.setattr(losses_module, "token_losses", single)
+    monkeypatch.setattr(combine_module, "multiview_token_losses", multi)
     return seen
 
 

@@ -14,8 +14,8 @@ from conftest import build_dataset, build_model
 from datasets import Dataset
 from test_trainer import exact_reward, make_args, make_trainer
 
+import selfdistill.losses as losses_module
 import selfdistill.run as run_module
-import selfdistill.trainer as trainer_module
 from selfdistill import ReferenceSolution, SelfDistillTrainer
 from selfdistill.agent import EnvironmentFailure
 from selfdistill.checkpoints import CHECKPOINT_INFO, CheckpointMismatch
@@ -165,14 +165,14 @@ def test_a_reward_function_returning_none(tmp_path, tokenizer):
 
 def test_a_non_finite_loss_from_finite_logits(tmp_path, tokenizer, monkeypatch):
     trainer = make_trainer(tmp_path, tokenizer, max_steps=1)
-    real = trainer_module.token_losses
+    real = losses_module.token_losses
 
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
         out.loss[0] = math.nan
         return out
 
-    monkeypatch.setattr(trainer_module, "token_losses", poisoned)
+    monkeypatch.setattr(losses_module, "token_losses", poisoned)
     with pytest.raises(NonFiniteLogits, match="the loss of step 1 is nan although the logits were finite"):
         trainer.train()
 
@@ -242,7 +242,7 @@ def test_reward_weights_and_non_callables(tmp_path, tokenizer):
 def test_nothing_is_lost_on_a_bad_input_mid_run(tmp_path, tokenizer):
     """A run stopped by a bad input keeps its last checkpoint: the error never deletes or half-writes one."""
     trainer = make_trainer(tmp_path, tokenizer, max_steps=4, save_strategy="steps", save_steps=1)
-    real = trainer_module.token_losses
+    real = losses_module.token_losses
     calls = []
 
     def fails_at_step_3(*args, **kwargs):
@@ -253,7 +253,7 @@ def test_nothing_is_lost_on_a_bad_input_mid_run(tmp_path, tokenizer):
         return out
 
     trainer_module_patch = pytest.MonkeyPatch()
-    trainer_module_patch.setattr(trainer_module, "token_losses", fails_at_step_3)
+    trainer_module_patch.setattr(losses_module, "token_losses", fails_at_step_3)
     try:
         with pytest.raises(NonFiniteLogits):
             trainer.train()

@@ -96,6 +96,19 @@ class PrivilegedSource(ABC):
         """Numbers about the source's state, logged after each generation batch."""
         return {}
 
+    def token_losses(self, student_logits: Any, view_logits: Any, tokens: Any, spec: Any, view_names: Sequence[str],
+                     old_logps: Any = None) -> tuple[Any, dict[str, float]]:
+        """The per-token distillation loss of a micro-batch and its metrics: ``student_logits`` ``[N, V]`` (with
+        grad), ``view_logits`` ``[M, N, V]`` (one slice per view, no grad), the sampled ``tokens`` ``[N]``.
+
+        The default scores the one view with :func:`selfdistill.losses.token_losses`; a multi-view source
+        (``combine != "identity"``) overrides it with its combination rule (AVSD: selfdistill.combine)."""
+        from selfdistill.losses import summarize
+        from selfdistill.losses import token_losses as single_view_losses
+
+        per_token = single_view_losses(student_logits, view_logits[0], tokens, spec, old_logps=old_logps)
+        return per_token, summarize(per_token)
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state saved with each checkpoint."""
         return {}

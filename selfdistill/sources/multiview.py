@@ -168,6 +168,14 @@ class MultiView(PrivilegedSource):
             "dotted path to a function f(rollout) -> str"
         )
 
+    def token_losses(self, student_logits, view_logits, tokens, spec, view_names, old_logps=None):
+        """AVSD's target: the views' consensus plus the gated residual (selfdistill.combine), with per-view metrics."""
+        from selfdistill.combine import multiview_summary, multiview_token_losses
+
+        combined = multiview_token_losses(student_logits, view_logits, tokens, spec, self.view_spec,
+                                          old_logps=old_logps)
+        return combined.tokens, multiview_summary(combined, view_names)
+
     @staticmethod
     def _name(view: Any) -> str:
         if isinstance(view, str):
