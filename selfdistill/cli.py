@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{path}\n    {description}")
             return 0
         if args.command == "skills":
-            from selfdistill.skills import SkillBank
+            from selfdistill.methods.skillsd.bank import SkillBank
 
             try:
                 bank = SkillBank.load(args.path)

@@ -155,7 +155,7 @@ def _restrict_to_support(
 def divergence_terms(s: torch.Tensor, t: torch.Tensor, spec: LossSpec) -> torch.Tensor:
     """Per-entry terms whose sum over the support is ``spec.divergence`` between student log-probabilities ``s``
     and teacher log-probabilities ``t`` (any matching shapes; reduce over the last axis). Building block of
-    combine-style losses (selfdistill.combine)."""
+    combine-style losses (selfdistill.methods.avsd.combine)."""
     if spec.divergence == "reverse_kl":
         return s.exp() * (s - t)
     if spec.divergence == "forward_kl":

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from selfdistill.config import SelfDistillConfig
-from selfdistill.revision import RevisionConfig
+from selfdistill.methods.sdzero.srt import RevisionConfig
 from selfdistill.sources import SOURCES, PrivilegedSource
 
 
@@ -220,7 +220,7 @@ def _check_module(where: str, target: str, module: str, allow: Sequence[str]) ->
 def check_code(rewards: list[str], source: SourceSpec, training: dict[str, Any], allow: Sequence[str]) -> None:
     """Refuse, before anything is imported, a recipe that would run code the user has not allowed: a dotted-path
     reward or view outside the allowed modules, or a model loaded with ``trust_remote_code``."""
-    from selfdistill.sources.multiview import BUILTIN_VIEWS
+    from selfdistill.methods.avsd.source import BUILTIN_VIEWS
 
     refs = [("rewards", r) for r in rewards if r not in BUILTIN_REWARDS]
     views = source.args.get("views") or []

@@ -18,9 +18,9 @@ from selfdistill.data import load_splits
 from selfdistill.distributed import gathered, is_zero3_model, rank_report
 from selfdistill.evaluation import LearningCurve, evaluate
 from selfdistill.export import save_final_model
+from selfdistill.methods.sdzero.srt import self_revision_training
 from selfdistill.modeling import load_model, load_tokenizer
 from selfdistill.recipes import BUILTIN_REWARDS, Recipe, RecipeError, build_env, build_source
-from selfdistill.revision import self_revision_training
 
 
 def resolve_reward(name: str) -> Callable:

@@ -1,10 +1,10 @@
 """Privileged-information sources: one file per method."""
 
+from selfdistill.methods.avsd.source import MultiView
+from selfdistill.methods.opsd import ReferenceSolution
+from selfdistill.methods.sdzero.source import Reviser
+from selfdistill.methods.skillsd.source import Skills
 from selfdistill.sources.base import PrivilegedSource, Rollout, TeacherView
-from selfdistill.sources.multiview import MultiView
-from selfdistill.sources.reference import ReferenceSolution
-from selfdistill.sources.reviser import Reviser
-from selfdistill.sources.skills import Skills
 
 #: Source types by the name recipes use (``source.type``).
 SOURCES: dict[str, type[PrivilegedSource]] = {

@@ -102,7 +102,7 @@ class PrivilegedSource(ABC):
         grad), ``view_logits`` ``[M, N, V]`` (one slice per view, no grad), the sampled ``tokens`` ``[N]``.
 
         The default scores the one view with :func:`selfdistill.losses.token_losses`; a multi-view source
-        (``combine != "identity"``) overrides it with its combination rule (AVSD: selfdistill.combine)."""
+        (``combine != "identity"``) overrides it with its combination rule (AVSD: selfdistill.methods.avsd.combine)."""
         from selfdistill.losses import summarize
         from selfdistill.losses import token_losses as single_view_losses
 
