@@ -8,9 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 from typing import Any
+
+import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+
+from selfdistill.distributed import zero_stage
+from selfdistill.export import write_model_card
+
+logger = logging.getLogger(__name__)
 
 TEACHER_STATE = "teacher_state.pt"
 SOURCE_STATE = "privileged_source.json"
@@ -65,3 +74,118 @@ def _fsync_dir(folder: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class CheckpointMixin:
+    """SelfDistillTrainer's checkpoints: written whole (staged, then renamed into place), with the teacher copy, the
+    source state, the rollouts still in use and who wrote them; refused on resume when they cannot be read back. Mixed
+    in before ``transformers.Trainer``, whose methods it extends through ``super()``."""
+
+    def _save_checkpoint(self, model, trial):
+        """Write checkpoint-N whole or not at all. Every file (transformers' own, the teacher copy, the source state)
+        goes to ``<output_dir>/.partial/checkpoint-N`` first; the folder is renamed into place once complete, and only
+        then are old checkpoints rotated out. A crash or kill mid-save leaves the previous checkpoint as the last.
+        """
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, STAGING_DIR)
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        if self.args.should_save and os.path.isdir(staged):  # a save of this step that a crash cut short
+            shutil.rmtree(staged)
+        self.accelerator.wait_for_everyone()
+        self._staging_root = staging_root  # _get_output_dir answers it while transformers writes its files
+        try:
+            super()._save_checkpoint(model, trial)
+            # Full teacher tensors, whatever the number of ranks (under ZeRO-3 a collective: every rank takes part).
+            state = {}
+            if self.teacher.keeps_copy and (self.args.should_save or self._zero3):
+                state = self.teacher.state_dict(self.accelerator.unwrap_model(self.model))
+            if self.args.should_save:
+                if state:
+                    torch.save(state, os.path.join(staged, TEACHER_STATE))
+                with open(os.path.join(staged, SOURCE_STATE), "w") as f:
+                    json.dump(self.privileged.state_dict(), f, indent=1)
+            every = self.args.steps_per_generation * self.args.num_iterations
+            if self._buffered is not None and self._step is not None and self._step % every:
+                # Rollouts the next step(s) still train on (steps_per_generation or num_iterations > 1): without them
+                # a resumed run would sample new ones and part from the uninterrupted run. One file per rank.
+                os.makedirs(staged, exist_ok=True)
+                torch.save(self._buffered, os.path.join(staged, BUFFER_STATE.format(self.accelerator.process_index)))
+            if self.args.should_save:
+                with open(os.path.join(staged, CHECKPOINT_INFO), "w") as f:
+                    json.dump({"world_size": self.accelerator.num_processes, "deepspeed": self.is_deepspeed_enabled,
+                               "zero_stage": zero_stage(self.accelerator), "step": self.state.global_step}, f)
+        finally:
+            self._staging_root = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish_checkpoint(staged, final)
+            self.create_model_card()
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
+                          tags: str | list[str] | None = None, output_dir: str | None = None) -> None:
+        """A README.md model card in ``output_dir`` (default args.output_dir); see selfdistill.export. Written with
+        every checkpoint, with the final model, and on push_to_hub."""
+        if self.is_world_process_zero():
+            write_model_card(self, output_dir or self.args.output_dir, model_name, dataset_name, tags)
+
+    def _get_output_dir(self, trial):
+        return getattr(self, "_staging_root", None) or super()._get_output_dir(trial)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        if resume_from_checkpoint:
+            self._check_resumable(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _check_resumable(self, checkpoint: str | bool) -> None:
+        """Refuse, before any state loads, a DeepSpeed checkpoint whose partitions were written by another number of
+        processes: ZeRO shards optimizer state (and, at stage 3, weights) per rank, so it cannot be read back on M."""
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            if checkpoint is None:
+                return  # transformers names the problem: no checkpoint in output_dir
+        info = checkpoint_info(str(checkpoint))
+        saved, now = info.get("world_size"), self.accelerator.num_processes
+        if info.get("deepspeed") and self.is_deepspeed_enabled and info.get("zero_stage", 0) > 0 and saved != now:
+            raise CheckpointMismatch(
+                f"{checkpoint} was written by DeepSpeed ZeRO-{info['zero_stage']} on {saved} processes and this run "
+                f"has {now}: ZeRO partitions the optimizer state per process, so it cannot be resumed on {now}. "
+                f"Resume with `accelerate launch --num_processes {saved} ...`, or turn the checkpoint into full "
+                f"weights with DeepSpeed's zero_to_fp32.py (`python {checkpoint}/zero_to_fp32.py {checkpoint} OUT`) "
+                "and start a new run from them (`model: OUT`)."
+            )
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # transformers calls this once per resume for every engine (plain, DDP, DeepSpeed, FSDP), after the model is
+        # restored and prepared; _load_from_checkpoint is skipped under DeepSpeed, so the extra state loads here.
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self._load_selfdistill_state(checkpoint)
+
+    def _load_selfdistill_state(self, resume_from_checkpoint: str) -> None:
+        """Teacher copy and privileged-source state; both are full (rank-independent), so N ranks resume on M."""
+        teacher_file = os.path.join(resume_from_checkpoint, TEACHER_STATE)
+        if self.teacher.keeps_copy:
+            if not os.path.exists(teacher_file):
+                raise FileNotFoundError(
+                    f"{teacher_file} is missing: the checkpoint has no teacher state for teacher_policy="
+                    f"{self.args.teacher_policy!r}; resume from a checkpoint written by SelfDistillTrainer"
+                )
+            self.teacher.load_state_dict(torch.load(teacher_file, map_location="cpu", weights_only=True),
+                                         self.accelerator.unwrap_model(self.model))
+        source_file = os.path.join(resume_from_checkpoint, SOURCE_STATE)
+        if os.path.exists(source_file):
+            with open(source_file) as f:
+                self.privileged.load_state_dict(json.load(f))
+        self._buffered = None
+        buffer_file = os.path.join(resume_from_checkpoint, BUFFER_STATE.format(self.accelerator.process_index))
+        if os.path.exists(buffer_file):
+            saved_world = checkpoint_info(resume_from_checkpoint).get("world_size")
+            if saved_world in (None, self.accelerator.num_processes):
+                self._buffered = torch.load(buffer_file, map_location="cpu", weights_only=True)
+            else:
+                logger.warning(f"{resume_from_checkpoint} holds rollouts buffered on {saved_world} ranks; this run "
+                               f"has {self.accelerator.num_processes}, so the next step samples new ones")
