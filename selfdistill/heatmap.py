@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 
 @dataclass
 class TokenHeat:
@@ -127,3 +129,50 @@ def write_heatmaps(samples: Sequence[TokenHeat], folder: str | Path, stem: str,
     html_path.write_text(render_html(samples, title))
     render_png(samples, png_path, title)
     return html_path, png_path
+
+
+class HeatmapCallback(TrainerCallback):
+    """Every ``heatmap_steps`` optimizer steps: the per-token divergence of the first ``heatmap_samples`` rollouts of
+    the step's first micro-batch, rendered over their text as ``<output_dir>/heatmaps/step-N.html`` and ``.png`` (and
+    logged to wandb when it is a ``report_to`` target). The trainer hands over the tensors with :meth:`capture`."""
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+        self._captured_step = -1
+        self._pending: list[TokenHeat] = []
+
+    def due(self, step: int) -> bool:
+        """Whether the micro-batch of optimizer step ``step`` (1-based) should be captured."""
+        every = self.trainer.args.heatmap_steps
+        return bool(every) and step % every == 0 and self._captured_step != step
+
+    def capture(self, inputs: dict[str, Any], divergence: Any) -> None:
+        """Keep the first rollouts of this micro-batch: ``divergence`` is per scored token, rollout after rollout."""
+        trainer = self.trainer
+        self._captured_step = trainer.state.global_step + 1
+        if not trainer.is_world_process_zero():
+            return
+        values = divergence.detach().float().cpu().tolist()
+        samples, offset = [], 0
+        for ids, reward, view in zip(inputs["completion_ids"], inputs["rewards"], inputs["view_names"]):
+            chunk = values[offset : offset + len(ids)]
+            offset += len(ids)
+            if len(samples) < trainer.args.heatmap_samples and ids:
+                caption = f"view {'+'.join(view)}" + ("" if reward is None else f", reward {reward:g}")
+                caption += f", mean {sum(chunk) / len(chunk):.3f} nats/token"
+                samples.append(TokenHeat(token_pieces(trainer.processing_class, ids), chunk, caption))
+        self._pending = samples
+
+    def on_step_end(self, args, state, control, **kwargs):
+        samples, self._pending = self._pending, []
+        if not samples:
+            return
+        step = state.global_step
+        html_path, png_path = write_heatmaps(samples, Path(args.output_dir) / "heatmaps", f"step-{step:06d}",
+                                             title=f"Teacher-student divergence per token, step {step}")
+        if "wandb" in (args.report_to or []):
+            import wandb
+
+            if wandb.run is not None:
+                wandb.log({"divergence_heatmap": wandb.Html(html_path.read_text()),
+                           "divergence_heatmap_png": wandb.Image(str(png_path))}, commit=False)

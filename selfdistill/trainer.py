@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -39,6 +38,7 @@ from selfdistill.distributed import (
 )
 from selfdistill.fused import fused_token_losses, output_head
 from selfdistill.grpo import policy_gradient_losses, rollout_advantages
+from selfdistill.heatmap import HeatmapCallback
 from selfdistill.losses import summarize
 from selfdistill.modeling import ensure_pad_token, load_model, load_tokenizer
 from selfdistill.rollout import (
@@ -212,6 +212,8 @@ class SelfDistillTrainer(CheckpointMixin, Trainer):
 
             self.vllm = VLLMRollouts(self.model, self.accelerator, processing_class, args)
         self.add_callback(_TeacherUpdate(self))
+        self.heatmaps = HeatmapCallback(self)  # per-token divergence heatmaps every heatmap_steps (selfdistill.heatmap)
+        self.add_callback(self.heatmaps)
         self._step: int | None = None  # micro-steps trained (set at the first one, so a resumed run counts on)
         self._buffered: list[dict[str, Any]] | None = None
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(lambda: [0.0, 0.0]),
@@ -219,7 +221,6 @@ class SelfDistillTrainer(CheckpointMixin, Trainer):
         self._last_log_step = 0
         self._samples: list[dict[str, Any]] = []
         self._clock = 0.0
-        self._heatmap_step = -1
         self.rollouts_generated = 0  # training rollouts sampled on this rank
         self.tokens_generated = 0  # their completion tokens (the model's own, under an environment)
         self.turn_template = None
@@ -549,12 +550,12 @@ class SelfDistillTrainer(CheckpointMixin, Trainer):
             self._record(mode, key, value, n)
         if per_token is not None and mode == "train":
             self._source_feedback(inputs, per_token.logp_gap, counts)
-            if self._heatmap_due():
+            if self.heatmaps.due(self.state.global_step + 1):
                 divergence = per_token.divergence
                 if keep is not None:  # environment tokens show as 0
                     divergence = torch.zeros(keep.shape, dtype=divergence.dtype, device=device).masked_scatter(
                         keep, divergence)
-                self._write_heatmap(inputs, divergence)
+                self.heatmaps.capture(inputs, divergence)
         return loss
 
     @staticmethod
@@ -624,41 +625,6 @@ class SelfDistillTrainer(CheckpointMixin, Trainer):
         return loss.detach(), None, None
 
     # ------------------------------------------------------------------------------------------- heatmaps
-    def _heatmap_due(self) -> bool:
-        every = self.args.heatmap_steps
-        step = self.state.global_step + 1  # the optimizer step this micro-batch belongs to
-        return bool(every) and step % every == 0 and self._heatmap_step != step
-
-    def _write_heatmap(self, inputs: dict[str, Any], divergence: torch.Tensor) -> None:
-        """Render the first rollouts of this micro-batch: per-token divergence over the completion text."""
-        step = self.state.global_step + 1
-        self._heatmap_step = step
-        if not self.is_world_process_zero():
-            return
-        from selfdistill.heatmap import TokenHeat, token_pieces, write_heatmaps
-
-        values = divergence.detach().float().cpu().tolist()
-        samples, offset = [], 0
-        for ids, reward, view in zip(inputs["completion_ids"], inputs["rewards"], inputs["view_names"]):
-            chunk = values[offset : offset + len(ids)]
-            offset += len(ids)
-            if len(samples) < self.args.heatmap_samples and ids:
-                caption = f"view {'+'.join(view)}" + ("" if reward is None else f", reward {reward:g}")
-                caption += f", mean {sum(chunk) / len(chunk):.3f} nats/token"
-                samples.append(TokenHeat(token_pieces(self.processing_class, ids), chunk, caption))
-        if not samples:
-            return
-        html_path, png_path = write_heatmaps(
-            samples, os.path.join(self.args.output_dir, "heatmaps"), f"step-{step:06d}",
-            title=f"Teacher-student divergence per token, step {step}",
-        )
-        if "wandb" in (self.args.report_to or []):
-            import wandb
-
-            if wandb.run is not None:
-                wandb.log({"divergence_heatmap": wandb.Html(html_path.read_text()),
-                           "divergence_heatmap_png": wandb.Image(str(png_path))}, commit=False)
-
     # ------------------------------------------------------------------------------------------- metrics
     def _record(self, mode: str, key: str, value: float, weight: float = 1.0, reduce: str = "mean") -> None:
         slot = self._metrics[mode][key if reduce == "mean" else f"{key}|sum"]
