@@ -9,8 +9,11 @@ trainer: the sample rollouts of each logging step as a ``wandb.Table`` (with ``l
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
+
+from selfdistill.distributed import reduce_metrics
 
 ROLLOUT_TABLE = "rollouts"
 ROLLOUT_COLUMNS = ["step", "prompt", "completion", "reward"]
@@ -39,3 +42,50 @@ def log_rollout_table(report_to: Sequence[str] | str | None, samples: list[dict[
         table.add_data(step, _prompt_text(sample["prompt"]), sample["completion"], sample["reward"])
     wandb.log({ROLLOUT_TABLE: table}, commit=False)
     return True
+
+
+class MetricsRecorder:
+    """The trainer's own metrics between two logs: weighted means (``reduce="mean"``) and sums (``"sum"``), per mode
+    (train or eval), reduced over all ranks when :meth:`flush` is called at log time."""
+
+    def __init__(self):
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(lambda: [0.0, 0.0]),
+                                                             "eval": defaultdict(lambda: [0.0, 0.0])}
+        self._last_log_step = 0
+
+    def record(self, mode: str, key: str, value: float, weight: float = 1.0, reduce: str = "mean") -> None:
+        slot = self._metrics[mode][key if reduce == "mean" else f"{key}|sum"]
+        if reduce == "mean":
+            slot[0] += float(value) * weight
+            slot[1] += weight
+        else:
+            slot[0] += float(value)
+            slot[1] = 1.0
+
+    def flush(self, mode: str, global_step: int, accelerator: Any) -> dict[str, float]:
+        """The window's values, summed over ranks (means over the global batch, global counts, the slowest rank's
+        seconds); seconds (``time/*``) per optimizer step, counts as totals. Clears the window."""
+        steps = max(global_step - self._last_log_step, 1) if mode == "train" else 1
+        out = {}
+        for key, (total, weight) in reduce_metrics(accelerator, dict(self._metrics[mode])).items():
+            if key.endswith("|sum"):
+                name = key[:-4]
+                out[name] = total / steps if name.startswith("time/") else total
+            elif weight > 0:
+                out[key] = total / weight
+        if mode == "eval":
+            out = {f"eval_{k}": v for k, v in out.items()}
+        else:
+            self._last_log_step = global_step
+        self._metrics[mode].clear()
+        return out
+
+
+def show_samples(samples: list[dict[str, Any]], report_to: Any, step: int, table: bool) -> None:
+    """Print the step's sample rollouts (``log_completions``) and, for a step's log, send them as a wandb table."""
+    if not samples:
+        return
+    for sample in samples:
+        print(f"--- reward={sample['reward']} ---\n{sample['completion']}")
+    if table:
+        log_rollout_table(report_to, samples, step)

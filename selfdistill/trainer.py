@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -32,7 +31,6 @@ from selfdistill.config import SelfDistillConfig
 from selfdistill.distributed import (
     feedback_everywhere,
     observe_everywhere,
-    reduce_metrics,
     release_zero3,
     zero_stage,
 )
@@ -61,7 +59,7 @@ from selfdistill.sequences import (
 )
 from selfdistill.sources.base import PrivilegedSource, Rollout
 from selfdistill.teacher import TeacherWeights
-from selfdistill.tracking import log_rollout_table
+from selfdistill.tracking import MetricsRecorder, show_samples
 
 logger = logging.getLogger(__name__)
 
@@ -216,9 +214,7 @@ class SelfDistillTrainer(CheckpointMixin, Trainer):
         self.add_callback(self.heatmaps)
         self._step: int | None = None  # micro-steps trained (set at the first one, so a resumed run counts on)
         self._buffered: list[dict[str, Any]] | None = None
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(lambda: [0.0, 0.0]),
-                                                             "eval": defaultdict(lambda: [0.0, 0.0])}
-        self._last_log_step = 0
+        self.recorder = MetricsRecorder()  # what the step's passes measure, reduced over ranks at log time
         self._samples: list[dict[str, Any]] = []
         self._clock = 0.0
         self.rollouts_generated = 0  # training rollouts sampled on this rank
@@ -624,42 +620,16 @@ class SelfDistillTrainer(CheckpointMixin, Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
-    # ------------------------------------------------------------------------------------------- heatmaps
     # ------------------------------------------------------------------------------------------- metrics
     def _record(self, mode: str, key: str, value: float, weight: float = 1.0, reduce: str = "mean") -> None:
-        slot = self._metrics[mode][key if reduce == "mean" else f"{key}|sum"]
-        if reduce == "mean":
-            slot[0] += float(value) * weight
-            slot[1] += weight
-        else:
-            slot[0] += float(value)
-            slot[1] = 1.0
+        self.recorder.record(mode, key, value, weight, reduce)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        steps = max(self.state.global_step - self._last_log_step, 1) if mode == "train" else 1
-        extra = {}
-        # Summed over ranks: means over the global batch, global counts, the slowest rank's seconds.
-        for key, (total, weight) in reduce_metrics(self.accelerator, dict(self._metrics[mode])).items():
-            if key.endswith("|sum"):
-                name = key[:-4]
-                # Seconds are reported per optimizer step; counts are totals over the logging window.
-                extra[name] = total / steps if name.startswith("time/") else total
-            elif weight > 0:
-                extra[key] = total / weight
-        if mode == "eval":
-            extra = {f"eval_{k}": v for k, v in extra.items()}
-        else:
-            self._last_log_step = self.state.global_step
-        self._metrics[mode].clear()
-        logs = {**logs, **extra}
+        logs = {**logs, **self.recorder.flush(mode, self.state.global_step, self.accelerator)}
         super().log(logs, start_time)
-        if self._samples and mode == "train" and self.is_world_process_zero():
-            for sample in self._samples:
-                print(f"--- reward={sample['reward']} ---\n{sample['completion']}")
-            if "loss" in logs:  # a step's log, not the end-of-training summary
-                log_rollout_table(self.args.report_to, self._samples, self.state.global_step)
-
+        if mode == "train" and self.is_world_process_zero():
+            show_samples(self._samples, self.args.report_to, self.state.global_step, table="loss" in logs)
 
 def _check_finite(logits: torch.Tensor, side: str) -> None:
     if not torch.isfinite(logits).all():

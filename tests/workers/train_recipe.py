@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-import selfdistill.trainer as trainer_module
+import selfdistill.tracking as tracking_module
 from selfdistill.distributed import gathered, release_zero3, weights_checksum
 from selfdistill.recipes import load_recipe
 from selfdistill.run import run_train
@@ -90,7 +90,7 @@ def teacher_pass_spy(self, model, inputs, head):
 
 
 SelfDistillTrainer._teacher_pass = teacher_pass_spy
-reduce_original = trainer_module.reduce_metrics
+reduce_original = tracking_module.reduce_metrics
 
 
 def reduce_spy(accelerator, metrics):
@@ -99,7 +99,7 @@ def reduce_spy(accelerator, metrics):
     return out
 
 
-trainer_module.reduce_metrics = reduce_spy
+tracking_module.reduce_metrics = reduce_spy
 
 @torch.no_grad()
 def teacher_probe(trainer, model, teacher_state):
