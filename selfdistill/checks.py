@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -49,3 +50,37 @@ def check_prompt(prompt: Any, where: str) -> None:
         f"{where}: the prompt is {type(prompt).__name__} {repr(prompt)[:80]}; a prompt is a string (plain text) or a "
         'list of messages like [{"role": "user", "content": "..."}] (conversational, rendered with the chat template)'
     )
+
+
+def check_trainer_inputs(args: SelfDistillConfig, privileged: PrivilegedSource | None, reward_funcs: Any,
+                         reward_weights: Sequence[float] | None, train_dataset: Any, eval_dataset: Any,
+                         environment_factory: Callable[[], Any] | None) -> tuple[list[Callable], list[float]]:
+    """SelfDistillTrainer's arguments that need no model, checked before it loads one; returns the reward functions
+    as a list and their weights."""
+    from selfdistill.config import SelfDistillConfig
+
+    if not isinstance(args, SelfDistillConfig):
+        raise TypeError(f"args must be a SelfDistillConfig, got {type(args).__name__}")
+    if privileged is None:
+        raise ValueError(
+            "privileged= is required: the source of the teacher's privileged information, e.g. "
+            "selfdistill.sources.ReferenceSolution(column='solution')"
+        )
+    funcs = [reward_funcs] if callable(reward_funcs) else list(reward_funcs or [])
+    for func in funcs:
+        if not callable(func):
+            raise TypeError(f"reward function {func!r} is not callable; pass functions in TRL's convention")
+    weights = reward_weights if reward_weights is not None else args.reward_weights or [1.0] * len(funcs)
+    if len(weights) != len(funcs):
+        raise ValueError(f"{len(weights)} reward_weights for {len(funcs)} reward_funcs")
+    if privileged.needs_rewards and not funcs:
+        raise ValueError(f"{type(privileged).__name__} needs rewards; pass reward_funcs=[...] (a verifier)")
+    check_datasets(privileged, args, train_dataset, eval_dataset)
+    if args.grpo_weight > 0 and not (funcs or environment_factory):
+        raise ValueError("grpo_weight > 0 needs rewards: pass reward_funcs=[...] or an environment_factory")
+    if args.fused_loss and privileged.combine != "identity":
+        raise ValueError(
+            f"fused_loss=True is not available with a multi-view source ({type(privileged).__name__}); the view "
+            "combiner needs every view's logits. Set fused_loss=False"
+        )
+    return funcs, [float(w) for w in weights]

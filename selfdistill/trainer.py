@@ -26,7 +26,7 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import RepeatSampler, selective_log_softmax
 
 from selfdistill.checkpoints import CheckpointMixin
-from selfdistill.checks import check_datasets
+from selfdistill.checks import check_trainer_inputs
 from selfdistill.config import SelfDistillConfig
 from selfdistill.distributed import (
     feedback_everywhere,
@@ -120,13 +120,10 @@ class SelfDistillTrainer(CheckpointMixin, Trainer):
     ):
         if args is None:
             args = SelfDistillConfig(output_dir="selfdistill-output")
-        if not isinstance(args, SelfDistillConfig):
-            raise TypeError(f"args must be a SelfDistillConfig, got {type(args).__name__}")
-        if privileged is None:
-            raise ValueError(
-                "privileged= is required: the source of the teacher's privileged information, e.g. "
-                "selfdistill.sources.ReferenceSolution(column='solution')"
-            )
+        # Everything that needs no model is checked first, so bad input is named before any weights load.
+        self.reward_funcs, self.reward_weights = check_trainer_inputs(
+            args, privileged, reward_funcs, reward_weights, train_dataset, eval_dataset, environment_factory
+        )
         if isinstance(model, str):
             name = model
             model = load_model(name, args.model_init_kwargs)
@@ -139,25 +136,6 @@ class SelfDistillTrainer(CheckpointMixin, Trainer):
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
-
-        if callable(reward_funcs):
-            reward_funcs = [reward_funcs]
-        self.reward_funcs = list(reward_funcs or [])
-        for func in self.reward_funcs:
-            if not callable(func):
-                raise TypeError(f"reward function {func!r} is not callable; pass functions in TRL's convention")
-        if reward_weights is None:
-            reward_weights = args.reward_weights or [1.0] * len(self.reward_funcs)
-        if len(reward_weights) != len(self.reward_funcs):
-            raise ValueError(f"{len(reward_weights)} reward_weights for {len(self.reward_funcs)} reward_funcs")
-        self.reward_weights = [float(w) for w in reward_weights]
-        if privileged.needs_rewards and not self.reward_funcs:
-            raise ValueError(f"{type(privileged).__name__} needs rewards; pass reward_funcs=[...] (a verifier)")
-
-        check_datasets(privileged, args, train_dataset, eval_dataset)
-
-        if args.grpo_weight > 0 and not (self.reward_funcs or environment_factory):
-            raise ValueError("grpo_weight > 0 needs rewards: pass reward_funcs=[...] or an environment_factory")
         self.environment_factory = environment_factory
         if args.fused_loss and privileged.combine != "identity":
             raise ValueError(

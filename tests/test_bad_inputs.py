@@ -16,6 +16,7 @@ from test_trainer import exact_reward, make_args, make_trainer
 
 import selfdistill.losses as losses_module
 import selfdistill.run as run_module
+import selfdistill.trainer as trainer_module
 from selfdistill import ReferenceSolution, SelfDistillTrainer
 from selfdistill.agent import EnvironmentFailure
 from selfdistill.checkpoints import CHECKPOINT_INFO, CheckpointMismatch
@@ -275,3 +276,15 @@ def test_held_out_evaluation_gives_a_hanging_verifier_the_same_time_limit(tokeni
         evaluate(build_model(tokenizer), tokenizer, build_dataset(4), hangs, max_new_tokens=2, progress=False,
                  reward_timeout=0.2)
     assert time.perf_counter() - start < 1.8
+
+
+def test_the_python_api_names_bad_input_before_it_loads_a_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_module, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(KeyError, match="column 'solution' missing"):
+        SelfDistillTrainer(model="smollm2-135m-instruct", args=make_args(tmp_path),
+                           train_dataset=build_dataset().remove_columns("solution"), privileged=ReferenceSolution())
+    with pytest.raises(ValueError, match="Reviser needs rewards"):
+        from selfdistill.sources import Reviser
+
+        SelfDistillTrainer(model="smollm2-135m-instruct", args=make_args(tmp_path), train_dataset=build_dataset(),
+                           privileged=Reviser())
