@@ -49,7 +49,10 @@ def seed_summary(results: dict[str, dict], key=lambda r: r["eval_after"]["greedy
 
 
 def mean_sd(values: list[float]) -> str:
-    """``"35.9% ± 4.1%"`` (sample standard deviation; the mean alone for one value)."""
+    """``"35.9% ± 4.1%"`` (sample standard deviation; the mean alone for one value; NaN values left out)."""
+    values = [v for v in values if v == v]
+    if not values:
+        return "n/a"
     mean = statistics.mean(values)
     return f"{mean:.1%} ± {statistics.stdev(values):.1%}" if len(values) > 1 else f"{mean:.1%}"
 

@@ -106,12 +106,12 @@ def main() -> None:
         print(table(results))
     else:
         results = run_all(configs, runs, results_path, ROOT / "outputs" / f"skillsd_{args.env}")
-    print(summary(results))
     path = ROOT / "docs" / "img" / f"skillsd_{args.env}.png"
     plot(results, path, f"Skill-SD vs GRPO on {args.env} (SmolLM2-135M-Instruct, CPU)",
          ylabel="held-out greedy success rate (%)", xlabel="training episodes")
     train_path = ROOT / "docs" / "img" / f"skillsd_{args.env}_training.png"
     print(plot_training(results, ROOT / "outputs" / f"skillsd_{args.env}", train_path))
+    print(summary(results))
     results_path.write_text(json.dumps(results, indent=1, default=str))
     print(f"wrote {results_path}, {path} and {train_path}")
 
