@@ -21,7 +21,7 @@ import json
 import statistics
 from pathlib import Path
 
-from recipe_runs import ROOT, record_result, run_recipe, mean_sd, save_percent_plot, split_name
+from recipe_runs import ROOT, mean_sd, record_result, run_recipe, save_percent_plot, split_name
 
 RESULTS = ROOT / "benchmarks" / "results" / "all_methods.json"
 PLOT = ROOT / "docs" / "img" / "all_methods.png"
@@ -116,7 +116,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--reuse", action="append", default=[], metavar="NAME@sSEED=RESULTS_JSON")
     parser.add_argument("--reuse-main-job", type=int, nargs="+", default=[], metavar="SEED",
-                        help="record opsd@sSEED from benchmarks/results/main_job_seeds.json (the same recipe, run alone)")
+                        help="record opsd@sSEED from benchmarks/results/main_job_seeds.json (the same recipe, run "
+                             "alone)")
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
     for name in args.names:
