@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from selfdistill.checks import import_dotted, split_dotted
 from selfdistill.config import SelfDistillConfig
 from selfdistill.methods.sdzero.srt import RevisionConfig
 from selfdistill.sources import SOURCES, PrivilegedSource
@@ -226,7 +227,7 @@ def check_code(rewards: list[str], source: SourceSpec, training: dict[str, Any],
     views = source.args.get("views") or []
     refs += [("source.views", v) for v in views if isinstance(v, str) and v not in BUILTIN_VIEWS and v not in SOURCES]
     for where, target in refs:
-        module = target.partition(":")[0] if ":" in target else target.rpartition(".")[0]
+        module, _ = split_dotted(target)
         if not module:  # not a dotted path: no code to import (an unknown view is named by the source itself)
             if where == "rewards":
                 raise RecipeError(f"reward {target!r} is neither built in ({', '.join(BUILTIN_REWARDS)}) nor a dotted "
@@ -253,12 +254,12 @@ def parse_recipe(raw: Any, path: str | None = None, hardware_checks: bool = True
         if key not in _TOP:
             raise RecipeError(f"unknown top-level key {key!r}.{_suggest(key, sorted(_TOP))}")
     method = raw.get("method", "opsd")
+    if not isinstance(method, str):
+        raise RecipeError(f"method: expected a string, got {type(method).__name__}")
     given_type = raw["source"].get("type") if isinstance(raw.get("source"), dict) else None
     if method not in METHODS and not given_type:  # a method of your own is named freely, with its source.type
         raise RecipeError(f"method={method!r} is not available; choose one of: {', '.join(METHODS)} (or name your "
                           "own method and give its source.type)")
-    if not isinstance(method, str):
-        raise RecipeError(f"method: expected a string, got {type(method).__name__}")
     sections = {name: _build_section(name, cls, raw.get(name)) for name, cls in _SECTIONS.items()}
     source = parse_source(raw.get("source"), METHODS.get(method, "reference"), allow_code)
     srt = None
@@ -353,17 +354,12 @@ def source_class(kind: str, allow: Sequence[str] = ("selfdistill",)) -> type[Pri
     allowed module."""
     if kind in SOURCES:
         return SOURCES[kind]
-    module, _, attr = kind.partition(":") if ":" in kind else kind.rpartition(".")
+    module, attr = split_dotted(kind)
     if not module or not attr:
         raise RecipeError(f"source.type={kind!r} is not available.{_suggest(str(kind), list(SOURCES))} Or give "
                           "the dotted path of a PrivilegedSource subclass, e.g. my_pkg.sources:MySource")
     _check_module("source.type", kind, module, allow)
-    import importlib
-
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as err:
-        raise RecipeError(f"source.type={kind!r}: cannot import {attr!r} from {module!r} ({err})") from err
+    cls = import_dotted(kind, "source.type", RecipeError)
     if not (isinstance(cls, type) and issubclass(cls, PrivilegedSource)):
         raise RecipeError(f"source.type={kind!r} is {cls!r}, not a subclass of "
                           "selfdistill.sources.PrivilegedSource")

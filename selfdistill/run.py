@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from collections.abc import Callable
@@ -13,7 +12,7 @@ from transformers import set_seed
 from trl.models.utils import unwrap_model_for_generation
 
 from selfdistill.agent import evaluate_env
-from selfdistill.checks import check_datasets
+from selfdistill.checks import check_datasets, import_dotted, split_dotted
 from selfdistill.data import load_splits
 from selfdistill.distributed import gathered, is_zero3_model, rank_report
 from selfdistill.evaluation import LearningCurve, evaluate
@@ -26,16 +25,13 @@ from selfdistill.recipes import BUILTIN_REWARDS, Recipe, RecipeError, build_env,
 def resolve_reward(name: str) -> Callable:
     """A built-in verifier by name, or a function by dotted path (``pkg.module.func`` or ``pkg.module:func``)."""
     target = BUILTIN_REWARDS.get(name, name)
-    module_name, _, attr = target.partition(":") if ":" in target else target.rpartition(".")
+    module_name, attr = split_dotted(target)
     if not module_name or not attr:
         raise RecipeError(
             f"reward {name!r} is neither built in ({', '.join(BUILTIN_REWARDS)}) nor a dotted path like "
             "'my_package.rewards.exact_match'"
         )
-    try:
-        func = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise RecipeError(f"reward {name!r}: cannot import {attr!r} from {module_name!r} ({err})") from err
+    func = import_dotted(target, "reward", RecipeError)
     if not callable(func):
         raise RecipeError(f"reward {name!r} resolved to a non-callable {type(func).__name__}")
     return func

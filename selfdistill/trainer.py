@@ -13,7 +13,6 @@ completion tokens of each optimizer step is known before its first backward and 
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -61,7 +60,6 @@ from selfdistill.sources.base import PrivilegedSource, Rollout
 from selfdistill.teacher import TeacherWeights
 from selfdistill.tracking import MetricsRecorder, show_samples
 
-logger = logging.getLogger(__name__)
 
 def _collate_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
@@ -137,11 +135,6 @@ class SelfDistillTrainer(CheckpointMixin, Trainer):
 
             model = get_peft_model(model, peft_config)
         self.environment_factory = environment_factory
-        if args.fused_loss and privileged.combine != "identity":
-            raise ValueError(
-                f"fused_loss=True is not available with a multi-view source ({type(privileged).__name__}); the view "
-                "combiner needs every view's logits. Set fused_loss=False"
-            )
         self.privileged = privileged
         # A source that learns from feedback (Skill-SD's credits) gets every rank's, so all ranks call it in step.
         self._gathers_feedback = type(privileged).feedback is not PrivilegedSource.feedback
@@ -608,6 +601,7 @@ class SelfDistillTrainer(CheckpointMixin, Trainer):
         super().log(logs, start_time)
         if mode == "train" and self.is_world_process_zero():
             show_samples(self._samples, self.args.report_to, self.state.global_step, table="loss" in logs)
+
 
 def _check_finite(logits: torch.Tensor, side: str) -> None:
     if not torch.isfinite(logits).all():

@@ -15,11 +15,11 @@ another source (an OPSD ``ReferenceSolution``, an SD-Zero ``Reviser``) whose vie
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from selfdistill.checks import import_dotted, split_dotted
 from selfdistill.sources.base import PrivilegedSource, Rollout, TeacherView, user_text, with_user_text
 
 INCOMPLETE = "(incomplete: the rest of the solution is omitted)"
@@ -155,12 +155,9 @@ class MultiView(PrivilegedSource):
 
         if view in SOURCES:
             return SOURCES[view]()
-        module, _, attr = view.partition(":") if ":" in view else view.rpartition(".")
+        module, attr = split_dotted(view)
         if module and attr:
-            try:
-                func = getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError) as err:
-                raise ValueError(f"view {view!r}: cannot import {attr!r} from {module!r} ({err})") from err
+            func = import_dotted(view, "view")
             if callable(func):
                 return func
         raise ValueError(
