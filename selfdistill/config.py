@@ -146,6 +146,18 @@ class SelfDistillConfig(TrainingArguments):
         metadata={"help": "Run each distinct teacher context (prompt + privileged information) once and reuse its KV "
                   "cache for every rollout that shares it (the num_generations rollouts of a prompt)."},
     )
+    share_prompt_prefix: bool = field(
+        default=True,
+        metadata={"help": "Run the beginning that prompts share (the G copies of one prompt, the chat template's "
+                  "system prompt) once: in sampling, and with gradients in the student pass. The student pass "
+                  "shares only without gradient checkpointing, DeepSpeed, FSDP or several processes (they expect "
+                  "one forward per backward)."},
+    )
+    skinny_decode: bool = field(
+        default=True,
+        metadata={"help": "On CPU, decode with linear layers computed as weight @ x^T (faster BLAS path for a few "
+                  "rows; same products, float rounding only)."},
+    )
     teacher_batch_views: bool = field(
         default=True,
         metadata={"help": "Score all teacher views of a micro-batch in one forward (M x B sequences); False runs one "

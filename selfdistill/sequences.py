@@ -13,7 +13,7 @@ logits that predict completion token ``t`` sit at position ``W - 1 + t`` in ever
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,6 +197,15 @@ def completion_hidden(model: Any, head: torch.nn.Module, batch: SplicedBatch) ->
         return completion_logits(model, batch)
 
 
+def score_completions(model: Any, batch: SplicedBatch, contexts: Sequence[Sequence[int]], share_prefix: bool,
+                      head: torch.nn.Module | None = None) -> torch.Tensor:
+    """``[B, T, V]`` logits at the completion positions, or ``[B, T, H]`` hidden states when ``head`` is given (the
+    fused loss applies it); shared context prefixes run once when ``share_prefix`` (:func:`shared_prefix_logits`)."""
+    with nullcontext() if head is None else head_passthrough(head):
+        out = shared_prefix_logits(model, batch, contexts) if share_prefix else None
+        return completion_logits(model, batch) if out is None else out
+
+
 #: Shorter common prefixes are not worth a separate forward.
 MIN_SHARED_PREFIX = 8
 
@@ -229,68 +238,96 @@ def _prefix_groups(contexts: Sequence[Sequence[int]], min_shared: int) -> tuple[
     return group_of, lengths
 
 
-def shared_prefix_logits(
-    model: Any, batch: SplicedBatch, contexts: Sequence[Sequence[int]], min_shared: int = MIN_SHARED_PREFIX
-) -> torch.Tensor | None:
-    """:func:`completion_logits` for a batch whose contexts share prefixes, computing each shared prefix once.
+def left_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, width]`` ids and attention mask of rows left-padded to ``width``."""
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+    return ids, mask
 
-    The G rollouts of one prompt share their whole teacher context (prompt + privileged information); AVSD's views
-    of one rollout share its beginning (the template's header and the problem). Rows are grouped by common prefix
-    (:func:`_prefix_groups`); each group's prefix runs once with the KV cache on, its cache rows are selected for
-    every member, and each row's own suffix (the rest of its context, left-padded) and completion run on top.
-    The logits predicting the first completion token come from the row's last suffix position, or from the prefix
-    pass when the whole context is shared. Returns ``[B, T, V]`` like :func:`completion_logits`, or ``None`` when
-    no two rows share a prefix of ``min_shared`` tokens.
+
+@dataclass
+class PrefixCache:
+    """Each group's shared prefix run once, its KV cache rows selected for every member row."""
+
+    first: Any  # the prefix pass's output: logits (or hidden states) of each group's last prefix position
+    cache: Any  # the KV cache, one row per member row
+    rows: torch.Tensor  # [B] group of each row
+    mask: torch.Tensor  # [B, W] each row's prefix attention mask (left-padded)
+    suffixes: list[list[int]]  # each row's context after its group's prefix
+
+
+def run_shared_prefixes(
+    model: Any, contexts: Sequence[Sequence[int]], min_shared: int, device: torch.device | str, keep_last: bool = False
+) -> PrefixCache | None:
+    """Group rows by common prefix (:func:`_prefix_groups`) and run each group's prefix once with the KV cache on.
+
+    ``keep_last`` leaves every row's last context token out of the shared prefix, so every row has a suffix of at
+    least one token (what generation needs: its first new token is predicted from the row's own last position).
+    ``None`` when no two rows share ``min_shared`` tokens. The pass runs with gradients when grad mode is on: the
+    cache rows are an index of the prefix's keys and values, so the members' gradients flow back into it.
     """
-    group_of, lengths = _prefix_groups(contexts, min_shared)
+    group_of, lengths = _prefix_groups([c[:-1] for c in contexts] if keep_last else contexts, min_shared)
     if len(lengths) == len(contexts):
         return None
-    device = batch.input_ids.device
     prefixes = [None] * len(lengths)
     for i, g in enumerate(group_of):
         if prefixes[g] is None:
             prefixes[g] = list(contexts[i][: lengths[g]])
-    width = max(lengths)
-    pad = 0  # any id: padded positions are masked out
-    ids = torch.full((len(prefixes), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prefixes), width), dtype=torch.long)
-    for g, prefix in enumerate(prefixes):
-        ids[g, width - len(prefix) :] = torch.tensor(prefix)
-        mask[g, width - len(prefix) :] = 1
+    ids, mask = left_pad(prefixes, max(lengths), 0)  # any pad id: padded positions are masked out
     ids, mask = ids.to(device), mask.to(device)
     first = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True,
                   logits_to_keep=1)
     rows = torch.tensor(group_of, device=device)
     cache = first.past_key_values
     cache.batch_select_indices(rows)
-
     suffixes = [list(c[lengths[g] :]) for c, g in zip(contexts, group_of)]
+    return PrefixCache(first.logits, cache, rows, mask[rows], suffixes)
+
+
+def shared_prefix_logits(
+    model: Any, batch: SplicedBatch, contexts: Sequence[Sequence[int]], min_shared: int = MIN_SHARED_PREFIX
+) -> torch.Tensor | None:
+    """:func:`completion_logits` for a batch whose contexts share prefixes, computing each shared prefix once.
+
+    The G rollouts of one prompt share their whole context (the student's prompt; the teacher's prompt + privileged
+    information); AVSD's views of one rollout share its beginning (the template's header and the problem); every
+    row shares the chat template's system prompt. Rows are grouped by common prefix (:func:`run_shared_prefixes`);
+    each group's prefix runs once with the KV cache on, its cache rows are selected for every member, and each row's
+    own suffix (the rest of its context, left-padded) and completion run on top. The logits predicting the first
+    completion token come from the row's last suffix position, or from the prefix pass when the whole context is
+    shared. Returns ``[B, T, V]`` like :func:`completion_logits`, or ``None`` when no two rows share a prefix of
+    ``min_shared`` tokens. Under grad mode the result is differentiable through both passes (the student's).
+    """
+    device = batch.input_ids.device
+    shared = run_shared_prefixes(model, contexts, min_shared, device)
+    if shared is None:
+        return None
+    first, cache, rows, suffixes = shared.first, shared.cache, shared.rows, shared.suffixes
     s_width = max(len(x) for x in suffixes)
     t = batch.completion_width
-    b = len(contexts)
-    rest_ids = torch.full((b, s_width + t), pad, dtype=torch.long, device=device)
-    rest_mask = torch.zeros((b, s_width + t), dtype=torch.long, device=device)
-    for i, suffix in enumerate(suffixes):
-        if suffix:
-            rest_ids[i, s_width - len(suffix) : s_width] = torch.tensor(suffix, device=device)
-            rest_mask[i, s_width - len(suffix) : s_width] = 1
-    rest_ids[:, s_width:] = batch.completion_ids
-    rest_mask[:, s_width:] = batch.completion_mask
-    full_mask = torch.cat([mask[rows], rest_mask], dim=1)
+    rest_ids, rest_mask = left_pad(suffixes, s_width, 0)  # any pad id: padded positions are masked out
+    rest_ids = torch.cat([rest_ids.to(device), batch.completion_ids], dim=1)
+    rest_mask = torch.cat([rest_mask.to(device), batch.completion_mask], dim=1)
+    full_mask = torch.cat([shared.mask, rest_mask], dim=1)
     # Positions continue from each row's prefix, counting real tokens only (as in splice).
-    positions = (full_mask.cumsum(-1) - 1).clamp_min(0)[:, width:]
+    positions = (full_mask.cumsum(-1) - 1).clamp_min(0)[:, shared.mask.shape[1]:]
+    # The head runs only where it predicts a completion token: suffix position s_width - 1 + k for token k (the
+    # prefix pass predicts token 0 of a row with no suffix of its own).
+    keep = torch.arange(max(s_width - 1, 0), s_width - 1 + t, device=device)
     rest = model(input_ids=rest_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
-                 use_cache=True, logits_to_keep=s_width + t)
-    logits = rest.logits  # [B, s_width + t, V]; position s_width - 1 + k predicts completion token k
+                 use_cache=True, logits_to_keep=keep)
+    logits = rest.logits  # [B, len(keep), V]
     if s_width == 0:
-        head = torch.cat([first.logits[rows, -1:, :], logits[:, : t - 1]], dim=1)
-    else:
-        head = logits[:, s_width - 1 : s_width - 1 + t]
-        no_suffix = torch.tensor([not x for x in suffixes], device=device)
-        if no_suffix.any():
-            head = head.clone()
-            head[no_suffix, 0] = first.logits[rows[no_suffix], -1]
-    return head
+        return torch.cat([first[rows, -1:, :], logits], dim=1)
+    no_suffix = torch.tensor([not x for x in suffixes], device=device)
+    if no_suffix.any():
+        first_token = torch.where(no_suffix[:, None], first[rows, -1], logits[:, 0])
+        logits = torch.cat([first_token[:, None], logits[:, 1:]], dim=1)
+    return logits
 
 
 @dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -47,15 +46,7 @@ from selfdistill.rollout import (
     sample_completions,
     verify_completions,
 )
-from selfdistill.sequences import (
-    completion_hidden,
-    completion_logits,
-    head_passthrough,
-    render_context,
-    shared_prefix_logits,
-    splice,
-    teacher_contexts,
-)
+from selfdistill.sequences import completion_logits, render_context, score_completions, splice, teacher_contexts
 from selfdistill.sources.base import PrivilegedSource, Rollout
 from selfdistill.teacher import TeacherWeights
 from selfdistill.tracking import MetricsRecorder, show_samples
@@ -168,6 +159,11 @@ class SelfDistillTrainer(CheckpointMixin, Trainer):
             defer=zero3,  # the copy is taken from the partitions deepspeed.initialize makes, never a full copy
         )
         self._zero3 = zero3
+        # Two forwards (shared prefix, then the rows) before one backward: only for a bare module.
+        self._share_student = args.share_prompt_prefix and not (
+            args.gradient_checkpointing or self.is_deepspeed_enabled or self.is_fsdp_enabled
+            or self.accelerator.num_processes > 1
+        )
         if self.is_fsdp_enabled and self.teacher.keeps_copy:
             # FSDP gathers from its own flat shard storage, so a swapped-in copy would silently not be used.
             raise ValueError(
@@ -284,6 +280,8 @@ class SelfDistillTrainer(CheckpointMixin, Trainer):
                     temperature=self.args.temperature,
                     top_p=self.args.top_p,
                     top_k=self.args.top_k,
+                    share_prefix=self.args.share_prompt_prefix,
+                    skinny=self.args.skinny_decode,
                 )
         elapsed = time.perf_counter() - start
         self._clock += elapsed
@@ -469,10 +467,7 @@ class SelfDistillTrainer(CheckpointMixin, Trainer):
 
         student_batch = splice(inputs["prompt_ids"], inputs["completion_ids"], self.pad_id).to(device)
         mask = student_batch.completion_mask.bool()
-        if head is None:
-            student_out = completion_logits(model, student_batch)[mask]
-        else:
-            student_out = completion_hidden(model, head, student_batch)[mask]
+        student_out = score_completions(model, student_batch, inputs["prompt_ids"], self._share_student, head)[mask]
         _check_finite(student_out, "student")
         tokens = student_batch.completion_ids[mask]
         old = None
@@ -563,12 +558,8 @@ class SelfDistillTrainer(CheckpointMixin, Trainer):
         with self.teacher.scoring(unwrapped, release=release_zero3(self.model_wrapped)) as teacher_model:
             for i in range(0, len(contexts), group):
                 batch = splice(contexts[i : i + group], scored[i : i + group], self.pad_id).to(device)
-                with nullcontext() if head is None else head_passthrough(head):
-                    out = None
-                    if self.args.share_teacher_prefix:
-                        out = shared_prefix_logits(teacher_model, batch, contexts[i : i + group])
-                    if out is None:
-                        out = completion_logits(teacher_model, batch)
+                out = score_completions(teacher_model, batch, contexts[i : i + group], self.args.share_teacher_prefix,
+                                        head)
                 pieces.append(out[batch.completion_mask.bool()])
             # Inside the context the head holds the teacher's weights; detach() keeps that storage, no copy.
             teacher_head = None if head is None else head.weight.detach()

@@ -1,0 +1,85 @@
+"""Prompt prefixes shared in sampling and in the student pass; the skinny decode path. Float rounding only."""
+
+import pytest
+import torch
+from conftest import build_model
+
+from selfdistill.rollout import sample_completions, skinny_linears
+from selfdistill.sequences import completion_logits, render_context, shared_prefix_logits, splice
+
+
+def _prompts(tokenizer):
+    questions = ["What is 12 + 30?", "What is 12 + 30?", "What is 7 + 8? Answer briefly.", "Hi"]
+    return [render_context(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+
+
+def test_student_gradients_through_a_shared_prefix_match_the_plain_pass(tokenizer):
+    model = build_model(tokenizer)
+    contexts = _prompts(tokenizer)
+    completions = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["42", "The answer is", "15", ""]]
+    batch = splice(contexts, completions, tokenizer.pad_token_id)
+    mask = batch.completion_mask.bool()
+    weights = torch.randn(int(mask.sum()), model.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    results = []
+    for shared in (False, True):
+        model.zero_grad()
+        out = shared_prefix_logits(model, batch, contexts) if shared else completion_logits(model, batch)
+        assert out is not None  # the chat template's header is shared by all four rows
+        loss = (out[mask].log_softmax(-1) * weights).sum()
+        loss.backward()
+        results.append((out[mask].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain, plain_grads), (shared, shared_grads) = results
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_sampling_from_a_shared_prefix_draws_the_same_tokens(tokenizer, do_sample):
+    model = build_model(tokenizer).eval()
+    prompts = _prompts(tokenizer) * 2  # G = 2 copies as well as a shared header
+    draws = []
+    for share, skinny in ((False, False), (True, False), (True, True)):
+        torch.manual_seed(3)
+        out = sample_completions(model, prompts, pad_id=tokenizer.pad_token_id, eos=[tokenizer.eos_token_id],
+                                 max_new_tokens=8, do_sample=do_sample, temperature=0.8, share_prefix=share,
+                                 skinny=skinny)
+        draws.append(out)
+    assert draws[1].completion_ids == draws[0].completion_ids == draws[2].completion_ids
+    assert draws[1].truncated == draws[0].truncated
+    assert any(len(c) > 1 for c in draws[0].completion_ids)
+
+
+def test_skinny_linears_compute_the_same_products_and_restore_the_layers(tokenizer):
+    model = build_model(tokenizer).eval()
+    x = torch.randint(0, model.config.vocab_size, (3, 5))
+    with torch.no_grad():
+        plain = model(input_ids=x).logits
+        with skinny_linears(model):
+            assert "forward" in model.lm_head.__dict__
+            skinny = model(input_ids=x).logits  # 15 rows per linear: the skinny path
+        assert all("forward" not in m.__dict__ for m in model.modules())
+    torch.testing.assert_close(skinny, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_trainer_with_and_without_shared_prompts_agree(tmp_path, tokenizer):
+    from test_trainer import make_trainer
+
+    losses, grads_norms = [], []
+    for share in (True, False):
+        trainer = make_trainer(tmp_path / str(share), tokenizer, model=build_model(tokenizer), max_steps=2,
+                               num_generations=4, share_prompt_prefix=share, skinny_decode=share)
+        assert trainer._share_student is share
+        trainer.train()
+        history = [h for h in trainer.state.log_history if "loss" in h]
+        losses.append([h["loss"] for h in history])
+        grads_norms.append([h["grad_norm"] for h in history])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3, abs=1e-7)
+    assert grads_norms[0] == pytest.approx(grads_norms[1], rel=1e-3, abs=1e-7)
+
+
+def test_student_sharing_is_off_under_gradient_checkpointing(tmp_path, tokenizer):
+    from test_trainer import make_trainer
+
+    trainer = make_trainer(tmp_path, tokenizer, model=build_model(tokenizer), gradient_checkpointing=True)
+    assert trainer._share_student is False
