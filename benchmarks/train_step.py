@@ -13,6 +13,7 @@ warm-up step and the end of the last step, divided by K (generation, teacher and
 
     python benchmarks/train_step.py                  # G = 1, 4, 8; K = 5 measured steps; ~7-10 min on 2 CPU cores
     python benchmarks/train_step.py --G 4 --steps 10 # one G, more steps
+    python benchmarks/train_step.py --ablate 1 8     # also selfdistill with each speed lever off, at G = 1 and 8
     python benchmarks/train_step.py --quick          # plumbing check: G = 1, 4 rollouts, 1 + 1 steps, 1 thread
     python benchmarks/train_step.py --worker trainer=sdft G=4 rollouts=8 steps=5 threads=0   # one worker alone
 
@@ -82,9 +83,14 @@ DIFFERENCES = [
     "Position ids: selfdistill counts real tokens only (as generate does), so a left-padded row's student and "
     "teacher passes use the positions it was sampled with; SDFT passes no position_ids, so the model counts from "
     "the first (padding) column and left-padded rows are scored at shifted positions. Numerics only, not speed.",
-    "Teacher pass: selfdistill scores each distinct teacher context once and reuses its KV cache for the G "
-    "rollouts that share it (share_teacher_prefix=True, its default); SDFT runs the teacher over all 8 full "
-    "(context + completion) rows. This is an implementation difference measured here, not a setting.",
+    "Shared prefixes: selfdistill runs the beginning that several rows share once and reuses its KV cache: in the "
+    "teacher pass (share_teacher_prefix: the G rollouts of a prompt share the whole teacher context, all rows the "
+    "chat template's system prompt), in sampling's prefill and, with gradients, in the student pass "
+    "(share_prompt_prefix). SDFT runs every full row. Same products, float rounding only; implementation "
+    "differences measured here, not settings.",
+    "Skinny decode (skinny_decode): on CPU selfdistill computes the decoding loop's linear layers as weight @ x^T, "
+    "which this machine's BLAS runs faster for a few rows than x @ weight^T; SDFT decodes with the default path. "
+    "Float rounding only.",
     "Teacher weights: selfdistill's 'initial' teacher keeps a copy of the trainable parameters and swaps storage "
     "handles with the student's for the teacher pass (one model module); SDFT's 'base' teacher (non-PEFT) is a "
     "second model loaded from the student's path, frozen in eval mode. Both are the frozen initial weights.",
@@ -99,7 +105,16 @@ DIFFERENCES = [
 
 
 # --------------------------------------------------------------------------------------------------- settings
-def selfdistill_kwargs(g: int, rollouts: int, steps: int, output_dir: str) -> dict[str, Any]:
+#: selfdistill's speed levers (all on by default), switched off one at a time by --ablate.
+LEVERS = {
+    "all": {},
+    "no-skinny": {"skinny_decode": False},
+    "no-prompt-sharing": {"share_prompt_prefix": False},
+    "none": {"skinny_decode": False, "share_prompt_prefix": False, "share_teacher_prefix": False},
+}
+
+
+def selfdistill_kwargs(g: int, rollouts: int, steps: int, output_dir: str, levers: str = "all") -> dict[str, Any]:
     return {
         **COMMON,
         "output_dir": output_dir,
@@ -114,7 +129,9 @@ def selfdistill_kwargs(g: int, rollouts: int, steps: int, output_dir: str) -> di
         "ratio_clip": None,  # no rollout reuse, so no importance ratio on either side
         "teacher_policy": "initial",
         "share_teacher_prefix": True,
-    }
+        "share_prompt_prefix": True,
+        "skinny_decode": True,
+    } | LEVERS[levers]
 
 
 def sdft_kwargs(g: int, rollouts: int, steps: int, output_dir: str) -> dict[str, Any]:
@@ -192,7 +209,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     set_seed(SEED)
     g, rollouts, steps = spec["G"], spec["rollouts"], spec["steps"]
     total = steps + 1  # one warm-up step
-    out_dir = str(ROOT / "outputs" / "train_step" / f"{spec['trainer']}_G{g}")
+    out_dir = str(ROOT / "outputs" / "train_step" / f"{spec['trainer']}_{spec['levers']}_G{g}")
     dataset = make_dataset()
     tok = load_tokenizer(MODEL)
     model = load_model(MODEL)  # float32
@@ -219,7 +236,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         from selfdistill.sources import ReferenceSolution
         from selfdistill.trainer import SelfDistillTrainer
 
-        args = SelfDistillConfig(**selfdistill_kwargs(g, rollouts, total, out_dir))
+        args = SelfDistillConfig(**selfdistill_kwargs(g, rollouts, total, out_dir, spec["levers"]))
         trainer = SelfDistillTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
                                      privileged=ReferenceSolution(column="solution", template=OPSD_TEMPLATE),
                                      callbacks=[clock])
@@ -246,6 +263,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     token_mean_kl = [log.get(kl_key) for log in clock.logs]
     return {
         "trainer": spec["trainer"],
+        "levers": spec["levers"] if spec["trainer"] == "selfdistill" else None,
         "G": g,
         "rollouts_per_step": rollouts,
         "prompts_per_step": rollouts // g,
@@ -265,15 +283,30 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_spec(items: list[str]) -> dict[str, Any]:
-    spec: dict[str, Any] = {"trainer": None, "G": 1, "rollouts": 8, "steps": 5, "threads": 0}
+    spec: dict[str, Any] = {"trainer": None, "G": 1, "rollouts": 8, "steps": 5, "threads": 0, "levers": "all"}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in spec:
             raise SystemExit(f"worker argument {item!r} is not one of {', '.join(f'{k}=...' for k in spec)}")
-        spec[key] = value if key == "trainer" else int(value)
+        spec[key] = value if key in ("trainer", "levers") else int(value)
+    if spec["levers"] not in LEVERS:
+        raise SystemExit(f"levers={spec['levers']!r} is not one of {', '.join(LEVERS)}")
     if spec["rollouts"] % spec["G"]:
         raise SystemExit(f"rollouts={spec['rollouts']} is not divisible by G={spec['G']}")
     return spec
+
+
+def run_one(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    """launch() with progress lines."""
+    name = spec["trainer"] + (f" (levers: {spec['levers']})" if spec.get("levers", "all") != "all" else "")
+    print(f"G={spec['G']} {name}: 1 warm-up + {spec['steps']} steps of {spec['rollouts']} rollouts ...", flush=True)
+    result = launch(spec, timeout)
+    if "error" in result:
+        print(f"  failed: {result['error']}\n{result.get('output_tail', '')}", flush=True)
+    else:
+        print(f"  {result['seconds_per_step']:.2f} s/step, peak RSS {result['peak_rss_mb']:.0f} MiB, "
+              f"process {result['process_seconds']:.0f} s", flush=True)
+    return result
 
 
 def launch(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
@@ -316,6 +349,15 @@ def table(rows: list[dict[str, Any]]) -> str:
         )
     lines.append("ratio = selfdistill steps/s over SDFT steps/s (> 1: selfdistill is faster); len = mean completion "
                  "tokens of the measured steps")
+    phase_keys = ("time/generation", "time/teacher", "time/student")
+    for row in rows:
+        runs = [("all levers", row["selfdistill"])] + list(row.get("ablations", {}).items())
+        if len(runs) > 1:
+            lines.append(f"G={row['G']} selfdistill by levers (s/step: step, then generation / teacher / student):")
+            for name, r in runs:
+                if "seconds_per_step" in r:
+                    phases = " / ".join(f"{r['phase_seconds_per_step'].get(k, float('nan')):.2f}" for k in phase_keys)
+                    lines.append(f"  {name:>18}: {r['seconds_per_step']:.2f}  ({phases})")
     for row in rows:
         c = row.get("warmup_step_check")
         if c:
@@ -333,6 +375,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds a worker may take")
     parser.add_argument("--quick", action="store_true", help="G=1, 4 rollouts, 1 measured step, 1 thread")
+    parser.add_argument("--ablate", type=int, nargs="*", default=[], metavar="G",
+                        help="at these G also run selfdistill with its speed levers off, one at a time and all "
+                        f"together ({', '.join(k for k in LEVERS if k != 'all')})")
     parser.add_argument("--worker", nargs="+", metavar="KEY=VALUE", help="run one configuration in this process")
     opts = parser.parse_args()
 
@@ -359,14 +404,13 @@ def main() -> None:
         row: dict[str, Any] = {"G": g, "prompts_per_step": opts.rollouts // g}
         for trainer in ("selfdistill", "sdft"):
             spec = {"trainer": trainer, "G": g, "rollouts": opts.rollouts, "steps": opts.steps, "threads": opts.threads}
-            print(f"G={g} {trainer}: 1 warm-up + {opts.steps} steps of {opts.rollouts} rollouts ...", flush=True)
-            row[trainer] = launch(spec, opts.timeout)
-            result = row[trainer]
-            if "error" in result:
-                print(f"  failed: {result['error']}\n{result.get('output_tail', '')}", flush=True)
-            else:
-                print(f"  {result['seconds_per_step']:.2f} s/step, peak RSS {result['peak_rss_mb']:.0f} MiB, "
-                      f"process {result['process_seconds']:.0f} s", flush=True)
+            row[trainer] = run_one(spec, opts.timeout)
+        if g in opts.ablate:
+            row["ablations"] = {}
+            for levers in (k for k in LEVERS if k != "all"):
+                spec = {"trainer": "selfdistill", "G": g, "rollouts": opts.rollouts, "steps": opts.steps,
+                        "threads": opts.threads, "levers": levers}
+                row["ablations"][levers] = run_one(spec, opts.timeout)
         if "steps_per_second" in row["selfdistill"] and "steps_per_second" in row["sdft"]:
             row["ratio"] = row["selfdistill"]["steps_per_second"] / row["sdft"]["steps_per_second"]
             # Same weights, prompts and seed: when the first step's rollouts coincide, so must its loss.
