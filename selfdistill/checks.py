@@ -68,6 +68,32 @@ def check_prompt(prompt: Any, where: str) -> None:
     )
 
 
+def check_prompt_lengths(rows: list[dict[str, Any]], prompt_ids: list[list[int]], limit: int | None) -> None:
+    """Every rendered prompt fits ``max_prompt_length``."""
+    for row, ids in zip(rows, prompt_ids):
+        if limit is not None and len(ids) > limit:
+            raise ValueError(
+                f"a prompt has {len(ids)} tokens > max_prompt_length={limit}: {str(row['prompt'])[:120]!r}...; "
+                "raise max_prompt_length or filter long prompts from the dataset"
+            )
+
+
+def check_sharding(args: SelfDistillConfig, zero3: bool, fsdp: bool, teacher_keeps_copy: bool) -> None:
+    """What DeepSpeed ZeRO-3 and FSDP cannot do with the fused loss and a copied teacher."""
+    if zero3 and args.fused_loss:
+        raise ValueError(
+            "fused_loss=True reads the output head's weight outside its forward, which DeepSpeed ZeRO-3 keeps "
+            "partitioned; set fused_loss=False or use ZeRO-2"
+        )
+    if fsdp and teacher_keeps_copy:
+        # FSDP gathers from its own flat shard storage, so a swapped-in copy would silently not be used.
+        raise ValueError(
+            f"teacher_policy={args.teacher_policy!r} keeps a copy of the trainable weights, which cannot be "
+            "swapped into FSDP's sharded storage; use DeepSpeed ZeRO-3 (recipes/accelerate/deepspeed_zero3.yaml), "
+            "or teacher_policy='live', or LoRA with teacher_policy='initial' (the adapter disabled)"
+        )
+
+
 def check_trainer_inputs(args: SelfDistillConfig, privileged: PrivilegedSource | None, reward_funcs: Any,
                          reward_weights: Sequence[float] | None, train_dataset: Any, eval_dataset: Any,
                          environment_factory: Callable[[], Any] | None) -> tuple[list[Callable], list[float]]:

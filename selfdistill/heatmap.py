@@ -146,6 +146,15 @@ class HeatmapCallback(TrainerCallback):
         every = self.trainer.args.heatmap_steps
         return bool(every) and step % every == 0 and self._captured_step != step
 
+    def maybe_capture(self, inputs: dict[str, Any], divergence: Any, keep: Any = None) -> None:
+        """:meth:`capture` when the current step is due; ``keep`` marks the scored tokens among all completion
+        tokens (environment tokens show as 0)."""
+        if not self.due(self.trainer.state.global_step + 1):
+            return
+        if keep is not None:
+            divergence = divergence.new_zeros(keep.shape).masked_scatter(keep, divergence)
+        self.capture(inputs, divergence)
+
     def capture(self, inputs: dict[str, Any], divergence: Any) -> None:
         """Keep the first rollouts of this micro-batch: ``divergence`` is per scored token, rollout after rollout."""
         trainer = self.trainer

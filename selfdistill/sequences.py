@@ -213,12 +213,16 @@ MIN_SHARED_PREFIX = 8
 def _prefix_groups(contexts: Sequence[Sequence[int]], min_shared: int) -> tuple[list[int], list[int]]:
     """Group rows whose contexts share a prefix: (group of each row, shared prefix length of each group).
 
-    Contexts are sorted; neighbours whose common prefix is at least ``min_shared`` tokens join one group, whose
-    prefix is the common prefix of all its members (identical contexts share all of it).
+    Contexts are sorted; a context joins its neighbour's group when their common prefix is at least ``min_shared``
+    tokens and joining computes fewer tokens than a group of its own: the group's prefix shrinks to the common
+    part (every member then runs the difference itself), and the newcomer runs only what follows it. So the G
+    copies of two prompts form two groups sharing their whole prompts rather than one sharing only the chat
+    template's header, while G = 1 prompts with a common header share the header.
     """
     order = sorted(range(len(contexts)), key=lambda i: list(contexts[i]))
     group_of = [0] * len(contexts)
     lengths: list[int] = []
+    sizes: list[int] = []
     previous = None
     for i in order:
         context = contexts[i]
@@ -227,12 +231,15 @@ def _prefix_groups(contexts: Sequence[Sequence[int]], min_shared: int) -> tuple[
             limit = min(len(context), len(previous), lengths[-1])
             while common < limit and context[common] == previous[common]:
                 common += 1
-            if common >= min_shared:
+            saved = common - sizes[-1] * (lengths[-1] - common)  # tokens saved by joining, net of the shrink
+            if common >= min_shared and saved > 0:
                 lengths[-1] = common
+                sizes[-1] += 1
                 group_of[i] = len(lengths) - 1
                 previous = context
                 continue
         lengths.append(len(context))
+        sizes.append(1)
         group_of[i] = len(lengths) - 1
         previous = context
     return group_of, lengths

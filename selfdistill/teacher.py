@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from selfdistill.distributed import is_zero3_param
 
@@ -209,3 +210,15 @@ class TeacherWeights:
             if param is not None and is_zero3_param(param) and full.numel() != tensor.numel():
                 full = _partition_of(full, param)
             tensor.copy_(full.reshape(tensor.shape).to(tensor.device, tensor.dtype))
+
+
+class TeacherUpdate(TrainerCallback):
+    """Applies the teacher policy's update (``ema``, ``sync``) after each optimizer step."""
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        if self.trainer.teacher.update(model, state.global_step):
+            self.trainer.recorder.record("train", "teacher/updates", 1.0, 1.0, reduce="sum")

@@ -9,6 +9,7 @@ trainer: the sample rollouts of each logging step as a ``wandb.Table`` (with ``l
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -61,6 +62,33 @@ class MetricsRecorder:
         else:
             slot[0] += float(value)
             slot[1] = 1.0
+
+    def record_rewards(self, mode: str, per_func: dict[str, list[float]], rewards: list[float | None],
+                       failures: int) -> None:
+        """Each reward function's mean (``rewards/<name>/mean``, TRL's key), the weighted total and failed calls."""
+        for name, values in per_func.items():
+            finite = [v for v in values if not math.isnan(v)]
+            if finite:
+                self.record(mode, f"rewards/{name}/mean", sum(finite) / len(finite), len(finite))
+        finite = [r for r in rewards if r is not None]
+        if finite:
+            self.record(mode, "reward", sum(finite) / len(finite), len(finite))
+        self.record(mode, "reward_failures", failures, 1.0, reduce="sum")
+
+    def record_completions(self, mode: str, lengths: list[int], truncated: list[bool], truncated_pi: int) -> None:
+        """Mean completion length, the share cut at max_completion_length, empty ones and shortened PI."""
+        n = len(lengths)
+        self.record(mode, "completions/mean_length", sum(lengths) / n, n)
+        self.record(mode, "completions/clipped_ratio", sum(truncated) / n, n)
+        self.record(mode, "completions/empty", sum(1 for x in lengths if x == 0), 1.0, reduce="sum")
+        self.record(mode, "pi_truncated", truncated_pi, 1.0, reduce="sum")
+
+    def record_episodes(self, mode: str, stats: dict[str, float], n: int) -> None:
+        """Multi-turn episodes' success, turns, invalid actions and unfinished count (``agent.episode_stats``)."""
+        self.record(mode, "env/success", stats["success"], n)
+        self.record(mode, "env/turns", stats["mean_turns"], n)
+        self.record(mode, "env/invalid_actions", stats["invalid_action_rate"], stats["turns"])
+        self.record(mode, "env/unfinished", stats["unfinished"], 1.0, reduce="sum")
 
     def flush(self, mode: str, global_step: int, accelerator: Any) -> dict[str, float]:
         """The window's values, summed over ranks (means over the global batch, global counts, the slowest rank's

@@ -83,3 +83,15 @@ def test_student_sharing_is_off_under_gradient_checkpointing(tmp_path, tokenizer
 
     trainer = make_trainer(tmp_path, tokenizer, model=build_model(tokenizer), gradient_checkpointing=True)
     assert trainer._share_student is False
+
+
+def test_groups_keep_whole_prompts_when_that_computes_fewer_tokens():
+    from selfdistill.sequences import _prefix_groups
+
+    header = list(range(26))
+    a, b = header + list(range(100, 121)), header + list(range(200, 221))
+    # G = 4 copies of two prompts: two groups sharing their whole 47-token prompts (26 + 8 x 0 suffix tokens
+    # would cost more as one group with the 26-token header: 26 + 8 x 21).
+    assert _prefix_groups([a] * 4 + [b] * 4, 8) == ([0, 0, 0, 0, 1, 1, 1, 1], [47, 47])
+    # G = 1: distinct prompts share the header.
+    assert _prefix_groups([a, b, header + [300] * 21], 8) == ([0, 0, 0], [26])

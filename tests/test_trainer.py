@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import build_dataset, build_model
 
+import selfdistill.sampling as sampling_module
 import selfdistill.trainer as trainer_module
 from selfdistill import ReferenceSolution, SelfDistillConfig, SelfDistillTrainer
 from selfdistill.rollout import Generated, RewardFunctionError
@@ -90,7 +91,10 @@ def test_teacher_scores_exactly_the_student_completion_ids(tmp_path, tokenizer, 
         captured.setdefault("calls", []).append((contexts, completions, batch))
         return batch
 
-    monkeypatch.setattr(trainer_module, "splice", spy)
+    import selfdistill.step as step_module
+
+    monkeypatch.setattr(trainer_module, "splice", spy)  # the student pass
+    monkeypatch.setattr(step_module, "splice", spy)  # the teacher pass
     trainer.train()
     teacher_contexts, teacher_completions, teacher_batch = captured["calls"][0]
     _, student_completions, student_batch = captured["calls"][1]
@@ -200,20 +204,20 @@ def test_context_that_cannot_shrink_is_an_error(tmp_path, tokenizer):
 
 
 def test_empty_rollouts_are_counted_and_left_out(tmp_path, tokenizer, monkeypatch):
-    real = trainer_module.sample_completions
+    real = sampling_module.sample_completions
 
     def with_one_empty(*args, **kwargs):
         out = real(*args, **kwargs)
         return Generated([[]] + out.completion_ids[1:], [False] + out.truncated[1:])
 
-    monkeypatch.setattr(trainer_module, "sample_completions", with_one_empty)
+    monkeypatch.setattr(sampling_module, "sample_completions", with_one_empty)
     trainer = make_trainer(tmp_path, tokenizer, max_steps=1)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert logs[0]["completions/empty"] == 1
     assert math.isfinite(logs[0]["loss"])
 
-    monkeypatch.setattr(trainer_module, "sample_completions", lambda *a, **k: Generated([[]] * 4, [False] * 4))
+    monkeypatch.setattr(sampling_module, "sample_completions", lambda *a, **k: Generated([[]] * 4, [False] * 4))
     trainer = make_trainer(tmp_path, tokenizer, max_steps=1)
     with pytest.raises(ValueError, match="zero completion tokens"):
         trainer.train()

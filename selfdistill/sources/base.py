@@ -13,6 +13,7 @@ Adding a method means writing one subclass of :class:`PrivilegedSource` in this 
 from __future__ import annotations
 
 import difflib
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -166,3 +167,19 @@ def user_text(prompt: Prompt) -> str:
                 return "".join(part.get("text", "") for part in content if isinstance(part, dict))
             return str(content)
     raise ValueError("the prompt has no user message")
+
+
+#: The built-in source types by the name recipes use (``source.type``), as import paths: a source that names
+#: another (AVSD's views) looks it up here without importing every method first.
+BUILTIN_SOURCES: dict[str, str] = {
+    "reference": "selfdistill.methods.opsd.ReferenceSolution",
+    "reviser": "selfdistill.methods.sdzero.source.Reviser",
+    "multiview": "selfdistill.methods.avsd.source.MultiView",
+    "skills": "selfdistill.methods.skillsd.source.Skills",
+}
+
+
+def builtin_source(name: str) -> type[PrivilegedSource]:
+    """The class of built-in source ``name`` (a key of :data:`BUILTIN_SOURCES`)."""
+    module, _, attr = BUILTIN_SOURCES[name].rpartition(".")
+    return getattr(importlib.import_module(module), attr)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 import selfdistill.tracking as tracking_module
+import selfdistill.trainer as trainer_module
 from selfdistill.distributed import gathered, release_zero3, weights_checksum
 from selfdistill.recipes import load_recipe
 from selfdistill.run import run_train
@@ -56,18 +57,18 @@ def spy(self, rows, mode, n_micro):
 
 
 record["credited"] = 0
-source_feedback = SelfDistillTrainer._source_feedback
+source_feedback = trainer_module.source_feedback
 
 
-def source_feedback_spy(self, inputs, logp_gap, counts):
+def source_feedback_spy(source, inputs, logp_gap, counts, accelerator):
     # Skill credits this rank's own rollouts earn: one per shown skill of a rollout with a non-zero advantage.
     for ids, advantage in zip(inputs.get("view_tags") or [], inputs.get("advantages") or []):
         if ids and advantage:
             record["credited"] += len(list(ids))
-    return source_feedback(self, inputs, logp_gap, counts)
+    return source_feedback(source, inputs, logp_gap, counts, accelerator)
 
 
-SelfDistillTrainer._source_feedback = source_feedback_spy
+trainer_module.source_feedback = source_feedback_spy
 
 
 SelfDistillTrainer._make_rollouts = spy

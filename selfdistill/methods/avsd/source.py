@@ -20,7 +20,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from selfdistill.checks import import_dotted, split_dotted
-from selfdistill.sources.base import PrivilegedSource, Rollout, TeacherView, user_text, with_user_text
+from selfdistill.methods.avsd import combine as avsd_combine
+from selfdistill.sources.base import (
+    BUILTIN_SOURCES,
+    PrivilegedSource,
+    Rollout,
+    TeacherView,
+    builtin_source,
+    user_text,
+    with_user_text,
+)
 
 INCOMPLETE = "(incomplete: the rest of the solution is omitted)"
 DEFAULT_TEMPLATES: dict[str, str] = {
@@ -112,8 +121,6 @@ class MultiView(PrivilegedSource):
         weights: str = "uniform",
         threshold: float = 0.5,
     ):
-        from selfdistill.methods.avsd.combine import ViewSpec
-
         if not views:
             raise ValueError("views is empty; give at least one view (e.g. ['full_solution', 'answer_only'])")
         self.views_spec = [self._resolve(v) for v in views]
@@ -130,7 +137,7 @@ class MultiView(PrivilegedSource):
         self.column = column
         self.answer_column = answer_column
         self.threshold = float(threshold)
-        self.view_spec = ViewSpec(form=form, top_k=top_k, weights=weights)
+        self.view_spec = avsd_combine.ViewSpec(form=form, top_k=top_k, weights=weights)
         needs_solution = any(v in ("full_solution", "partial_solution", "answer_only") for v in self.views_spec)
         columns = [column] if needs_solution else []
         if answer_column:
@@ -151,28 +158,24 @@ class MultiView(PrivilegedSource):
             raise TypeError(f"a view is a name, a function or a source; got {type(view).__name__}")
         if view in BUILTIN_VIEWS:
             return view
-        from selfdistill.sources import SOURCES
-
-        if view in SOURCES:
-            return SOURCES[view]()
+        if view in BUILTIN_SOURCES:
+            return builtin_source(view)()
         module, attr = split_dotted(view)
         if module and attr:
             func = import_dotted(view, "view")
             if callable(func):
                 return func
         raise ValueError(
-            f"unknown view {view!r}; use one of {', '.join(BUILTIN_VIEWS)}, a source ({', '.join(SOURCES)}) or a "
-            "dotted path to a function f(rollout) -> str"
+            f"unknown view {view!r}; use one of {', '.join(BUILTIN_VIEWS)}, a source "
+            f"({', '.join(BUILTIN_SOURCES)}) or a dotted path to a function f(rollout) -> str"
         )
 
     def token_losses(self, student_logits, view_logits, tokens, spec, view_names, old_logps=None):
         """AVSD's target: the views' consensus plus the gated residual (selfdistill.methods.avsd.combine), with
         per-view metrics."""
-        from selfdistill.methods.avsd.combine import multiview_summary, multiview_token_losses
-
-        combined = multiview_token_losses(student_logits, view_logits, tokens, spec, self.view_spec,
+        combined = avsd_combine.multiview_token_losses(student_logits, view_logits, tokens, spec, self.view_spec,
                                           old_logps=old_logps)
-        return combined.tokens, multiview_summary(combined, view_names)
+        return combined.tokens, avsd_combine.multiview_summary(combined, view_names)
 
     @staticmethod
     def _name(view: Any) -> str:
