@@ -13,11 +13,12 @@ warm-up step and the end of the last step, divided by K (generation, teacher and
 
     python benchmarks/train_step.py                  # G = 1, 4, 8; K = 5 measured steps; ~7-10 min on 2 CPU cores
     python benchmarks/train_step.py --G 4 --steps 10 # one G, more steps
-    python benchmarks/train_step.py --ablate 1 8     # also selfdistill with each speed lever off, at G = 1 and 8
+    python benchmarks/train_step.py --ablate 1 4 8   # also selfdistill with each speed lever off (~25 min)
+    python benchmarks/train_step.py --plot-only      # table and plot from the recorded results
     python benchmarks/train_step.py --quick          # plumbing check: G = 1, 4 rollouts, 1 + 1 steps, 1 thread
     python benchmarks/train_step.py --worker trainer=sdft G=4 rollouts=8 steps=5 threads=0   # one worker alone
 
-Prints a table and writes benchmarks/results/train_step.json (``--quick``: outputs/benchmarks_quick/train_step.json)
+Prints a table and writes benchmarks/results/train_step.json and .png (``--quick``: outputs/benchmarks_quick/)
 with the exact settings of both sides and every difference between them that could not be removed ("differences").
 Nothing else may run on the machine meanwhile: two CPU-heavy processes slow each other several-fold.
 """
@@ -330,6 +331,54 @@ def launch(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------ report
+PLOT = ROOT / "benchmarks" / "results" / "train_step.png"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Seconds per step by phase: selfdistill (all levers, then each ablation) beside SDFT, one panel per G."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    phases = [("time/generation", "generation"), ("time/teacher", "teacher pass"),
+              ("time/student", "student fwd+bwd")]
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 4.2), sharey=True, squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        runs = [("selfdistill", row["selfdistill"])]
+        runs += [(f"sd: {name}", r) for name, r in row.get("ablations", {}).items()]
+        runs.append(("SDFT", row["sdft"]))
+        labels = []
+        for x, (name, r) in enumerate(runs):
+            labels.append(name.replace("no-prompt-sharing", "no prompt\nsharing").replace("sd: none", "sd: no\nlevers"))
+            if "seconds_per_step" not in r:
+                continue
+            split = r.get("phase_seconds_per_step") or {}
+            bottom = 0.0
+            for (key, label), color in zip(phases, ("#4c72b0", "#dd8452", "#55a868")):
+                if key in split:
+                    ax.bar(x, split[key], bottom=bottom, color=color, label=label if x == 0 else None)
+                    bottom += split[key]
+            rest = r["seconds_per_step"] - bottom  # SDFT: no split; selfdistill: optimizer and bookkeeping
+            ax.bar(x, rest, bottom=bottom, color="#8c8c8c", label="rest (SDFT: whole step)" if name == "SDFT" else None)
+            ax.text(x, r["seconds_per_step"] + 0.2, f"{r['seconds_per_step']:.1f}", ha="center", fontsize=8)
+        ax.set_xticks(range(len(runs)), labels, fontsize=7, rotation=30)
+        ratio = row.get("ratio")
+        ax.set_title(f"G = {row['G']}" + (f": {ratio:.2f}x SDFT's steps/s" if ratio else ""), fontsize=10)
+    axes[0][0].set_ylabel("seconds per optimizer step (8 rollouts)")
+    handles, labels = [], []
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="upper center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'G':>2} {'prompts':>7} {'selfdistill s/step':>18} {'SDFT s/step':>11} {'ratio':>6} "
             f"{'sd len':>6} {'SDFT len':>8} {'sd peak RSS':>11} {'SDFT peak RSS':>13}")
@@ -379,7 +428,16 @@ def main() -> None:
                         help="at these G also run selfdistill with its speed levers off, one at a time and all "
                         f"together ({', '.join(k for k in LEVERS if k != 'all')})")
     parser.add_argument("--worker", nargs="+", metavar="KEY=VALUE", help="run one configuration in this process")
+    parser.add_argument("--plot-only", action="store_true", help="table and plot from the recorded results")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON (and plot) here instead")
     opts = parser.parse_args()
+
+    if opts.plot_only:
+        report = json.loads(RESULTS.read_text())
+        print(table(report["results"]))
+        plot(report, PLOT)
+        print(f"wrote {PLOT.relative_to(ROOT)}")
+        return
 
     if opts.worker:
         result = run_worker(parse_spec(opts.worker))
@@ -389,7 +447,7 @@ def main() -> None:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     if opts.quick:
         opts.G, opts.rollouts, opts.steps, opts.threads = [1], 4, 1, 1
-    out_path = QUICK_RESULTS if opts.quick else RESULTS
+    out_path = opts.out or (QUICK_RESULTS if opts.quick else RESULTS)
     bad = [g for g in opts.G if opts.rollouts % g]
     if bad:
         raise SystemExit(f"--rollouts {opts.rollouts} is not divisible by G={bad}")
@@ -459,7 +517,9 @@ def main() -> None:
     out_path.write_text(json.dumps(report, indent=1, default=str))
     print()
     print(table(rows))
-    print(f"wrote {out_path.relative_to(ROOT)}")
+    plot_path = out_path.with_suffix(".png")
+    plot(report, plot_path)
+    print(f"wrote {out_path} and {plot_path}")
 
 
 if __name__ == "__main__":

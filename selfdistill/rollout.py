@@ -57,7 +57,7 @@ def _skinny_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
     if flat.shape[0] > SKINNY_ROWS:
         return torch.nn.functional.linear(x, self.weight, self.bias)
-    out = (self.weight @ flat.T).T  # weight-major: the GEMM streams the weight once, packs only the few rows
+    out = (self.weight @ flat.T).T  # the same products as F.linear, in the order BLAS runs faster here
     if self.bias is not None:
         out = out + self.bias
     return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -67,10 +67,10 @@ def _skinny_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def skinny_linears(model: torch.nn.Module) -> Iterator[None]:
     """While active, the model's CPU ``nn.Linear`` layers compute few-row inputs as ``weight @ x^T``.
 
-    A decoding step feeds each linear layer one row per sequence. CPU BLAS computes ``x @ weight^T`` for such a
-    skinny product by packing the whole weight first; ``weight @ x^T`` packs only the rows and streams the weight
-    once, about 3x faster for the output head of a 49k vocabulary (benchmarks/results/train_step.json). The two
-    orders sum the same products, so the logits agree to float rounding (~1e-5). Inputs with more rows (the
+    A decoding step feeds each linear layer one row per sequence. On this project's CPU (MKL, AMD EPYC, AVX2)
+    ``x @ weight^T`` is slow for such a skinny product and ``weight @ x^T`` runs faster: about 3x for the output
+    head of a 49k vocabulary, 1.1-1.5x for the layers (docs/performance.md). The two orders sum the same
+    products, so the logits agree to float rounding (~1e-5). Inputs with more rows (the
     prompt's prefill) keep the default path; layers off the CPU, and subclasses of ``nn.Linear`` (PEFT's LoRA
     layers, whose base layer is patched instead), are left alone.
     """
@@ -103,7 +103,7 @@ def sample_completions(
 
     ``share_prefix``: prompts that share a beginning (the G copies of one prompt; the chat template's system
     prompt) prefill it once (:func:`selfdistill.sequences.run_shared_prefixes`) and decode from its cache rows.
-    ``skinny``: decode through :func:`skinny_linears`. Both change float rounding only, not the sampling.
+    ``skinny``: decode through :func:`skinny_linears`. Both change only float rounding (~1e-5 in the logits).
     """
     device = next(model.parameters()).device
     kwargs: dict[str, Any] = {"do_sample": do_sample, "max_new_tokens": max_new_tokens}
