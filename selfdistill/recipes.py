@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,11 +167,41 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
     return cls(**raw)
 
 
+#: Set to 1 to keep ``training.bf16: true`` on a CPU without native bfloat16.
+CPU_BF16_ENV = "SELFDISTILL_CPU_BF16"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matrix products natively (AVX512-BF16 or AMX)."""
+    import torch
+
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check() for check in checks if check is not None)
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_cpu_bf16() -> None:
+    warnings.warn(
+        "training.bf16 is true, but this CPU has no native bfloat16 (AVX512-BF16 or AMX): autocast would emulate "
+        "it about 20x slower than float32 (docs/performance.md), so this run trains in float32. Set "
+        f"{CPU_BF16_ENV}=1 to keep bf16 anyway, or training.bf16=false to silence this.",
+        stacklevel=3,
+    )
+
+
+def _on_cpu(kwargs: dict[str, Any]) -> bool:
+    import torch
+
+    return bool(kwargs.get("use_cpu")) or not torch.cuda.is_available()
+
+
 def build_config(training: dict[str, Any], hardware_checks: bool = True) -> SelfDistillConfig:
     """``SelfDistillConfig(**training)`` with unknown keys and wrong types named before the config runs.
 
     ``hardware_checks=False`` validates a GPU recipe on a machine without one: mixed precision, which
-    ``TrainingArguments`` checks against the hardware present, is switched off for the check only.
+    ``TrainingArguments`` checks against the hardware present, is switched off for the check only. On a CPU
+    without native bfloat16, ``bf16: true`` falls back to float32 with a warning (``SELFDISTILL_CPU_BF16=1``
+    keeps it).
     """
     fields = {f.name: f for f in dataclasses.fields(SelfDistillConfig) if f.init}
     kwargs = dict(training)
@@ -185,6 +217,10 @@ def build_config(training: dict[str, Any], hardware_checks: bool = True) -> Self
         _check_type(f"training.{key}", value, default)
     if not hardware_checks:
         kwargs.update(bf16=False, fp16=False)
+    elif (kwargs.get("bf16") and _on_cpu(kwargs) and os.environ.get(CPU_BF16_ENV) != "1"
+          and not cpu_has_native_bf16()):
+        _warn_cpu_bf16()
+        kwargs["bf16"] = False
     kwargs.setdefault("output_dir", "outputs/selfdistill")
     kwargs.setdefault("report_to", [])
     try:

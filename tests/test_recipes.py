@@ -97,6 +97,7 @@ def test_bf16_training_is_evaluated_in_the_weights_own_precision(tmp_path, token
     the one before, must run without that wrapper."""
     import selfdistill.run as run_module
 
+    monkeypatch.setenv("SELFDISTILL_CPU_BF16", "1")  # keep bf16 on a CPU without native bfloat16 too
     model_dir = tmp_path / "tiny"
     build_model(tokenizer, max_position_embeddings=1024).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -123,6 +124,25 @@ def test_bf16_training_is_evaluated_in_the_weights_own_precision(tmp_path, token
     assert main(["train", str(path), "--no-progress"]) == 0
     assert wrapped["eval before"] is False and wrapped["eval after"] is False
     assert wrapped["eval"] is True  # the learning curve, during training: the wrapper was there to remove
+
+
+@pytest.mark.parametrize("native, forced, expected", [(False, False, False), (False, True, True), (True, False, True)])
+def test_cpu_bf16_falls_back_to_float32_without_native_bfloat16(monkeypatch, native, forced, expected):
+    import selfdistill.recipes as recipes_module
+
+    monkeypatch.setattr(recipes_module, "cpu_has_native_bf16", lambda: native)
+    if forced:
+        monkeypatch.setenv(recipes_module.CPU_BF16_ENV, "1")
+    else:
+        monkeypatch.delenv(recipes_module.CPU_BF16_ENV, raising=False)
+    recipes_module._warn_cpu_bf16.cache_clear()
+    training = {"output_dir": "out", "use_cpu": True, "bf16": True}
+    if expected:
+        config = recipes_module.build_config(training)
+    else:
+        with pytest.warns(UserWarning, match="no native bfloat16.*SELFDISTILL_CPU_BF16=1"):
+            config = recipes_module.build_config(training)
+    assert config.bf16 is expected
 
 
 def test_a_trl_style_flat_config_parses_with_trls_own_parser(tmp_path):
