@@ -109,17 +109,17 @@ def sample_completions(
     kwargs: dict[str, Any] = {"do_sample": do_sample, "max_new_tokens": max_new_tokens}
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k if top_k else 0)
-    shared = run_shared_prefixes(model, prompt_ids, MIN_SHARED_PREFIX, device, keep_last=True) if share_prefix else None
+    shared = None
+    if share_prefix:
+        shared = run_shared_prefixes(model, prompt_ids, MIN_SHARED_PREFIX, device, keep_last=True, pad_id=pad_id)
     if shared is None:
         batch = splice(prompt_ids, [[] for _ in prompt_ids], pad_id)
         width = batch.context_width
         inputs = {"input_ids": batch.input_ids[:, :width].to(device),
                   "attention_mask": batch.attention_mask[:, :width].to(device)}
     else:  # the cache holds each row's prefix; generate runs the rows' suffixes (>= 1 token each) on top
-        prefixes = [list(p[: len(p) - len(x)]) for p, x in zip(prompt_ids, shared.suffixes)]
-        prefix_ids, _ = left_pad(prefixes, shared.mask.shape[1], pad_id)
         suffix_ids, suffix_mask = left_pad(shared.suffixes, max(len(x) for x in shared.suffixes), pad_id)
-        ids = torch.cat([prefix_ids, suffix_ids], dim=1).to(device)
+        ids = torch.cat([shared.ids, suffix_ids.to(device)], dim=1)
         inputs = {"input_ids": ids, "attention_mask": torch.cat([shared.mask, suffix_mask.to(device)], dim=1),
                   "past_key_values": shared.cache}
         width = ids.shape[1]

@@ -70,7 +70,8 @@ class SamplingMixin:
         ids = [render_context(self.processing_class, p) for p in prompts]
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
             out = sample_completions(unwrapped, ids, pad_id=self.pad_id, eos=self.eos, max_new_tokens=max_new_tokens,
-                                     do_sample=False)
+                                     do_sample=False, share_prefix=self.args.share_prompt_prefix,
+                                     skinny=self.args.skinny_decode)
         elapsed = time.perf_counter() - start
         self._clock += elapsed
         self.recorder.record("train", "time/source_generation", elapsed, reduce="sum")

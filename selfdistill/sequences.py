@@ -263,12 +263,14 @@ class PrefixCache:
     first: Any  # the prefix pass's output: logits (or hidden states) of each group's last prefix position
     cache: Any  # the KV cache, one row per member row
     rows: torch.Tensor  # [B] group of each row
-    mask: torch.Tensor  # [B, W] each row's prefix attention mask (left-padded)
+    ids: torch.Tensor  # [B, W] each row's prefix ids (left-padded)
+    mask: torch.Tensor  # [B, W] each row's prefix attention mask
     suffixes: list[list[int]]  # each row's context after its group's prefix
 
 
 def run_shared_prefixes(
-    model: Any, contexts: Sequence[Sequence[int]], min_shared: int, device: torch.device | str, keep_last: bool = False
+    model: Any, contexts: Sequence[Sequence[int]], min_shared: int, device: torch.device | str, keep_last: bool = False,
+    pad_id: int = 0,
 ) -> PrefixCache | None:
     """Group rows by common prefix (:func:`_prefix_groups`) and run each group's prefix once with the KV cache on.
 
@@ -276,7 +278,10 @@ def run_shared_prefixes(
     least one token (what generation needs: its first new token is predicted from the row's own last position).
     ``None`` when no two rows share ``min_shared`` tokens. The pass runs with gradients when grad mode is on: the
     cache rows are an index of the prefix's keys and values, so the members' gradients flow back into it.
+    ``pad_id`` fills the padding (masked out; any id serves).
     """
+    if any(len(c) == 0 for c in contexts):
+        raise ValueError("an empty context: every teacher or student sequence needs at least one context token")
     group_of, lengths = _prefix_groups([c[:-1] for c in contexts] if keep_last else contexts, min_shared)
     if len(lengths) == len(contexts):
         return None
@@ -284,7 +289,7 @@ def run_shared_prefixes(
     for i, g in enumerate(group_of):
         if prefixes[g] is None:
             prefixes[g] = list(contexts[i][: lengths[g]])
-    ids, mask = left_pad(prefixes, max(lengths), 0)  # any pad id: padded positions are masked out
+    ids, mask = left_pad(prefixes, max(lengths), pad_id)
     ids, mask = ids.to(device), mask.to(device)
     first = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True,
                   logits_to_keep=1)
@@ -292,7 +297,7 @@ def run_shared_prefixes(
     cache = first.past_key_values
     cache.batch_select_indices(rows)
     suffixes = [list(c[lengths[g] :]) for c, g in zip(contexts, group_of)]
-    return PrefixCache(first.logits, cache, rows, mask[rows], suffixes)
+    return PrefixCache(first.logits, cache, rows, ids[rows], mask[rows], suffixes)
 
 
 def shared_prefix_logits(

@@ -95,3 +95,12 @@ def test_groups_keep_whole_prompts_when_that_computes_fewer_tokens():
     assert _prefix_groups([a] * 4 + [b] * 4, 8) == ([0, 0, 0, 0, 1, 1, 1, 1], [47, 47])
     # G = 1: distinct prompts share the header.
     assert _prefix_groups([a, b, header + [300] * 21], 8) == ([0, 0, 0], [26])
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_an_empty_prompt_is_named_on_either_sampling_path(tokenizer, share):
+    model = build_model(tokenizer).eval()
+    prompts = _prompts(tokenizer) + [[]]
+    with pytest.raises(ValueError, match="an empty context"):
+        sample_completions(model, prompts, pad_id=tokenizer.pad_token_id, eos=[tokenizer.eos_token_id],
+                           max_new_tokens=4, share_prefix=share)

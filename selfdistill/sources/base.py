@@ -13,7 +13,6 @@ Adding a method means writing one subclass of :class:`PrivilegedSource` in this 
 from __future__ import annotations
 
 import difflib
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -181,5 +180,6 @@ BUILTIN_SOURCES: dict[str, str] = {
 
 def builtin_source(name: str) -> type[PrivilegedSource]:
     """The class of built-in source ``name`` (a key of :data:`BUILTIN_SOURCES`)."""
-    module, _, attr = BUILTIN_SOURCES[name].rpartition(".")
-    return getattr(importlib.import_module(module), attr)
+    from selfdistill.checks import import_dotted
+
+    return import_dotted(BUILTIN_SOURCES[name], "source type")
