@@ -215,7 +215,8 @@ def _prefix_groups(contexts: Sequence[Sequence[int]], min_shared: int) -> tuple[
 
     Contexts are sorted; a context joins its neighbour's group when their common prefix is at least ``min_shared``
     tokens and joining computes fewer tokens than a group of its own: the group's prefix shrinks to the common
-    part (every member then runs the difference itself), and the newcomer runs only what follows it. So the G
+    part (every member but one then runs the difference itself; the prefix pass runs that much less), and the
+    newcomer runs only what follows it. So the G
     copies of two prompts form two groups sharing their whole prompts rather than one sharing only the chat
     template's header, while G = 1 prompts with a common header share the header.
     """
@@ -231,7 +232,9 @@ def _prefix_groups(contexts: Sequence[Sequence[int]], min_shared: int) -> tuple[
             limit = min(len(context), len(previous), lengths[-1])
             while common < limit and context[common] == previous[common]:
                 common += 1
-            saved = common - sizes[-1] * (lengths[-1] - common)  # tokens saved by joining, net of the shrink
+            # Joining saves the newcomer `common` tokens; the group's own prefix pass shrinks by as much as each of
+            # its other members' suffix grows.
+            saved = common - (sizes[-1] - 1) * (lengths[-1] - common)
             if common >= min_shared and saved > 0:
                 lengths[-1] = common
                 sizes[-1] += 1

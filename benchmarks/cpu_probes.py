@@ -1,0 +1,161 @@
+"""CPU probes behind docs/performance.md: skinny linears, bf16 autocast, teacher prefix sharing, static cache.
+
+Each probe times one piece of a training step on the embedded SmolLM2-135M-Instruct in float32, 2 threads, with
+the main job's prompts (8 two-digit additions) and the OPSD teacher wording:
+
+- ``skinny``: 8 rows through the 49152 x 576 output head and through 210 layer-shaped linears, ``F.linear`` vs
+  ``W @ x^T`` (the path of ``selfdistill.rollout.skinny_linears``).
+- ``bf16``: one student forward+backward over 8 x (prompt + 13) tokens, float32 vs bf16 autocast (on a CPU
+  without AVX512-BF16/AMX, autocast emulates bfloat16).
+- ``teacher``: the 8 teacher rows scored plainly vs with shared prefixes (``shared_prefix_logits``).
+- ``cache``: ``generate`` of 8 x 16 tokens with the dynamic vs a static cache; ``--compile`` adds the static
+  cache compiled by inductor (slow: minutes to compile).
+
+    python benchmarks/cpu_probes.py                     # skinny, bf16, teacher, cache (~4 min on 2 cores)
+    python benchmarks/cpu_probes.py skinny teacher      # some probes only
+
+Prints each figure and records it in benchmarks/results/cpu_probes.json (probes not run keep their entries).
+Run it alone on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results" / "cpu_probes.json"
+TEMPLATE = "{problem}\n\nHere is a reference solution:\n{solution}\n\nUnderstand it, then answer in your own words."
+PROBES = ("skinny", "bf16", "teacher", "cache")
+LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+
+
+def timed(fn, repeats: int = 3) -> float:
+    """Mean seconds of ``repeats`` calls after one warm-up call."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def setup():
+    from selfdistill.modeling import load_model, load_tokenizer
+    from selfdistill.sequences import render_context
+    from selfdistill.sources import ReferenceSolution
+    from selfdistill.sources.base import Rollout
+    from selfdistill.tasks.arithmetic import make_arithmetic_dataset
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    model = load_model("smollm2-135m-instruct")
+    rows = [make_arithmetic_dataset(2000, 200, seed=0, digits=2)["train"][i] for i in range(8)]
+    prompts = [render_context(tok, r["prompt"]) for r in rows]
+    views = ReferenceSolution(column="solution", template=TEMPLATE).views(
+        [Rollout(row=r, prompt=r["prompt"], completion="", completion_ids=[]) for r in rows])
+    teacher = [render_context(tok, v[0].context) for v in views]
+    completion = tok(" The answer is 12345.", add_special_tokens=False)["input_ids"][:12] + [tok.eos_token_id]
+    return tok, model, prompts, teacher, [completion] * 8
+
+
+def probe_skinny(_ctx) -> dict:
+    head, x = torch.randn(49152, 576), torch.randn(8, 576)
+    layers = [torch.randn(o, i) * 0.02 for _ in range(30) for (o, i) in LAYER_SHAPES]
+    xs = {576: torch.randn(8, 576), 1536: torch.randn(8, 1536)}
+    return {
+        "head_F.linear_ms": 1e3 * timed(lambda: F.linear(x, head), 10),
+        "head_W@xT_ms": 1e3 * timed(lambda: head @ x.T, 10),
+        "layers_F.linear_ms": 1e3 * timed(lambda: [F.linear(xs[w.shape[1]], w) for w in layers], 5),
+        "layers_W@xT_ms": 1e3 * timed(lambda: [w @ xs[w.shape[1]].T for w in layers], 5),
+    }
+
+
+def probe_bf16(ctx) -> dict:
+    from selfdistill.sequences import completion_logits, splice
+
+    tok, model, prompts, _, completions = ctx
+    batch = splice(prompts, completions, tok.pad_token_id)
+
+    def step(bf16: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = completion_logits(model, batch)
+        out.float().logsumexp(-1).sum().backward()
+        model.zero_grad()
+
+    return {"native_bf16": bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()),
+            "student_fwd_bwd_float32_s": timed(lambda: step(False), 2),
+            "student_fwd_bwd_bf16_autocast_s": timed(lambda: step(True), 1)}
+
+
+def probe_teacher(ctx) -> dict:
+    from selfdistill.sequences import completion_logits, shared_prefix_logits, splice
+
+    tok, model, _, teacher, completions = ctx
+    batch = splice(teacher, completions, tok.pad_token_id)
+    with torch.no_grad():
+        return {"teacher_plain_s": timed(lambda: completion_logits(model, batch)),
+                "teacher_shared_prefix_s": timed(lambda: shared_prefix_logits(model, batch, teacher))}
+
+
+def probe_cache(ctx, compile_too: bool) -> dict:
+    from selfdistill.sequences import splice
+
+    tok, model, prompts, _, _ = ctx
+    batch = splice(prompts, [[] for _ in prompts], tok.pad_token_id)
+    width = batch.context_width
+    ids, mask = batch.input_ids[:, :width], batch.attention_mask[:, :width]
+
+    def generate(**kw):
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.6, top_k=0,
+                           max_new_tokens=16, min_new_tokens=16, pad_token_id=tok.pad_token_id, **kw)
+
+    out = {"generate_dynamic_cache_s": timed(generate),
+           "generate_static_cache_s": timed(lambda: generate(cache_implementation="static"))}
+    if compile_too:
+        from transformers import CompileConfig
+
+        config = CompileConfig()
+        config._compile_all_devices = True  # transformers compiles on the CPU only when told to
+        start = time.perf_counter()
+        generate(cache_implementation="static", compile_config=config)
+        out["generate_compiled_first_call_s"] = time.perf_counter() - start
+        out["generate_compiled_s"] = timed(lambda: generate(cache_implementation="static", compile_config=config))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("probes", nargs="*", default=list(PROBES), help=f"some of {', '.join(PROBES)} (default: all)")
+    parser.add_argument("--compile", action="store_true", help="also time the compiled static-cache decode")
+    opts = parser.parse_args()
+    unknown = sorted(set(opts.probes) - set(PROBES))
+    if unknown:
+        raise SystemExit(f"unknown probe(s) {unknown}; choose from {', '.join(PROBES)}")
+    ctx = setup() if set(opts.probes) - {"skinny"} else None
+    # Probes run now replace their earlier entries; the others stay as recorded.
+    results = json.loads(RESULTS.read_text())["results"] if RESULTS.exists() else {}
+    for name in opts.probes:
+        print(f"probe {name} ...", flush=True)
+        fn = {"skinny": probe_skinny, "bf16": probe_bf16, "teacher": probe_teacher,
+              "cache": lambda c: probe_cache(c, opts.compile)}[name]
+        results[name] = fn(ctx)
+        for key, value in results[name].items():
+            print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}", flush=True)
+    report = {"benchmark": "cpu_probes", "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                                                     "torch": torch.__version__, "threads": torch.get_num_threads()},
+              "results": results}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=1))
+    print(f"wrote {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
