@@ -57,7 +57,9 @@ def _skinny_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
     if flat.shape[0] > SKINNY_ROWS:
         return torch.nn.functional.linear(x, self.weight, self.bias)
-    out = (self.weight @ flat.T).T  # the same products as F.linear, in the order BLAS runs faster here
+    # The same products as F.linear, in the order BLAS runs faster here; made contiguous again, because a transposed
+    # query sends attention to its slow math kernel (the flash kernel wants the last dimension contiguous).
+    out = (self.weight @ flat.T).T.contiguous()
     if self.bias is not None:
         out = out + self.bias
     return out.reshape(*x.shape[:-1], out.shape[-1])

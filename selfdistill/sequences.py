@@ -198,9 +198,15 @@ def completion_hidden(model: Any, head: torch.nn.Module, batch: SplicedBatch) ->
 
 
 def score_completions(model: Any, batch: SplicedBatch, contexts: Sequence[Sequence[int]], share_prefix: bool,
-                      head: torch.nn.Module | None = None) -> torch.Tensor:
+                      head: torch.nn.Module | None = None, pack: bool = False) -> torch.Tensor:
     """``[B, T, V]`` logits at the completion positions, or ``[B, T, H]`` hidden states when ``head`` is given (the
-    fused loss applies it); shared context prefixes run once when ``share_prefix`` (:func:`shared_prefix_logits`)."""
+    fused loss applies it). With ``share_prefix`` shared context prefixes run once: packed into one pass when
+    ``pack`` and the model allows it (:func:`packed_completion_logits`; the student's pass, whose backward then
+    runs once), else as a prefix pass whose KV cache the rows continue from (:func:`shared_prefix_logits`)."""
+    if share_prefix and pack:
+        out = packed_completion_logits(model, batch, contexts, head)
+        if out is not None:
+            return out
     with nullcontext() if head is None else head_passthrough(head):
         out = shared_prefix_logits(model, batch, contexts) if share_prefix else None
         return completion_logits(model, batch) if out is None else out
@@ -343,6 +349,179 @@ def shared_prefix_logits(
         first_token = torch.where(no_suffix[:, None], first[rows, -1], logits[:, 0])
         logits = torch.cat([first_token[:, None], logits[:, 1:]], dim=1)
     return logits
+
+
+#: Attention over a packed row costs about 1 / (this x hidden size) of a token's pass per query-key pair: the linear
+#: layers spend ~2 x (params per layer) FLOPs on a token, a pair ~4 x (attention width) FLOPs, and the masked
+#: attention kernel runs at ~3/4 of the matmuls' rate (SmolLM2-135M on this project's CPU: ~2,400 = 4.2 x 576).
+ATTENTION_PAIR_RATIO = 4.0
+
+
+def _text_config(model: Any) -> Any:
+    """The transformers (text) config behind wrappers (DDP's ``.module``; PEFT forwards ``.config`` itself)."""
+    while not hasattr(model, "config") and hasattr(model, "module"):
+        model = model.module
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def packs_rows(model: Any) -> bool:
+    """Whether :func:`packed_completion_logits` can run on ``model``: its attention takes a custom 4D mask (SDPA or
+    eager; flash-attention kernels ignore such a mask) and every layer attends fully (a sliding window would have
+    to be folded into the mask)."""
+    config = _text_config(model)
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return set(layer_types) <= {"full_attention"}
+    return not getattr(config, "sliding_window", None)
+
+
+@dataclass
+class PackedRows:
+    """Rows that share a context prefix packed into one sequence: ``[prefix | member 1 | member 2 | ...]``.
+
+    Each member's segment (the rest of its context, then its completion without the last token) attends to the
+    prefix and causally to itself only, and its positions continue from the prefix, so every hidden state equals
+    that of the member's own unpacked sequence (to float rounding).
+    """
+
+    input_ids: torch.Tensor  # [R, L]
+    position_ids: torch.Tensor  # [R, L]
+    segments: torch.Tensor  # [R, L]: 0 the shared prefix, k > 0 the k-th member segment, -1 padding
+    rows: torch.Tensor  # [N] packed row of each predicted completion token (rollout-major, then token order)
+    columns: torch.Tensor  # [N] its column: the position whose output predicts the token
+
+    def mask(self, boolean: bool, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        """``[R, 1, L, L]`` attention mask: True (or 0.0) where a query may attend to a key."""
+        seg = self.segments.to(device)
+        idx = torch.arange(seg.shape[1], device=device)
+        causal = idx[:, None] >= idx[None, :]
+        q, k = seg[:, :, None], seg[:, None, :]
+        allowed = causal & ((q == k) | (k == 0)) & (k >= 0) & (q >= 0)
+        allowed |= (q < 0) & (idx[:, None] == idx[None, :])  # padding attends to itself (no empty softmax row)
+        allowed = allowed[:, None]
+        if boolean:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def pack_rows(contexts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+              min_shared: int = MIN_SHARED_PREFIX, tokens_per_pair: float = 2400.0,
+              pad_id: int = 0) -> PackedRows | None:
+    """Pack rows grouped by common context prefix (:func:`_prefix_groups`), each group's prefix once per packed row.
+
+    The attention kernel computes every query-key pair of a packed row, masked or not, so a row grows only while
+    that is cheaper than repeating the prefix in a new row: a member of ``b`` tokens joins a row of ``L`` tokens
+    with a prefix of ``P`` when the extra pairs, ``(L + b)^2 - L^2``, cost less than ``P`` tokens plus a new row's
+    ``(P + b)^2`` pairs, at ``tokens_per_pair`` pairs per token. ``None`` when no two rows share ``min_shared``
+    tokens.
+    """
+    if len(contexts) != len(completions):
+        raise ValueError(f"{len(contexts)} contexts for {len(completions)} completions")
+    if any(len(c) == 0 for c in contexts):
+        raise ValueError("an empty context: every teacher or student sequence needs at least one context token")
+    group_of, lengths = _prefix_groups(contexts, min_shared)
+    if len(lengths) == len(contexts):
+        return None
+    members: list[list[int]] = [[] for _ in lengths]
+    for i, g in enumerate(group_of):
+        members[g].append(i)
+    packed: list[tuple[list[int], list[int], list[int]]] = []  # (ids, positions, segments) per packed row
+    where: dict[int, list[tuple[int, int]]] = {}  # rollout -> (packed row, column) of each completion token
+    for g, rows in enumerate(members):
+        size = lengths[g]
+        prefix = list(contexts[rows[0]][:size])
+        row: tuple[list[int], list[int], list[int]] | None = None
+        segment = 0
+        for i in rows:
+            rest, completion = list(contexts[i][size:]), list(completions[i])
+            body = rest + completion[:-1]
+            grown = 2 * len(body) * (len(row[0]) - size) if row is not None else 0
+            if row is None or grown >= size * (tokens_per_pair + size):
+                row = (list(prefix), list(range(size)), [0] * size)
+                packed.append(row)
+                segment = 0
+            segment += 1
+            start = len(row[0])
+            row[0].extend(body)
+            row[1].extend(range(size, size + len(body)))
+            row[2].extend([segment] * len(body))
+            r = len(packed) - 1
+            first = start + len(rest) - 1 if rest else size - 1  # the context's last token predicts token 0
+            where[i] = [(r, first)] + [(r, start + len(rest) + t - 1) for t in range(1, len(completion))]
+            if not completion:
+                where[i] = []
+    width = max(len(ids) for ids, _, _ in packed)
+    n = len(packed)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((n, width), dtype=torch.long)
+    segments = torch.full((n, width), -1, dtype=torch.long)
+    for r, (ids, pos, seg) in enumerate(packed):
+        input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        positions[r, : len(pos)] = torch.tensor(pos, dtype=torch.long)
+        segments[r, : len(seg)] = torch.tensor(seg, dtype=torch.long)
+    flat = [rc for i in range(len(contexts)) for rc in where[i]]
+    rows_t = torch.tensor([r for r, _ in flat], dtype=torch.long)
+    cols_t = torch.tensor([c for _, c in flat], dtype=torch.long)
+    return PackedRows(input_ids, positions, segments, rows_t, cols_t)
+
+
+def packed_completion_logits(model: Any, batch: SplicedBatch, contexts: Sequence[Sequence[int]],
+                             head: torch.nn.Module | None = None,
+                             min_shared: int = MIN_SHARED_PREFIX) -> torch.Tensor | None:
+    """:func:`completion_logits` computing each shared context prefix once, in one forward (:func:`pack_rows`).
+
+    Unlike :func:`shared_prefix_logits` this is a single pass: its backward computes each weight's gradient once
+    (two passes compute and add two), and DDP, DeepSpeed and gradient checkpointing see one forward. ``head``:
+    the caller's output head (the fused loss): the final hidden states ``[B, T, H]`` come back and the caller applies
+    it. Without one the model's own head runs here, on the predicting positions only. Returns ``[B, T, V]`` (zeros
+    past each completion's end) like :func:`completion_logits`, or ``None`` when no two rows share ``min_shared``
+    tokens, or the model cannot take the packed layout (:func:`packs_rows`, a head with a bias or a logit transform).
+    """
+    own_head = head is None
+    if own_head:
+        head = _plain_head(model)
+        if head is None:
+            return None
+    if not packs_rows(model):
+        return None
+    config = _text_config(model)
+    completions = [row[mask.bool()].tolist() for row, mask in zip(batch.completion_ids, batch.completion_mask)]
+    ratio = ATTENTION_PAIR_RATIO * (getattr(config, "hidden_size", None) or 576)
+    packed = pack_rows(contexts, completions, min_shared, ratio)
+    if packed is None:
+        return None
+    device = batch.input_ids.device
+    eager = config._attn_implementation == "eager"
+    dtype = next(p for p in head.parameters()).dtype
+    with head_passthrough(head):
+        hidden = model(input_ids=packed.input_ids.to(device), attention_mask=packed.mask(not eager, dtype, device),
+                       position_ids=packed.position_ids.to(device), use_cache=False).logits
+    picked = hidden[packed.rows.to(device), packed.columns.to(device)]  # [N, H], rollout-major
+    if own_head:
+        picked = head(picked)
+    out = picked.new_zeros(*batch.completion_ids.shape, picked.shape[-1])
+    out[batch.completion_mask.bool()] = picked
+    return out
+
+
+def _plain_head(model: Any) -> torch.nn.Module | None:
+    """The model's output head when applying it by hand gives the model's logits: a plain linear layer with no bias,
+    no logit transform after it, and not partitioned by DeepSpeed ZeRO-3."""
+    from selfdistill.fused import _LOGIT_TRANSFORMS
+
+    inner = model
+    while not hasattr(inner, "get_output_embeddings") and hasattr(inner, "module"):
+        inner = inner.module
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or head.bias is not None or hasattr(head.weight, "ds_id"):
+        return None
+    config = _text_config(model)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    return head
 
 
 @dataclass

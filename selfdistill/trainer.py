@@ -335,7 +335,8 @@ class SelfDistillTrainer(CheckpointMixin, SamplingMixin, Trainer):
 
         student_batch = splice(inputs["prompt_ids"], inputs["completion_ids"], self.pad_id).to(device)
         mask = student_batch.completion_mask.bool()
-        student_out = score_completions(model, student_batch, inputs["prompt_ids"], self._share_student, head)[mask]
+        student_out = score_completions(model, student_batch, inputs["prompt_ids"], self._share_student, head,
+                                        pack=True)[mask]
         check_finite(student_out, "student")
         tokens = student_batch.completion_ids[mask]
         old = None

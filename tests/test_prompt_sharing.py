@@ -113,3 +113,131 @@ def test_distinct_long_contexts_share_their_header():
     header = list(range(26))
     contexts = [header + [1000 * (k + 1) + j for j in range(88)] for k in range(8)]
     assert _prefix_groups(contexts, 8) == ([0] * 8, [26])
+
+
+# ------------------------------------------------------------------------------------------ packed student pass
+def _student_batch(tokenizer):
+    contexts = _prompts(tokenizer) + _prompts(tokenizer)[:1]  # three copies of one prompt, a shared header, "Hi"
+    texts = ["42", "The answer is 42", "15", "", "4"]
+    completions = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    completions[3] = []  # a rollout with no tokens predicts nothing
+    return contexts, splice(contexts, completions, tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_packed_pass_matches_the_plain_pass_in_values_and_gradients(tokenizer, attention, tied):
+    from selfdistill.sequences import packed_completion_logits
+
+    model = build_model(tokenizer, tie_word_embeddings=tied)
+    model.config._attn_implementation = attention
+    contexts, batch = _student_batch(tokenizer)
+    mask = batch.completion_mask.bool()
+    weights = torch.randn(int(mask.sum()), model.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    results = []
+    for packed in (False, True):
+        model.zero_grad()
+        out = packed_completion_logits(model, batch, contexts) if packed else completion_logits(model, batch)
+        assert out is not None and out.shape == (*batch.completion_ids.shape, model.config.vocab_size)
+        loss = (out[mask].log_softmax(-1) * weights).sum()
+        loss.backward()
+        results.append((out[mask].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain, plain_grads), (packed, packed_grads) = results
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packed_pass_returns_hidden_states_for_the_fused_loss(tokenizer):
+    from selfdistill.sequences import completion_hidden, packed_completion_logits
+
+    model = build_model(tokenizer)
+    contexts, batch = _student_batch(tokenizer)
+    mask = batch.completion_mask.bool()
+    with torch.no_grad():
+        plain = completion_hidden(model, model.lm_head, batch)[mask]
+        packed = packed_completion_logits(model, batch, contexts, head=model.lm_head)[mask]
+    assert packed.shape[-1] == model.config.hidden_size
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_pack_rows_layout_and_mask():
+    from selfdistill.sequences import pack_rows
+
+    contexts = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6, 7], [1, 2, 3, 4, 5], [9, 8]]
+    completions = [[10, 11], [12], [13, 14, 15], [16, 17]]
+    packed = pack_rows(contexts, completions, min_shared=3)
+    # Rows 0 and 2 share their whole context, row 1 the first four tokens; [9, 8] packs alone.
+    assert packed is not None and packed.input_ids.shape[0] == 2  # the group of rows 0-2, and [9, 8] alone
+    ids = packed.input_ids.tolist()
+    positions = packed.position_ids.tolist()
+    predicted = {}
+    flat = list(zip(packed.rows.tolist(), packed.columns.tolist()))
+    k = 0
+    for i, completion in enumerate(completions):
+        for t, token in enumerate(completion):
+            r, c = flat[k]
+            k += 1
+            # The predicting position holds the token before `token` in row i's own sequence, at its own position.
+            own = contexts[i] + completion
+            assert ids[r][c] == own[len(contexts[i]) + t - 1], (i, t)
+            assert positions[r][c] == len(contexts[i]) + t - 1, (i, t)
+            predicted[(i, t)] = (r, c)
+    assert k == len(flat) == sum(map(len, completions))
+    mask = packed.mask(True, torch.float32, "cpu")[:, 0]
+    segments = packed.segments
+    for r in range(mask.shape[0]):
+        for q in range(mask.shape[1]):
+            for key in range(mask.shape[2]):
+                sq, sk = int(segments[r, q]), int(segments[r, key])
+                expected = key <= q and sk >= 0 and (sk == sq or sk == 0) if sq >= 0 else key == q
+                assert bool(mask[r, q, key]) == expected
+    float_mask = packed.mask(False, torch.float32, "cpu")
+    assert torch.equal(float_mask == 0, packed.mask(True, torch.float32, "cpu"))
+    assert pack_rows([[1, 2, 3], [4, 5, 6]], [[7], [8]], min_shared=2) is None
+
+
+def test_pack_rows_repeats_the_prefix_in_a_new_row_when_attention_would_cost_more():
+    from selfdistill.sequences import pack_rows
+
+    contexts = [[1, 2, 3, 4]] * 4
+    completions = [[5, 6, 7]] * 4
+    assert pack_rows(contexts, completions, min_shared=2).input_ids.shape[0] == 1
+    cheap_pairs = pack_rows(contexts, completions, min_shared=2, tokens_per_pair=1.0)
+    assert cheap_pairs.input_ids.shape[0] > 1
+    assert all(row[:4] == [1, 2, 3, 4] for row in cheap_pairs.input_ids.tolist())
+
+
+def test_packed_pass_declines_models_it_cannot_reproduce(tokenizer):
+    from selfdistill.sequences import packed_completion_logits, packs_rows
+
+    contexts, batch = _student_batch(tokenizer)
+    model = build_model(tokenizer)
+    assert packs_rows(model)
+    model.config.sliding_window = 4
+    assert not packs_rows(model)
+    assert packed_completion_logits(model, batch, contexts) is None
+    model = build_model(tokenizer)
+    model.config._attn_implementation = "flash_attention_2"  # its kernels ignore a 4D mask
+    assert packed_completion_logits(model, batch, contexts) is None
+    model = build_model(tokenizer)
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))  # applied by hand, it would differ
+    assert packed_completion_logits(model, batch, contexts) is None
+
+
+def test_trainer_student_pass_runs_packed(tmp_path, tokenizer, monkeypatch):
+    import selfdistill.sequences as sequences
+    from test_trainer import make_trainer
+
+    calls = []
+    original = sequences.packed_completion_logits
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append(out is not None and out.requires_grad)
+        return out
+
+    monkeypatch.setattr(sequences, "packed_completion_logits", spy)
+    trainer = make_trainer(tmp_path, tokenizer, model=build_model(tokenizer), max_steps=1, num_generations=4)
+    trainer.train()
+    assert calls and all(calls)  # every student pass packed its G copies, with gradients
