@@ -10,8 +10,13 @@ the main job's prompts (8 two-digit additions) and the OPSD teacher wording:
 - ``teacher``: the 8 teacher rows scored plainly vs with shared prefixes (``shared_prefix_logits``).
 - ``cache``: ``generate`` of 8 x 16 tokens with the dynamic vs a static cache; ``--compile`` adds the static
   cache compiled by inductor (slow: minutes to compile).
+- ``student``: the student's forward+backward over 8 rollouts at G = 1 (8 prompts) and G = 4 (2 prompts x 4):
+  plain, with shared prefixes as two passes (``shared_prefix_logits``), and packed into one pass
+  (``packed_completion_logits``); median of 3 interleaved rounds after a warm-up round.
+- ``matmul``: float32 matrix-product rate (GFLOP/s) of a large square product and of the training passes' shapes,
+  the ceiling a compute-bound pass runs into.
 
-    python benchmarks/cpu_probes.py                     # skinny, bf16, teacher, cache (~4 min on 2 cores)
+    python benchmarks/cpu_probes.py                     # every probe (~6 min on 2 cores)
     python benchmarks/cpu_probes.py skinny teacher      # some probes only
 
 Prints each figure and records it in benchmarks/results/cpu_probes.json (probes not run keep their entries).
@@ -34,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "cpu_probes.json"
 TEMPLATE = "{problem}\n\nHere is a reference solution:\n{solution}\n\nUnderstand it, then answer in your own words."
-PROBES = ("skinny", "bf16", "teacher", "cache")
+PROBES = ("skinny", "bf16", "teacher", "cache", "student", "matmul")
 LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
 
@@ -131,6 +136,43 @@ def probe_cache(ctx, compile_too: bool) -> dict:
     return out
 
 
+def probe_student(ctx) -> dict:
+    import random
+    import statistics
+
+    from selfdistill.sequences import completion_logits, packed_completion_logits, shared_prefix_logits, splice
+
+    tok, model, prompts, _, completions = ctx
+    rng = random.Random(0)
+    completions = [c[: rng.randint(6, len(c))] for c in completions]  # rollouts of different lengths
+    out = {}
+    for g, contexts in ((1, prompts), (4, [prompts[0]] * 4 + [prompts[1]] * 4)):
+        batch = splice(contexts, completions, tok.pad_token_id)
+        mask = batch.completion_mask.bool()
+        passes = {"plain": lambda b=batch: completion_logits(model, b),
+                  "two_pass_shared": lambda b=batch, c=contexts: shared_prefix_logits(model, b, c),
+                  "packed": lambda b=batch, c=contexts: packed_completion_logits(model, b, c)}
+        times: dict[str, list[float]] = {name: [] for name in passes}
+        for round_ in range(4):
+            for name, fn in passes.items():
+                start = time.perf_counter()
+                fn()[mask].logsumexp(-1).sum().backward()
+                model.zero_grad(set_to_none=True)
+                if round_:
+                    times[name].append(time.perf_counter() - start)
+        for name, values in times.items():
+            out[f"G{g}_{name}_s"] = statistics.median(values)
+    return out
+
+
+def probe_matmul(_ctx) -> dict:
+    out = {}
+    for m, n, k in ((2048, 2048, 2048), (480, 1536, 576), (480, 576, 1536), (104, 1536, 576)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        out[f"mm_{m}x{n}x{k}_gflops"] = 2 * m * n * k / timed(lambda a=a, b=b: a @ b, 20) / 1e9
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("probes", nargs="*", default=list(PROBES), help=f"some of {', '.join(PROBES)} (default: all)")
@@ -139,13 +181,13 @@ def main() -> None:
     unknown = sorted(set(opts.probes) - set(PROBES))
     if unknown:
         raise SystemExit(f"unknown probe(s) {unknown}; choose from {', '.join(PROBES)}")
-    ctx = setup() if set(opts.probes) - {"skinny"} else None
+    ctx = setup() if set(opts.probes) - {"skinny", "matmul"} else None
     # Probes run now replace their earlier entries; the others stay as recorded.
     results = json.loads(RESULTS.read_text())["results"] if RESULTS.exists() else {}
     for name in opts.probes:
         print(f"probe {name} ...", flush=True)
         fn = {"skinny": probe_skinny, "bf16": probe_bf16, "teacher": probe_teacher,
-              "cache": lambda c: probe_cache(c, opts.compile)}[name]
+              "cache": lambda c: probe_cache(c, opts.compile), "student": probe_student, "matmul": probe_matmul}[name]
         results[name] = fn(ctx)
         for key, value in results[name].items():
             print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}", flush=True)

@@ -149,9 +149,10 @@ class SelfDistillConfig(TrainingArguments):
     share_prompt_prefix: bool = field(
         default=True,
         metadata={"help": "Run the beginning that prompts share (the G copies of one prompt, the chat template's "
-                  "system prompt) once: in sampling, and with gradients in the student pass. The student pass "
-                  "shares only without gradient checkpointing, DeepSpeed, FSDP or several processes (they expect "
-                  "one forward per backward)."},
+                  "system prompt) once: in sampling's prefill, and with gradients in the student pass, where the "
+                  "rollouts of a shared prefix are packed into one sequence with a block attention mask (one "
+                  "forward, one backward). The student pass shares only without gradient checkpointing, DeepSpeed, "
+                  "FSDP or several processes."},
     )
     skinny_decode: bool = field(
         default=True,
