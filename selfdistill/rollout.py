@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from trl.trainer.utils import RepeatSampler
 
-from selfdistill.sequences import MIN_SHARED_PREFIX, left_pad, run_shared_prefixes, splice
+from selfdistill.sequences import CACHE_KEY, MIN_SHARED_PREFIX, left_pad, run_shared_prefixes, splice
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def sample_completions(
         suffix_ids, suffix_mask = left_pad(shared.suffixes, max(len(x) for x in shared.suffixes), pad_id)
         ids = torch.cat([shared.ids, suffix_ids.to(device)], dim=1)
         inputs = {"input_ids": ids, "attention_mask": torch.cat([shared.mask, suffix_mask.to(device)], dim=1),
-                  "past_key_values": shared.cache}
+                  CACHE_KEY: shared.cache}
         width = ids.shape[1]
     try:
         with skinny_linears(model) if skinny else nullcontext():

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from selfdistill.sources.base import Prompt, TeacherView
 
@@ -212,6 +213,10 @@ def score_completions(model: Any, batch: SplicedBatch, contexts: Sequence[Sequen
         return completion_logits(model, batch) if out is None else out
 
 
+#: The keyword (and output field) of the KV cache in the installed transformers: ``cache`` since the rename that
+#: deprecates ``past_key_values``, which older 5.x releases still use.
+CACHE_KEY = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
 #: Shorter common prefixes are not worth a separate forward.
 MIN_SHARED_PREFIX = 8
 
@@ -303,7 +308,7 @@ def run_shared_prefixes(
     first = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True,
                   logits_to_keep=1)
     rows = torch.tensor(group_of, device=device)
-    cache = first.past_key_values
+    cache = first[CACHE_KEY]
     cache.batch_select_indices(rows)
     suffixes = [list(c[lengths[g] :]) for c, g in zip(contexts, group_of)]
     return PrefixCache(first.logits, cache, rows, ids[rows], mask[rows], suffixes)
@@ -339,7 +344,7 @@ def shared_prefix_logits(
     # The head runs only where it predicts a completion token: suffix position s_width - 1 + k for token k (the
     # prefix pass predicts token 0 of a row with no suffix of its own).
     keep = torch.arange(max(s_width - 1, 0), s_width - 1 + t, device=device)
-    rest = model(input_ids=rest_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+    rest = model(input_ids=rest_ids, attention_mask=full_mask, position_ids=positions, **{CACHE_KEY: cache},
                  use_cache=True, logits_to_keep=keep)
     logits = rest.logits  # [B, len(keep), V]
     if s_width == 0:

@@ -150,7 +150,8 @@ class SelfDistillTrainer(CheckpointMixin, SamplingMixin, Trainer):
             defer=zero3,  # the copy is taken from the partitions deepspeed.initialize makes, never a full copy
         )
         self._zero3 = zero3
-        # Two forwards (shared prefix, then the rows) before one backward: only for a bare module.
+        # The packed student pass applies the head by hand, and its fallback runs two forwards before one backward:
+        # both only on a bare module.
         self._share_student = args.share_prompt_prefix and not (
             args.gradient_checkpointing or self.is_deepspeed_enabled or self.is_fsdp_enabled
             or self.accelerator.num_processes > 1
