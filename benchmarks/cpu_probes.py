@@ -13,6 +13,8 @@ the main job's prompts (8 two-digit additions) and the OPSD teacher wording:
 - ``student``: the student's forward+backward over 8 rollouts at G = 1 (8 prompts) and G = 4 (2 prompts x 4):
   plain, with shared prefixes as two passes (``shared_prefix_logits``), and packed into one pass
   (``packed_completion_logits``); median of 3 interleaved rounds after a warm-up round.
+- ``decode``: one decoding step's layer products for 8 rows (210 linears) as they are, with q/k/v and gate/up
+  fused into single products, and through oneDNN's prepacked weights (plus the cost of prepacking them).
 - ``matmul``: float32 matrix-product rate (GFLOP/s) of a large square product and of the training passes' shapes,
   the ceiling a compute-bound pass runs into.
 
@@ -39,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "cpu_probes.json"
 TEMPLATE = "{problem}\n\nHere is a reference solution:\n{solution}\n\nUnderstand it, then answer in your own words."
-PROBES = ("skinny", "bf16", "teacher", "cache", "student", "matmul")
+PROBES = ("skinny", "bf16", "teacher", "cache", "student", "decode", "matmul")
 LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
 
@@ -165,6 +167,33 @@ def probe_student(ctx) -> dict:
     return out
 
 
+def probe_decode(_ctx) -> dict:
+    layers = [[torch.randn(o, i) * 0.02 for (o, i) in LAYER_SHAPES] for _ in range(30)]
+    xs = {576: torch.randn(8, 576), 1536: torch.randn(8, 1536)}
+    fused = [[torch.cat(ws[0:3]), ws[3], torch.cat(ws[4:6]), ws[6]] for ws in layers]  # qkv, o, gate+up, down
+
+    def run(groups):
+        for ws in groups:
+            for w in ws:
+                w @ xs[w.shape[1]].T
+
+    out = {"layers_separate_ms": 1e3 * timed(lambda: run(layers), 5),
+           "layers_fused_qkv_gate_up_ms": 1e3 * timed(lambda: run(fused), 5)}
+    mkldnn = torch.ops.mkldnn
+    if hasattr(mkldnn, "_reorder_linear_weight"):
+        start = time.perf_counter()
+        packed = [[mkldnn._reorder_linear_weight(w, 8) for w in ws] for ws in fused]
+        out["onednn_prepack_all_ms"] = 1e3 * (time.perf_counter() - start)
+
+        def onednn():
+            for ws in packed:
+                for w in ws:
+                    mkldnn._linear_pointwise(xs[w.shape[1]], w, None, "none", [], "")
+
+        out["layers_fused_onednn_prepacked_ms"] = 1e3 * timed(onednn, 5)
+    return out
+
+
 def probe_matmul(_ctx) -> dict:
     out = {}
     for m, n, k in ((2048, 2048, 2048), (480, 1536, 576), (480, 576, 1536), (104, 1536, 576)):
@@ -181,13 +210,14 @@ def main() -> None:
     unknown = sorted(set(opts.probes) - set(PROBES))
     if unknown:
         raise SystemExit(f"unknown probe(s) {unknown}; choose from {', '.join(PROBES)}")
-    ctx = setup() if set(opts.probes) - {"skinny", "matmul"} else None
+    ctx = setup() if set(opts.probes) - {"skinny", "decode", "matmul"} else None
     # Probes run now replace their earlier entries; the others stay as recorded.
     results = json.loads(RESULTS.read_text())["results"] if RESULTS.exists() else {}
     for name in opts.probes:
         print(f"probe {name} ...", flush=True)
         fn = {"skinny": probe_skinny, "bf16": probe_bf16, "teacher": probe_teacher,
-              "cache": lambda c: probe_cache(c, opts.compile), "student": probe_student, "matmul": probe_matmul}[name]
+              "cache": lambda c: probe_cache(c, opts.compile), "student": probe_student, "decode": probe_decode,
+              "matmul": probe_matmul}[name]
         results[name] = fn(ctx)
         for key, value in results[name].items():
             print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}", flush=True)
