@@ -413,7 +413,7 @@ class PackedRows:
 
 
 def pack_rows(contexts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-              min_shared: int = MIN_SHARED_PREFIX, tokens_per_pair: float = 2400.0,
+              min_shared: int = MIN_SHARED_PREFIX, tokens_per_pair: float = ATTENTION_PAIR_RATIO * 576,
               pad_id: int = 0) -> PackedRows | None:
     """Pack rows grouped by common context prefix (:func:`_prefix_groups`), each group's prefix once per packed row.
 
@@ -479,7 +479,7 @@ def packed_completion_logits(model: Any, batch: SplicedBatch, contexts: Sequence
     """:func:`completion_logits` computing each shared context prefix once, in one forward (:func:`pack_rows`).
 
     Unlike :func:`shared_prefix_logits` this is a single pass: its backward computes each weight's gradient once
-    (two passes compute and add two), and DDP, DeepSpeed and gradient checkpointing see one forward. ``head``:
+    (two passes compute two and add them). ``head``:
     the caller's output head (the fused loss): the final hidden states ``[B, T, H]`` come back and the caller applies
     it. Without one the model's own head runs here, on the predicting positions only. Returns ``[B, T, V]`` (zeros
     past each completion's end) like :func:`completion_logits`, or ``None`` when no two rows share ``min_shared``
