@@ -171,18 +171,16 @@ def test_pack_rows_layout_and_mask():
     assert packed is not None and packed.input_ids.shape[0] == 2  # the group of rows 0-2, and [9, 8] alone
     ids = packed.input_ids.tolist()
     positions = packed.position_ids.tolist()
-    predicted = {}
     flat = list(zip(packed.rows.tolist(), packed.columns.tolist()))
     k = 0
     for i, completion in enumerate(completions):
-        for t, token in enumerate(completion):
+        for t in range(len(completion)):
             r, c = flat[k]
             k += 1
             # The predicting position holds the token before `token` in row i's own sequence, at its own position.
             own = contexts[i] + completion
             assert ids[r][c] == own[len(contexts[i]) + t - 1], (i, t)
             assert positions[r][c] == len(contexts[i]) + t - 1, (i, t)
-            predicted[(i, t)] = (r, c)
     assert k == len(flat) == sum(map(len, completions))
     mask = packed.mask(True, torch.float32, "cpu")[:, 0]
     segments = packed.segments
@@ -226,8 +224,9 @@ def test_packed_pass_declines_models_it_cannot_reproduce(tokenizer):
 
 
 def test_trainer_student_pass_runs_packed(tmp_path, tokenizer, monkeypatch):
-    import selfdistill.sequences as sequences
     from test_trainer import make_trainer
+
+    import selfdistill.sequences as sequences
 
     calls = []
     original = sequences.packed_completion_logits
