@@ -151,8 +151,8 @@ class SelfDistillConfig(TrainingArguments):
         metadata={"help": "Run the beginning that prompts share (the G copies of one prompt, the chat template's "
                   "system prompt) once: in sampling's prefill, and with gradients in the student pass, where the "
                   "rollouts of a shared prefix are packed into one sequence with a block attention mask (one "
-                  "forward, one backward). The student pass shares only without gradient checkpointing, DeepSpeed, "
-                  "FSDP or several processes."},
+                  "forward, one backward). The student pass shares in one process without DeepSpeed or FSDP (packed "
+                  "also under gradient checkpointing)."},
     )
     skinny_decode: bool = field(
         default=True,

@@ -201,10 +201,10 @@ def completion_hidden(model: Any, head: torch.nn.Module, batch: SplicedBatch) ->
 def score_completions(model: Any, batch: SplicedBatch, contexts: Sequence[Sequence[int]], share_prefix: bool,
                       head: torch.nn.Module | None = None, pack: bool = False) -> torch.Tensor:
     """``[B, T, V]`` logits at the completion positions, or ``[B, T, H]`` hidden states when ``head`` is given (the
-    fused loss applies it). With ``share_prefix`` shared context prefixes run once: packed into one pass when
-    ``pack`` and the model allows it (:func:`packed_completion_logits`; the student's pass, whose backward then
-    runs once), else as a prefix pass whose KV cache the rows continue from (:func:`shared_prefix_logits`)."""
-    if share_prefix and pack:
+    fused loss applies it). Shared context prefixes run once: packed into one pass when ``pack`` and the model
+    allows it (:func:`packed_completion_logits`; the student's pass, whose backward then runs once), else, with
+    ``share_prefix``, as a prefix pass whose KV cache the rows continue from (:func:`shared_prefix_logits`)."""
+    if pack:
         out = packed_completion_logits(model, batch, contexts, head)
         if out is not None:
             return out

@@ -150,8 +150,12 @@ class SelfDistillTrainer(CheckpointMixin, SamplingMixin, Trainer):
             defer=zero3,  # the copy is taken from the partitions deepspeed.initialize makes, never a full copy
         )
         self._zero3 = zero3
-        # The packed student pass applies the head by hand, and its fallback runs two forwards before one backward:
-        # both only on a bare module.
+        # The packed student pass is one forward (gradient checkpointing takes it) but applies the head by hand,
+        # outside the wrapped forward, which DDP (a parameter marked ready twice), DeepSpeed and FSDP do not allow;
+        # the two-pass fallback runs two forwards before one backward, only on a bare module.
+        self._pack_student = args.share_prompt_prefix and not (
+            self.is_deepspeed_enabled or self.is_fsdp_enabled or self.accelerator.num_processes > 1
+        )
         self._share_student = args.share_prompt_prefix and not (
             args.gradient_checkpointing or self.is_deepspeed_enabled or self.is_fsdp_enabled
             or self.accelerator.num_processes > 1
@@ -337,7 +341,7 @@ class SelfDistillTrainer(CheckpointMixin, SamplingMixin, Trainer):
         student_batch = splice(inputs["prompt_ids"], inputs["completion_ids"], self.pad_id).to(device)
         mask = student_batch.completion_mask.bool()
         student_out = score_completions(model, student_batch, inputs["prompt_ids"], self._share_student, head,
-                                        pack=True)[mask]
+                                        pack=self._pack_student)[mask]
         check_finite(student_out, "student")
         tokens = student_batch.completion_ids[mask]
         old = None

@@ -240,3 +240,22 @@ def test_trainer_student_pass_runs_packed(tmp_path, tokenizer, monkeypatch):
     trainer = make_trainer(tmp_path, tokenizer, model=build_model(tokenizer), max_steps=1, num_generations=4)
     trainer.train()
     assert calls and all(calls)  # every student pass packed its G copies, with gradients
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_packed_pass_under_gradient_checkpointing_matches_the_plain_pass(tokenizer, reentrant):
+    from selfdistill.sequences import packed_completion_logits
+
+    model = build_model(tokenizer).train()
+    contexts, batch = _student_batch(tokenizer)
+    mask = batch.completion_mask.bool()
+    grads = []
+    for packed, checkpointing in ((False, False), (True, True)):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.zero_grad()
+        out = packed_completion_logits(model, batch, contexts) if packed else completion_logits(model, batch)
+        out[mask].log_softmax(-1).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
