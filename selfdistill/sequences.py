@@ -139,12 +139,16 @@ class SplicedBatch:
         )
 
 
+def _require_contexts(contexts: Sequence[Sequence[int]]) -> None:
+    if any(len(c) == 0 for c in contexts):
+        raise ValueError("an empty context: every teacher or student sequence needs at least one context token")
+
+
 def splice(contexts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int) -> SplicedBatch:
     """Put each completion's exact ids right after its context (see the module docstring for the layout)."""
     if len(contexts) != len(completions):
         raise ValueError(f"{len(contexts)} contexts for {len(completions)} completions")
-    if any(len(c) == 0 for c in contexts):
-        raise ValueError("an empty context: every teacher or student sequence needs at least one context token")
+    _require_contexts(contexts)
     width = max(len(c) for c in contexts)
     t = max([len(c) for c in completions] + [1])
     b = len(contexts)
@@ -294,8 +298,7 @@ def run_shared_prefixes(
     cache rows are an index of the prefix's keys and values, so the members' gradients flow back into it.
     ``pad_id`` fills the padding (masked out; any id serves).
     """
-    if any(len(c) == 0 for c in contexts):
-        raise ValueError("an empty context: every teacher or student sequence needs at least one context token")
+    _require_contexts(contexts)
     group_of, lengths = _prefix_groups([c[:-1] for c in contexts] if keep_last else contexts, min_shared)
     if len(lengths) == len(contexts):
         return None
@@ -425,8 +428,7 @@ def pack_rows(contexts: Sequence[Sequence[int]], completions: Sequence[Sequence[
     """
     if len(contexts) != len(completions):
         raise ValueError(f"{len(contexts)} contexts for {len(completions)} completions")
-    if any(len(c) == 0 for c in contexts):
-        raise ValueError("an empty context: every teacher or student sequence needs at least one context token")
+    _require_contexts(contexts)
     group_of, lengths = _prefix_groups(contexts, min_shared)
     if len(lengths) == len(contexts):
         return None
@@ -513,20 +515,18 @@ def packed_completion_logits(model: Any, batch: SplicedBatch, contexts: Sequence
 
 
 def _plain_head(model: Any) -> torch.nn.Module | None:
-    """The model's output head when applying it by hand gives the model's logits: a plain linear layer with no bias,
-    no logit transform after it, and not partitioned by DeepSpeed ZeRO-3."""
-    from selfdistill.fused import _LOGIT_TRANSFORMS
+    """The model's output head when applying it by hand gives the model's logits: a plain linear layer that
+    :func:`selfdistill.fused.output_head` accepts (no bias, no logit transform), not partitioned by ZeRO-3."""
+    from selfdistill.fused import output_head
 
     inner = model
     while not hasattr(inner, "get_output_embeddings") and hasattr(inner, "module"):
         inner = inner.module
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if type(head) is not torch.nn.Linear or head.bias is not None or hasattr(head.weight, "ds_id"):
+    try:
+        head = output_head(inner)
+    except (AttributeError, ValueError):
         return None
-    config = _text_config(model)
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
-        return None
-    return head
+    return head if type(head) is torch.nn.Linear and not hasattr(head.weight, "ds_id") else None
 
 
 @dataclass

@@ -13,25 +13,30 @@ def _prompts(tokenizer):
     return [render_context(tokenizer, [{"role": "user", "content": q}]) for q in questions]
 
 
+def _assert_same_logits_and_gradients(model, batch, run):
+    """``run(model)`` gives the same completion logits and parameter gradients as the plain pass."""
+    mask = batch.completion_mask.bool()
+    weights = torch.randn(int(mask.sum()), model.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    results = []
+    for fn in (lambda m: completion_logits(m, batch), run):
+        model.zero_grad()
+        out = fn(model)
+        assert out is not None and out.shape == (*batch.completion_ids.shape, model.config.vocab_size)
+        (out[mask].log_softmax(-1) * weights).sum().backward()
+        results.append((out[mask].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain, plain_grads), (other, other_grads) = results
+    torch.testing.assert_close(other, plain, rtol=1e-5, atol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(other_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_student_gradients_through_a_shared_prefix_match_the_plain_pass(tokenizer):
     model = build_model(tokenizer)
     contexts = _prompts(tokenizer)
     completions = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["42", "The answer is", "15", ""]]
     batch = splice(contexts, completions, tokenizer.pad_token_id)
-    mask = batch.completion_mask.bool()
-    weights = torch.randn(int(mask.sum()), model.config.vocab_size, generator=torch.Generator().manual_seed(0))
-    results = []
-    for shared in (False, True):
-        model.zero_grad()
-        out = shared_prefix_logits(model, batch, contexts) if shared else completion_logits(model, batch)
-        assert out is not None  # the chat template's header is shared by all four rows
-        loss = (out[mask].log_softmax(-1) * weights).sum()
-        loss.backward()
-        results.append((out[mask].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (plain, plain_grads), (shared, shared_grads) = results
-    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # The chat template's header is shared by all four rows (None would fail the check).
+    _assert_same_logits_and_gradients(model, batch, lambda m: shared_prefix_logits(m, batch, contexts))
 
 
 @pytest.mark.parametrize("do_sample", [False, True])
@@ -132,20 +137,7 @@ def test_packed_pass_matches_the_plain_pass_in_values_and_gradients(tokenizer, a
     model = build_model(tokenizer, tie_word_embeddings=tied)
     model.config._attn_implementation = attention
     contexts, batch = _student_batch(tokenizer)
-    mask = batch.completion_mask.bool()
-    weights = torch.randn(int(mask.sum()), model.config.vocab_size, generator=torch.Generator().manual_seed(0))
-    results = []
-    for packed in (False, True):
-        model.zero_grad()
-        out = packed_completion_logits(model, batch, contexts) if packed else completion_logits(model, batch)
-        assert out is not None and out.shape == (*batch.completion_ids.shape, model.config.vocab_size)
-        loss = (out[mask].log_softmax(-1) * weights).sum()
-        loss.backward()
-        results.append((out[mask].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (plain, plain_grads), (packed, packed_grads) = results
-    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    _assert_same_logits_and_gradients(model, batch, lambda m: packed_completion_logits(m, batch, contexts))
 
 
 def test_packed_pass_returns_hidden_states_for_the_fused_loss(tokenizer):
