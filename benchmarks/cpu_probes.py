@@ -15,6 +15,11 @@ the main job's prompts (8 two-digit additions) and the OPSD teacher wording:
   (``packed_completion_logits``); median of 3 interleaved rounds after a warm-up round.
 - ``decode``: one decoding step's layer products for 8 rows (210 linears) as they are, with q/k/v and gate/up
   fused into single products, and through oneDNN's prepacked weights (plus the cost of prepacking them).
+- ``profile``: the figures docs/performance.md and docs/benchmarks.md quote from profiles: the student pass's share
+  of time in ``aten::mm`` and that product rate; ``aten::add``/``aten::fill_`` in the two-pass vs packed student
+  backward at G = 4; ``generate`` at G = 4 with the skinny outputs as transposed views vs contiguous (and how
+  often attention took SDPA's math kernel); reusing sampling's prefill in the student pass; the G = 1 teacher rows
+  packed into one row vs the two-pass layout.
 - ``matmul``: float32 matrix-product rate (GFLOP/s) of a large square product and of the training passes' shapes,
   the ceiling a compute-bound pass runs into.
 
@@ -41,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "cpu_probes.json"
 TEMPLATE = "{problem}\n\nHere is a reference solution:\n{solution}\n\nUnderstand it, then answer in your own words."
-PROBES = ("skinny", "bf16", "teacher", "cache", "student", "decode", "matmul")
+PROBES = ("skinny", "bf16", "teacher", "cache", "student", "decode", "profile", "matmul")
 LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
 
@@ -194,6 +199,109 @@ def probe_decode(_ctx) -> dict:
     return out
 
 
+def _self_seconds(prof, names) -> float:
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in names) / 1e6
+
+
+def probe_profile(ctx) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    import selfdistill.rollout as rollout
+    from selfdistill.sequences import completion_logits, packed_completion_logits, shared_prefix_logits, splice
+
+    tok, model, prompts, teacher, completions = ctx
+    out = {}
+    batch = splice(prompts, completions, tok.pad_token_id)
+    mask = batch.completion_mask.bool()
+
+    def student(fn):
+        fn()[mask].logsumexp(-1).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    student(lambda: completion_logits(model, batch))
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        student(lambda: completion_logits(model, batch))
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1e6
+    mm = [e for e in events if e.key == "aten::mm"]
+    mm_seconds = sum(e.self_cpu_time_total for e in mm) / 1e6
+    out["student_G1_mm_share"] = mm_seconds / total
+    out["student_G1_mm_gflops"] = sum(e.flops for e in mm) / mm_seconds / 1e9
+
+    g4 = [prompts[0]] * 4 + [prompts[1]] * 4
+    batch4 = splice(g4, completions, tok.pad_token_id)
+    mask4 = batch4.completion_mask.bool()
+    for name, fn in (("two_pass", lambda: shared_prefix_logits(model, batch4, g4)),
+                     ("packed", lambda: packed_completion_logits(model, batch4, g4))):
+        fn()[mask4].sum().backward()
+        model.zero_grad(set_to_none=True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()[mask4].logsumexp(-1).sum().backward()
+            model.zero_grad(set_to_none=True)
+        out[f"student_G4_{name}_add_fill_s"] = _self_seconds(prof, {"aten::add", "aten::fill_"})
+
+    contiguous = rollout._skinny_linear
+
+    def transposed(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] > rollout.SKINNY_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        return (self.weight @ flat.T).T.reshape(*x.shape[:-1], self.weight.shape[0])
+
+    def generate():
+        torch.manual_seed(0)
+        return rollout.sample_completions(model, g4, pad_id=tok.pad_token_id, eos=[tok.eos_token_id],
+                                          max_new_tokens=16, temperature=0.6)
+
+    try:
+        for name, fn in (("transposed", transposed), ("contiguous", contiguous)):
+            rollout._skinny_linear = fn
+            out[f"generate_G4_skinny_{name}_s"] = timed(generate, 2)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                generate()
+            out[f"generate_G4_skinny_{name}_sdpa_math_calls"] = sum(
+                e.count for e in prof.key_averages() if e.key == "aten::_scaled_dot_product_attention_math")
+    finally:
+        rollout._skinny_linear = contiguous
+
+    width = batch.context_width
+    ids, att, pos = batch.input_ids, batch.attention_mask, batch.position_ids
+
+    def prefill():
+        with torch.no_grad():
+            model(input_ids=ids[:, :width], attention_mask=att[:, :width], position_ids=pos[:, :width],
+                  use_cache=True, logits_to_keep=1)
+
+    def reuse():  # the prompt (but its last token) with gradients, then the student continues from its cache
+        from selfdistill.sequences import CACHE_KEY
+
+        first = model(input_ids=ids[:, : width - 1], attention_mask=att[:, : width - 1],
+                      position_ids=pos[:, : width - 1], use_cache=True, logits_to_keep=1)
+        rest = model(input_ids=ids[:, width - 1 :], attention_mask=att, position_ids=pos[:, width - 1 :],
+                     use_cache=True, logits_to_keep=batch.completion_width + 1, **{CACHE_KEY: first[CACHE_KEY]})
+        rest.logits[:, :-1][mask].logsumexp(-1).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    out["sampling_prefill_no_grad_s"] = timed(prefill, 2)
+    out["student_G1_plain_s"] = timed(lambda: student(lambda: completion_logits(model, batch)), 2)
+    out["student_G1_reusing_prefill_s"] = timed(reuse, 2)
+
+    tbatch = splice(teacher, completions, tok.pad_token_id)
+    with torch.no_grad():
+        out["teacher_G1_two_pass_s"] = timed(lambda: shared_prefix_logits(model, tbatch, teacher), 2)
+        from selfdistill.sequences import pack_rows
+
+        packed_all = pack_rows(teacher, completions, tokens_per_pair=float("inf"))  # one row, as the student packs
+        out["teacher_G1_one_packed_row_tokens"] = int(packed_all.input_ids.shape[1])
+        hidden_mask = packed_all.mask(True, torch.float32, "cpu")
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(input_ids=packed_all.input_ids, attention_mask=hidden_mask, position_ids=packed_all.position_ids,
+                  use_cache=False, logits_to_keep=1)
+        out["teacher_G1_one_packed_row_attention_s"] = _self_seconds(
+            prof, {"aten::_scaled_dot_product_flash_attention_for_cpu"})
+    return out
+
+
 def probe_matmul(_ctx) -> dict:
     out = {}
     for m, n, k in ((2048, 2048, 2048), (480, 1536, 576), (480, 576, 1536), (104, 1536, 576)):
@@ -217,6 +325,7 @@ def main() -> None:
         print(f"probe {name} ...", flush=True)
         fn = {"skinny": probe_skinny, "bf16": probe_bf16, "teacher": probe_teacher,
               "cache": lambda c: probe_cache(c, opts.compile), "student": probe_student, "decode": probe_decode,
+              "profile": probe_profile,
               "matmul": probe_matmul}[name]
         results[name] = fn(ctx)
         for key, value in results[name].items():
