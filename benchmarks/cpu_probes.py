@@ -18,12 +18,21 @@ the main job's prompts (8 two-digit additions) and the OPSD teacher wording:
 - ``profile``: the figures docs/performance.md and docs/benchmarks.md quote from profiles: the student pass's share
   of time in ``aten::mm`` and that product rate; ``aten::add``/``aten::fill_`` in the two-pass vs packed student
   backward at G = 4; ``generate`` at G = 4 with the skinny outputs as transposed views vs contiguous (and how
-  often attention took SDPA's math kernel); reusing sampling's prefill in the student pass; the G = 1 teacher rows
-  packed into one row vs the two-pass layout.
+  often attention took SDPA's math kernel); the G = 1 teacher rows packed into one row vs the two-pass layout.
+- ``reuse``: sampling plus the student's forward+backward at G = 1 and G = 4, as the trainer runs them (a no-grad
+  prefill inside sampling, then the packed student pass) vs reusing the prefill: the prompt (but its last token)
+  runs with gradients before sampling, ``generate`` continues from a detached copy of its KV cache and the student
+  pass continues from the cache that carries the graph; median of 3 interleaved rounds after a warm-up round.
+- ``overlap``: sampling (8 rollouts, G = 1) and the teacher's prefill of its 8 contexts (the part of the teacher
+  pass known before sampling) one after the other on 2 threads, vs both at once in two Python threads (1 + 1 and
+  2 + 1 intra-op threads), the teacher on its own copy of the weights; median of 4 interleaved rounds.
+- ``step``: one real G = 1 training step of ``benchmarks/train_step.py`` (selfdistill side, every lever on) under
+  the profiler: its seconds in ``aten::mm`` (split into decoding products of at most 64 rows and the rest) against
+  the step's other operators.
 - ``matmul``: float32 matrix-product rate (GFLOP/s) of a large square product and of the training passes' shapes,
   the ceiling a compute-bound pass runs into.
 
-    python benchmarks/cpu_probes.py                     # every probe (~6 min on 2 cores)
+    python benchmarks/cpu_probes.py                     # every probe (~12 min on 2 cores)
     python benchmarks/cpu_probes.py skinny teacher      # some probes only
 
 Prints each figure and records it in benchmarks/results/cpu_probes.json (probes not run keep their entries).
@@ -46,7 +55,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "cpu_probes.json"
 TEMPLATE = "{problem}\n\nHere is a reference solution:\n{solution}\n\nUnderstand it, then answer in your own words."
-PROBES = ("skinny", "bf16", "teacher", "cache", "student", "decode", "profile", "matmul")
+PROBES = ("skinny", "bf16", "teacher", "cache", "student", "decode", "profile", "reuse", "overlap", "step",
+          "matmul")
 LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
 
@@ -264,28 +274,6 @@ def probe_profile(ctx) -> dict:
     finally:
         rollout._skinny_linear = contiguous
 
-    width = batch.context_width
-    ids, att, pos = batch.input_ids, batch.attention_mask, batch.position_ids
-
-    def prefill():
-        with torch.no_grad():
-            model(input_ids=ids[:, :width], attention_mask=att[:, :width], position_ids=pos[:, :width],
-                  use_cache=True, logits_to_keep=1)
-
-    def reuse():  # the prompt (but its last token) with gradients, then the student continues from its cache
-        from selfdistill.sequences import CACHE_KEY
-
-        first = model(input_ids=ids[:, : width - 1], attention_mask=att[:, : width - 1],
-                      position_ids=pos[:, : width - 1], use_cache=True, logits_to_keep=1)
-        rest = model(input_ids=ids[:, width - 1 :], attention_mask=att, position_ids=pos[:, width - 1 :],
-                     use_cache=True, logits_to_keep=batch.completion_width + 1, **{CACHE_KEY: first[CACHE_KEY]})
-        rest.logits[:, :-1][mask].logsumexp(-1).sum().backward()
-        model.zero_grad(set_to_none=True)
-
-    out["sampling_prefill_no_grad_s"] = timed(prefill, 2)
-    out["student_G1_plain_s"] = timed(lambda: student(lambda: completion_logits(model, batch)), 2)
-    out["student_G1_reusing_prefill_s"] = timed(reuse, 2)
-
     tbatch = splice(teacher, completions, tok.pad_token_id)
     with torch.no_grad():
         out["teacher_G1_two_pass_s"] = timed(lambda: shared_prefix_logits(model, tbatch, teacher), 2)
@@ -299,6 +287,202 @@ def probe_profile(ctx) -> dict:
                   use_cache=False, logits_to_keep=1)
         out["teacher_G1_one_packed_row_attention_s"] = _self_seconds(
             prof, {"aten::_scaled_dot_product_flash_attention_for_cpu"})
+    return out
+
+
+def _detached(cache, config):
+    from transformers.cache_utils import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(layer.keys.detach(), layer.values.detach()) for layer in cache.layers],
+                        config=config)
+
+
+def probe_reuse(ctx) -> dict:
+    import statistics
+
+    import selfdistill.rollout as rollout
+    from selfdistill.sequences import (
+        CACHE_KEY,
+        MIN_SHARED_PREFIX,
+        left_pad,
+        packed_completion_logits,
+        run_shared_prefixes,
+        splice,
+    )
+
+    tok, model, prompts, _, _ = ctx
+    pad, eos = tok.pad_token_id, [tok.eos_token_id]
+    model.train()
+
+    def trainer_way(contexts):  # what SelfDistillTrainer runs today
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        gen = rollout.sample_completions(model, contexts, pad_id=pad, eos=eos, max_new_tokens=16, temperature=0.6)
+        sampled = time.perf_counter()
+        batch = splice(contexts, gen.completion_ids, pad)
+        packed_completion_logits(model, batch, contexts)[batch.completion_mask.bool()].logsumexp(-1).sum().backward()
+        model.zero_grad(set_to_none=True)
+        return sampled - start, time.perf_counter() - sampled, gen.completion_ids
+
+    def reusing(contexts):  # the prompt but its last token with gradients; sampling and the student continue from it
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        shared = run_shared_prefixes(model, contexts, MIN_SHARED_PREFIX, "cpu", keep_last=True, pad_id=pad)
+        cache, mask, ids = shared.cache, shared.mask, shared.ids
+        heads = [s[:-1] for s in shared.suffixes]
+        if max(len(h) for h in heads):
+            head_ids, head_mask = left_pad(heads, max(len(h) for h in heads), pad)
+            mask = torch.cat([mask, head_mask], 1)
+            model(input_ids=head_ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **{CACHE_KEY: cache},
+                  position_ids=(mask.cumsum(-1) - 1).clamp_min(0)[:, shared.mask.shape[1]:])
+            ids = torch.cat([ids, head_ids], 1)
+        last = torch.tensor([[s[-1]] for s in shared.suffixes])
+        with torch.no_grad(), rollout.skinny_linears(model):
+            out = model.generate(input_ids=torch.cat([ids, last], 1), pad_token_id=pad, eos_token_id=eos,
+                                 attention_mask=torch.cat([mask, torch.ones_like(last)], 1), do_sample=True,
+                                 max_new_tokens=16, temperature=0.6, top_k=0,
+                                 **{CACHE_KEY: _detached(cache, model.config)})
+        completions = []
+        for row in out[:, ids.shape[1] + 1:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in eos), None)
+            completions.append(row if cut is None else row[: cut + 1])
+        sampled = time.perf_counter()
+        comp_ids, comp_mask = left_pad([c[::-1] for c in completions], max(map(len, completions)), pad)
+        comp_ids, comp_mask = comp_ids.flip(1), comp_mask.flip(1)  # right-padded
+        full = torch.cat([mask, torch.ones_like(last), comp_mask], 1)
+        rest = model(input_ids=torch.cat([last, comp_ids], 1), attention_mask=full, use_cache=True,
+                     position_ids=(full.cumsum(-1) - 1).clamp_min(0)[:, mask.shape[1]:],
+                     logits_to_keep=comp_ids.shape[1] + 1, **{CACHE_KEY: cache})
+        rest.logits[:, :-1][comp_mask.bool()].logsumexp(-1).sum().backward()
+        model.zero_grad(set_to_none=True)
+        return sampled - start, time.perf_counter() - sampled, completions
+
+    out = {}
+    for g, contexts in ((1, prompts), (4, [prompts[0]] * 4 + [prompts[1]] * 4)):
+        times: dict[str, list[tuple[float, float]]] = {"trainer": [], "reusing_prefill": []}
+        drawn = {}
+        for round_ in range(4):
+            for name, fn in (("trainer", trainer_way), ("reusing_prefill", reusing)):
+                sample_s, student_s, drawn[name] = fn(contexts)
+                if round_:
+                    times[name].append((sample_s, student_s))
+        for name, values in times.items():
+            sample_s = statistics.median(v[0] for v in values)
+            student_s = statistics.median(v[1] for v in values)
+            out[f"G{g}_{name}_sampling_s"] = sample_s
+            out[f"G{g}_{name}_student_s"] = student_s
+            out[f"G{g}_{name}_total_s"] = statistics.median(v[0] + v[1] for v in values)
+        out[f"G{g}_same_tokens_drawn"] = drawn["trainer"] == drawn["reusing_prefill"]
+    return out
+
+
+def probe_overlap(ctx) -> dict:
+    import copy
+    import statistics
+    import threading
+
+    import selfdistill.rollout as rollout
+    from selfdistill.sequences import CACHE_KEY, left_pad, run_shared_prefixes
+
+    tok, model, prompts, teacher, _ = ctx
+    pad = tok.pad_token_id
+    teacher_model = copy.deepcopy(model).eval()
+    threads = torch.get_num_threads()
+
+    def sample():
+        torch.manual_seed(0)
+        rollout.sample_completions(model, prompts, pad_id=pad, eos=[tok.eos_token_id], max_new_tokens=16,
+                                   temperature=0.6)
+
+    @torch.no_grad()
+    def teacher_prefill():  # each teacher context but its last token, shared prefix once, into a KV cache
+        shared = run_shared_prefixes(teacher_model, teacher, 8, "cpu", keep_last=True, pad_id=pad)
+        ids, mask = left_pad(shared.suffixes, max(map(len, shared.suffixes)), pad)
+        full = torch.cat([shared.mask, mask], 1)
+        teacher_model(input_ids=ids, attention_mask=full, use_cache=True, logits_to_keep=1,
+                      position_ids=(full.cumsum(-1) - 1).clamp_min(0)[:, shared.mask.shape[1]:],
+                      **{CACHE_KEY: shared.cache})
+
+    def one_after_other():
+        start = time.perf_counter()
+        sample()
+        teacher_prefill()
+        return time.perf_counter() - start
+
+    def together(sample_threads: int, teacher_threads: int):
+        def run(fn, n):
+            torch.set_num_threads(n)
+            fn()
+
+        start = time.perf_counter()
+        workers = [threading.Thread(target=run, args=(sample, sample_threads)),
+                   threading.Thread(target=run, args=(teacher_prefill, teacher_threads))]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        torch.set_num_threads(threads)
+        return time.perf_counter() - start
+
+    out = {"sampling_alone_s": timed(sample, 2), "teacher_prefill_alone_s": timed(teacher_prefill, 2)}
+    rounds: dict[str, list[float]] = {"one_after_other_s": [], "together_1_1_threads_s": [],
+                                      "together_2_1_threads_s": []}
+    for _ in range(4):
+        rounds["one_after_other_s"].append(one_after_other())
+        rounds["together_1_1_threads_s"].append(together(1, 1))
+        rounds["together_2_1_threads_s"].append(together(2, 1))
+    out.update({key: statistics.median(values) for key, values in rounds.items()})
+    return out
+
+
+def probe_step(_ctx) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback, set_seed
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import train_step
+
+    from selfdistill.config import SelfDistillConfig
+    from selfdistill.modeling import load_model, load_tokenizer
+    from selfdistill.sources import ReferenceSolution
+    from selfdistill.trainer import SelfDistillTrainer
+
+    out: dict = {}
+
+    class Profiled(TrainerCallback):  # the third step (two warm-up steps before it)
+        def __init__(self):
+            self.prof = None
+            self.start = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                self.prof = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
+                self.prof.__enter__()
+                self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is None:
+                return
+            self.prof.__exit__(None, None, None)
+            out["step_wall_s"] = time.perf_counter() - self.start
+            events = self.prof.key_averages(group_by_input_shape=True)
+            self.prof = None
+            mm = [e for e in events if e.key == "aten::mm"]
+
+            def decoding(e):  # a skinny product: one side has at most 64 rows
+                return any(shape and min(shape) <= 64 for shape in e.input_shapes[:2] if len(shape) == 2)
+
+            out["ops_self_s"] = sum(e.self_cpu_time_total for e in events) / 1e6
+            out["mm_decoding_s"] = sum(e.self_cpu_time_total for e in mm if decoding(e)) / 1e6
+            out["mm_passes_s"] = sum(e.self_cpu_time_total for e in mm if not decoding(e)) / 1e6
+            out["other_ops_s"] = out["ops_self_s"] - out["mm_decoding_s"] - out["mm_passes_s"]
+
+    set_seed(train_step.SEED)
+    tok, model = load_tokenizer(train_step.MODEL), load_model(train_step.MODEL)
+    args = SelfDistillConfig(**train_step.selfdistill_kwargs(1, 8, 3, str(ROOT / "outputs" / "cpu_probes_step")))
+    SelfDistillTrainer(model=model, args=args, train_dataset=train_step.make_dataset(), processing_class=tok,
+                       privileged=ReferenceSolution(column="solution", template=train_step.OPSD_TEMPLATE),
+                       callbacks=[Profiled()]).train()
     return out
 
 
@@ -318,14 +502,14 @@ def main() -> None:
     unknown = sorted(set(opts.probes) - set(PROBES))
     if unknown:
         raise SystemExit(f"unknown probe(s) {unknown}; choose from {', '.join(PROBES)}")
-    ctx = setup() if set(opts.probes) - {"skinny", "decode", "matmul"} else None
+    ctx = setup() if set(opts.probes) - {"skinny", "decode", "matmul", "step"} else None
     # Probes run now replace their earlier entries; the others stay as recorded.
     results = json.loads(RESULTS.read_text())["results"] if RESULTS.exists() else {}
     for name in opts.probes:
         print(f"probe {name} ...", flush=True)
         fn = {"skinny": probe_skinny, "bf16": probe_bf16, "teacher": probe_teacher,
               "cache": lambda c: probe_cache(c, opts.compile), "student": probe_student, "decode": probe_decode,
-              "profile": probe_profile,
+              "profile": probe_profile, "reuse": probe_reuse, "overlap": probe_overlap, "step": probe_step,
               "matmul": probe_matmul}[name]
         results[name] = fn(ctx)
         for key, value in results[name].items():
