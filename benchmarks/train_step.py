@@ -13,6 +13,7 @@ warm-up step and the end of the last step, divided by K (generation, teacher and
 
     python benchmarks/train_step.py                  # G = 1, 4, 8; K = 5 measured steps; ~7-10 min on 2 CPU cores
     python benchmarks/train_step.py --G 4 --steps 10 # one G, more steps
+    python benchmarks/train_step.py --repeats 2      # each pair twice, in alternating order (AB then BA), pooled
     python benchmarks/train_step.py --ablate 1 4 8   # also selfdistill with each speed lever off (~25 min)
     python benchmarks/train_step.py --plot-only      # table and plot from the recorded results
     python benchmarks/train_step.py --quick          # plumbing check: G = 1, 4 rollouts, 1 + 1 steps, 1 thread
@@ -246,6 +247,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
         args = SDFTConfig(**sdft_kwargs(g, rollouts, total, out_dir))
         trainer = SDFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok, callbacks=[clock])
+        sdft_phases = time_sdft_phases(trainer)
     else:
         raise SystemExit(f"unknown trainer {spec['trainer']!r}; choose selfdistill or sdft")
     trainer.train()
@@ -259,6 +261,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         values = [log[key] for log in clock.logs[1:] if key in log]
         if values:
             phases[key] = sum(values) / len(values)
+    if spec["trainer"] == "sdft":
+        phases = {key: sum(values[1:]) / len(values[1:]) for key, values in sdft_phases.items() if len(values) > 1}
     # The token-mean KL of each step: selfdistill's loss is that already; SDFT logs it beside its sequence-mean loss.
     kl_key = "loss" if spec["trainer"] == "selfdistill" else "self_distillation/distillation_loss"
     token_mean_kl = [log.get(kl_key) for log in clock.logs]
@@ -281,6 +285,69 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def time_sdft_phases(trainer: Any) -> dict[str, list[float]]:
+    """Split SDFTTrainer's steps as selfdistill splits its own: generation (its `_generate`), teacher (its forwards
+    under no_grad) and student (the rest of `training_step`: the student's forward and backward). Per step, in order;
+    the timers wrap the trainer's own methods on this instance and change nothing they compute."""
+    import torch
+
+    split: dict[str, list[float]] = {"time/generation": [], "time/teacher": [], "time/student": []}
+    spent = {"time/generation": 0.0, "time/teacher": 0.0}
+
+    def timed(method, key):
+        def call(*args, **kwargs):
+            if key == "time/teacher" and torch.is_grad_enabled():
+                return method(*args, **kwargs)  # the student's forward: counted in the rest of the step
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - start
+        return call
+
+    step = trainer.training_step
+
+    def training_step(*args, **kwargs):
+        spent.update({"time/generation": 0.0, "time/teacher": 0.0})
+        start = time.perf_counter()
+        out = step(*args, **kwargs)
+        total = time.perf_counter() - start
+        for key, value in spent.items():
+            split[key].append(value)
+        split["time/student"].append(max(total - sum(spent.values()), 0.0))
+        return out
+
+    trainer._generate = timed(trainer._generate, "time/generation")
+    trainer._forward_logits = timed(trainer._forward_logits, "time/teacher")
+    trainer.training_step = training_step
+    return split
+
+
+def merge_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's repeated workers as one result: every measured step of every repeat, phases averaged."""
+    good = [r for r in runs if "step_seconds" in r]
+    if not good:
+        return runs[-1]
+    if len(runs) == 1:
+        return runs[0]
+    steps = [s for r in good for s in r["step_seconds"]]
+    merged = dict(good[0])
+    merged.update({
+        "step_seconds": steps,
+        "measured_steps": len(steps),
+        "seconds_per_step": sum(steps) / len(steps),
+        "steps_per_second": len(steps) / sum(steps),
+        "mean_completion_length": sum(r["mean_completion_length"] for r in good) / len(good),
+        "phase_seconds_per_step": {k: sum(r["phase_seconds_per_step"][k] for r in good) / len(good)
+                                   for k in good[0]["phase_seconds_per_step"]},
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in good),
+        "process_seconds": sum(r["process_seconds"] for r in good),
+        "repeats": [{k: r.get(k) for k in ("seconds_per_step", "step_seconds", "phase_seconds_per_step", "error")}
+                    for r in runs],
+    })
+    return merged
 
 
 def parse_spec(items: list[str]) -> dict[str, Any]:
@@ -360,8 +427,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 if key in split:
                     ax.bar(x, split[key], bottom=bottom, color=color, label=label if x == 0 else None)
                     bottom += split[key]
-            rest = r["seconds_per_step"] - bottom  # SDFT: no split; selfdistill: optimizer and bookkeeping
-            ax.bar(x, rest, bottom=bottom, color="#8c8c8c", label="rest (SDFT: whole step)" if name == "SDFT" else None)
+            rest = r["seconds_per_step"] - bottom  # the optimizer step and the trainer's bookkeeping
+            ax.bar(x, rest, bottom=bottom, color="#8c8c8c", label="optimizer and rest" if x == 0 else None)
             ax.text(x, r["seconds_per_step"] + 0.2, f"{r['seconds_per_step']:.1f}", ha="center", fontsize=8)
         ax.set_xticks(range(len(runs)), labels, fontsize=7, rotation=30)
         ratio = row.get("ratio")
@@ -400,13 +467,16 @@ def table(rows: list[dict[str, Any]]) -> str:
                  "tokens of the measured steps")
     phase_keys = ("time/generation", "time/teacher", "time/student")
     for row in rows:
-        runs = [("all levers", row["selfdistill"])] + list(row.get("ablations", {}).items())
-        if len(runs) > 1:
-            lines.append(f"G={row['G']} selfdistill by levers (s/step: step, then generation / teacher / student):")
-            for name, r in runs:
-                if "seconds_per_step" in r:
-                    phases = " / ".join(f"{r['phase_seconds_per_step'].get(k, float('nan')):.2f}" for k in phase_keys)
-                    lines.append(f"  {name:>18}: {r['seconds_per_step']:.2f}  ({phases})")
+        runs = [("selfdistill", row["selfdistill"])]
+        runs += [(f"sd, {name}", r) for name, r in row.get("ablations", {}).items()]
+        runs.append(("SDFT", row["sdft"]))
+        lines.append(f"G={row['G']} by phase (s/step: step = generation + teacher + student fwd/bwd + optimizer/rest):")
+        for name, r in runs:
+            if "seconds_per_step" in r:
+                split = [r["phase_seconds_per_step"].get(k, float("nan")) for k in phase_keys]
+                rest = r["seconds_per_step"] - sum(split)
+                phases = " + ".join(f"{v:.2f}" for v in [*split, rest])
+                lines.append(f"  {name:>22}: {r['seconds_per_step']:.2f} = {phases}")
     for row in rows:
         c = row.get("warmup_step_check")
         if c:
@@ -423,6 +493,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="measured steps K after one warm-up step")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds a worker may take")
+    parser.add_argument("--repeats", type=int, default=1, help="run each (trainer, G) pair this many times, "
+                        "alternating which goes first; a configuration's figure pools all its measured steps")
     parser.add_argument("--quick", action="store_true", help="G=1, 4 rollouts, 1 measured step, 1 thread")
     parser.add_argument("--ablate", type=int, nargs="*", default=[], metavar="G",
                         help="at these G also run selfdistill with its speed levers off, one at a time and all "
@@ -460,9 +532,14 @@ def main() -> None:
     rows = []
     for g in opts.G:
         row: dict[str, Any] = {"G": g, "prompts_per_step": opts.rollouts // g}
-        for trainer in ("selfdistill", "sdft"):
-            spec = {"trainer": trainer, "G": g, "rollouts": opts.rollouts, "steps": opts.steps, "threads": opts.threads}
-            row[trainer] = run_one(spec, opts.timeout)
+        runs: dict[str, list[dict[str, Any]]] = {"selfdistill": [], "sdft": []}
+        for r in range(opts.repeats):  # alternating order (AB BA AB ...): a drift of the machine hits both sides
+            for trainer in ("selfdistill", "sdft") if r % 2 == 0 else ("sdft", "selfdistill"):
+                spec = {"trainer": trainer, "G": g, "rollouts": opts.rollouts, "steps": opts.steps,
+                        "threads": opts.threads}
+                runs[trainer].append(run_one(spec, opts.timeout))
+        for trainer, done in runs.items():
+            row[trainer] = merge_repeats(done)
         if g in opts.ablate:
             row["ablations"] = {}
             for levers in (k for k in LEVERS if k != "all"):
@@ -496,6 +573,7 @@ def main() -> None:
         "rollouts_per_step": opts.rollouts,
         "warmup_steps": 1,
         "measured_steps": opts.steps,
+        "repeats": opts.repeats,
         "torch_threads": opts.threads or "default",
         "timing": "wall time from the end of the warm-up step to the end of the last step, over the measured steps",
         "peak_rss": "getrusage(RUSAGE_SELF).ru_maxrss at the end of each configuration's own worker process",
