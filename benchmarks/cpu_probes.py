@@ -34,6 +34,7 @@ the main job's prompts (8 two-digit additions) and the OPSD teacher wording:
 
     python benchmarks/cpu_probes.py                     # every probe (~12 min on 2 cores)
     python benchmarks/cpu_probes.py skinny teacher      # some probes only
+    python benchmarks/cpu_probes.py teacher --out F.json  # record in another file (e.g. another machine's run)
 
 Prints each figure and records it in benchmarks/results/cpu_probes.json (probes not run keep their entries).
 Run it alone on the machine.
@@ -498,13 +499,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("probes", nargs="*", default=list(PROBES), help=f"some of {', '.join(PROBES)} (default: all)")
     parser.add_argument("--compile", action="store_true", help="also time the compiled static-cache decode")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="record here (default: %(default)s)")
     opts = parser.parse_args()
     unknown = sorted(set(opts.probes) - set(PROBES))
     if unknown:
         raise SystemExit(f"unknown probe(s) {unknown}; choose from {', '.join(PROBES)}")
     ctx = setup() if set(opts.probes) - {"skinny", "decode", "matmul", "step"} else None
     # Probes run now replace their earlier entries; the others stay as recorded.
-    results = json.loads(RESULTS.read_text())["results"] if RESULTS.exists() else {}
+    results = json.loads(opts.out.read_text())["results"] if opts.out.exists() else {}
     for name in opts.probes:
         print(f"probe {name} ...", flush=True)
         fn = {"skinny": probe_skinny, "bf16": probe_bf16, "teacher": probe_teacher,
@@ -517,9 +519,9 @@ def main() -> None:
     report = {"benchmark": "cpu_probes", "machine": {"platform": platform.platform(), "processor": platform.processor(),
                                                      "torch": torch.__version__, "threads": torch.get_num_threads()},
               "results": results}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=1))
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {opts.out}")
 
 
 if __name__ == "__main__":

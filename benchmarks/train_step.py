@@ -256,13 +256,13 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"expected {total} optimizer steps, timed {len(clock.ends)}")
     step_seconds = [b - a for a, b in zip([clock.start] + clock.ends[:-1], clock.ends)]
     measured = step_seconds[1:]
-    phases = {}
+    phases: dict[str, float] = {}
+    if spec["trainer"] == "sdft":  # the timers' split, per step; the first is the warm-up step
+        phases = {key: sum(values[1:]) / len(values[1:]) for key, values in sdft_phases.items() if len(values) > 1}
     for key in ("time/generation", "time/teacher", "time/student"):  # selfdistill's own split of a step
         values = [log[key] for log in clock.logs[1:] if key in log]
         if values:
             phases[key] = sum(values) / len(values)
-    if spec["trainer"] == "sdft":
-        phases = {key: sum(values[1:]) / len(values[1:]) for key, values in sdft_phases.items() if len(values) > 1}
     # The token-mean KL of each step: selfdistill's loss is that already; SDFT logs it beside its sequence-mean loss.
     kl_key = "loss" if spec["trainer"] == "selfdistill" else "self_distillation/distillation_loss"
     token_mean_kl = [log.get(kl_key) for log in clock.logs]
@@ -494,7 +494,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds a worker may take")
     parser.add_argument("--repeats", type=int, default=1, help="run each (trainer, G) pair this many times, "
-                        "alternating which goes first; a configuration's figure pools all its measured steps")
+                        "alternating which goes first; a configuration's figure pools all its measured steps "
+                        "(--ablate configurations run once)")
     parser.add_argument("--quick", action="store_true", help="G=1, 4 rollouts, 1 measured step, 1 thread")
     parser.add_argument("--ablate", type=int, nargs="*", default=[], metavar="G",
                         help="at these G also run selfdistill with its speed levers off, one at a time and all "
