@@ -16,12 +16,17 @@ arithmetic verifier. Prints a table, writes benchmarks/results/main_job_seeds.js
     python benchmarks/main_job_seeds.py                       # seeds 0 1 2, the shipped recipe
     python benchmarks/main_job_seeds.py --seeds 0 --name try -- training.learning_rate=3e-5
     python benchmarks/main_job_seeds.py --eval-only           # re-evaluate the trained models already on disk
+    python benchmarks/main_job_seeds.py --name amx --plot docs/img/main_job_seeds_amx.png   # another machine's run
+
+Each record notes the machine it ran on (CPU model and its bf16 instructions): the wall time depends on it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import sys
 from pathlib import Path
@@ -71,6 +76,20 @@ def evaluate_model(path: str, sets: dict, max_new_tokens: int) -> dict[str, floa
         scores[name] = result["greedy_accuracy"]
         print(f"  {path}: {name} {result['greedy_accuracy']:.1%} ({result['seconds']:.0f} s)", flush=True)
     return scores
+
+
+def machine() -> dict:
+    """The CPU this run is on: its model name and which bf16 instructions it has (bf16 autocast's speed)."""
+    info = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    lines = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    flags = set(lines.get("flags\t\t", "").split())
+    info["cpu"] = lines.get("model name\t", "").strip()
+    info["bf16"] = sorted(flags & {"avx512_bf16", "amx_bf16", "avx512f", "avx2"})
+    return info
 
 
 def report(record: dict) -> str:
@@ -128,6 +147,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--eval-only", action="store_true", help="skip training; evaluate the models on disk")
     parser.add_argument("--no-generalisation", action="store_true", help="train only")
+    parser.add_argument("--plot", type=Path, default=PLOT, help=f"plot path (default {PLOT.relative_to(ROOT)})")
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every seed (after --)")
     args = parser.parse_args()
 
@@ -135,6 +155,8 @@ def main() -> None:
     record = all_results.get(args.name, {"overrides": args.overrides, "runs": {}, "generalisation": {}})
     if record.get("overrides") != args.overrides:
         record = {"overrides": args.overrides, "runs": {}, "generalisation": {}}
+    if not args.eval_only:
+        record["machine"] = machine()
     out_root = ROOT / "outputs" / "main_job_seeds" / args.name
 
     def save() -> None:
@@ -174,9 +196,9 @@ def main() -> None:
         record["eval_settings"] = {"n": args.n, "max_new_tokens": args.max_new_tokens, "decoding": "greedy"}
         save()
         if len([s for s in record["runs"] if s in gen]) >= 1:
-            plot(record, PLOT)
+            plot(record, args.plot)
     print(report(record))
-    print(f"wrote {RESULTS}" + ("" if args.no_generalisation else f" and {PLOT}"))
+    print(f"wrote {RESULTS}" + ("" if args.no_generalisation else f" and {args.plot}"))
 
 
 if __name__ == "__main__":
