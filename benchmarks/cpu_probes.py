@@ -7,6 +7,10 @@ the main job's prompts (8 two-digit additions) and the OPSD teacher wording:
   ``W @ x^T`` (the path of ``selfdistill.rollout.skinny_linears``).
 - ``bf16``: one student forward+backward over 8 x (prompt + 13) tokens, float32 vs bf16 autocast (on a CPU
   without AVX512-BF16/AMX, autocast emulates bfloat16).
+- ``bf16gen``: ``generate`` of 8 x 16 tokens under bf16 as the trainer runs it (accelerate's autocast around each
+  forward, so every decoding step casts the weights again) vs inside one enclosing autocast region
+  (``selfdistill.sampling.generation_model``: one cast per call), float32 beside them, each with and without the
+  skinny path; greedy, so the tokens can be compared.
 - ``teacher``: the 8 teacher rows scored plainly vs with shared prefixes (``shared_prefix_logits``).
 - ``cache``: ``generate`` of 8 x 16 tokens with the dynamic vs a static cache; ``--compile`` adds the static
   cache compiled by inductor (slow: minutes to compile).
@@ -43,6 +47,7 @@ Run it alone on the machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -56,7 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "cpu_probes.json"
 TEMPLATE = "{problem}\n\nHere is a reference solution:\n{solution}\n\nUnderstand it, then answer in your own words."
-PROBES = ("skinny", "bf16", "teacher", "cache", "student", "decode", "profile", "reuse", "overlap", "step",
+PROBES = ("skinny", "bf16", "bf16gen", "teacher", "cache", "student", "decode", "profile", "reuse", "overlap", "step",
           "matmul")
 LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
@@ -115,6 +120,36 @@ def probe_bf16(ctx) -> dict:
     return {"native_bf16": bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()),
             "student_fwd_bwd_float32_s": timed(lambda: step(False), 2),
             "student_fwd_bwd_bf16_autocast_s": timed(lambda: step(True), 1)}
+
+
+def probe_bf16gen(ctx) -> dict:
+    import copy
+
+    from accelerate import Accelerator
+
+    from selfdistill.rollout import sample_completions
+    from selfdistill.sampling import generation_model
+
+    tok, model, prompts, _, _ = ctx
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    wrapped = accelerator.prepare(copy.deepcopy(model))  # forward under autocast, as in training
+    out: dict = {}
+    tokens = {}
+
+    def run(name, target, region, skinny):
+        def call():
+            with region() if region else contextlib.nullcontext(target) as m:
+                tokens[name] = sample_completions(m, prompts, pad_id=tok.pad_token_id, eos=[tok.eos_token_id],
+                                                  max_new_tokens=16, do_sample=False, skinny=skinny).completion_ids
+        out[f"{name}_s"] = timed(call, 3)
+
+    for skinny in (True, False):
+        tag = "" if skinny else "_no_skinny"
+        run(f"float32{tag}", model, None, skinny)
+        run(f"bf16_autocast_per_forward{tag}", wrapped, None, skinny)
+        run(f"bf16_one_region{tag}", wrapped, lambda: generation_model(wrapped, accelerator), skinny)
+    out["bf16_same_tokens"] = tokens["bf16_autocast_per_forward"] == tokens["bf16_one_region"]
+    return out
 
 
 def probe_teacher(ctx) -> dict:
@@ -509,7 +544,7 @@ def main() -> None:
     results = json.loads(opts.out.read_text())["results"] if opts.out.exists() else {}
     for name in opts.probes:
         print(f"probe {name} ...", flush=True)
-        fn = {"skinny": probe_skinny, "bf16": probe_bf16, "teacher": probe_teacher,
+        fn = {"skinny": probe_skinny, "bf16": probe_bf16, "bf16gen": probe_bf16gen, "teacher": probe_teacher,
               "cache": lambda c: probe_cache(c, opts.compile), "student": probe_student, "decode": probe_decode,
               "profile": probe_profile, "reuse": probe_reuse, "overlap": probe_overlap, "step": probe_step,
               "matmul": probe_matmul}[name]

@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 from pathlib import Path
 
-from recipe_runs import ROOT, mean_sd, record_result, run_recipe, save_percent_plot
+from recipe_runs import ROOT, machine, mean_sd, record_result, run_recipe, save_percent_plot
 
 sys.path.insert(0, str(ROOT))
 
@@ -76,20 +74,6 @@ def evaluate_model(path: str, sets: dict, max_new_tokens: int) -> dict[str, floa
         scores[name] = result["greedy_accuracy"]
         print(f"  {path}: {name} {result['greedy_accuracy']:.1%} ({result['seconds']:.0f} s)", flush=True)
     return scores
-
-
-def machine() -> dict:
-    """The CPU this run is on: its model name and which bf16 instructions it has (bf16 autocast's speed)."""
-    info = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    lines = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    flags = set(lines.get("flags\t\t", "").split())
-    info["cpu"] = lines.get("model name\t", "").strip()
-    info["bf16"] = sorted(flags & {"avx512_bf16", "amx_bf16", "avx512f", "avx2"})
-    return info
 
 
 def report(record: dict) -> str:

@@ -6,6 +6,8 @@ Runs go one after the other, never two at once: two processes on two cores slow 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -133,3 +135,17 @@ def run_all(configs: dict[str, tuple[str, list[str]]], names: list[str], results
         print(table({name: results[name]}), flush=True)
     print(table(results))
     return results
+
+
+def machine() -> dict:
+    """The CPU this run is on: its model name and which bf16 instructions it has (bf16 autocast's speed)."""
+    info = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    lines = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    flags = set(lines.get("flags\t\t", "").split())
+    info["cpu"] = lines.get("model name\t", "").strip()
+    info["bf16"] = sorted(flags & {"avx512_bf16", "amx_bf16", "avx512f", "avx2"})
+    return info

@@ -15,6 +15,7 @@ warm-up step and the end of the last step, divided by K (generation, teacher and
     python benchmarks/train_step.py --G 4 --steps 10 # one G, more steps
     python benchmarks/train_step.py --repeats 2      # each pair twice, in alternating order (AB then BA), pooled
     python benchmarks/train_step.py --ablate 1 4 8   # also selfdistill with each speed lever off (~25 min)
+    python benchmarks/train_step.py --bf16 --out benchmarks/results/train_step_bf16.json   # both in bf16 autocast
     python benchmarks/train_step.py --plot-only      # table and plot from the recorded results
     python benchmarks/train_step.py --quick          # plumbing check: G = 1, 4 rollouts, 1 + 1 steps, 1 thread
     python benchmarks/train_step.py --worker trainer=sdft G=4 rollouts=8 steps=5 threads=0   # one worker alone
@@ -39,6 +40,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a source checkout without installing the package
+from recipe_runs import machine  # noqa: E402  (benchmarks/, the script's own folder)
 
 RESULTS = ROOT / "benchmarks" / "results" / "train_step.json"
 QUICK_RESULTS = ROOT / "outputs" / "benchmarks_quick" / "train_step.json"
@@ -116,9 +118,11 @@ LEVERS = {
 }
 
 
-def selfdistill_kwargs(g: int, rollouts: int, steps: int, output_dir: str, levers: str = "all") -> dict[str, Any]:
+def selfdistill_kwargs(g: int, rollouts: int, steps: int, output_dir: str, levers: str = "all",
+                       bf16: bool = False) -> dict[str, Any]:
     return {
         **COMMON,
+        "bf16": bf16,
         "output_dir": output_dir,
         "max_steps": steps,
         "per_device_train_batch_size": rollouts,  # counts rollouts: rollouts / G prompts x G generations
@@ -136,9 +140,10 @@ def selfdistill_kwargs(g: int, rollouts: int, steps: int, output_dir: str, lever
     } | LEVERS[levers]
 
 
-def sdft_kwargs(g: int, rollouts: int, steps: int, output_dir: str) -> dict[str, Any]:
+def sdft_kwargs(g: int, rollouts: int, steps: int, output_dir: str, bf16: bool = False) -> dict[str, Any]:
     return {
         **COMMON,
+        "bf16": bf16,
         "output_dir": output_dir,
         "max_steps": steps,
         "per_device_train_batch_size": rollouts,  # also counts rollouts (generation_batch_size / num_generations)
@@ -238,14 +243,14 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         from selfdistill.sources import ReferenceSolution
         from selfdistill.trainer import SelfDistillTrainer
 
-        args = SelfDistillConfig(**selfdistill_kwargs(g, rollouts, total, out_dir, spec["levers"]))
+        args = SelfDistillConfig(**selfdistill_kwargs(g, rollouts, total, out_dir, spec["levers"], bool(spec["bf16"])))
         trainer = SelfDistillTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
                                      privileged=ReferenceSolution(column="solution", template=OPSD_TEMPLATE),
                                      callbacks=[clock])
     elif spec["trainer"] == "sdft":
         from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
-        args = SDFTConfig(**sdft_kwargs(g, rollouts, total, out_dir))
+        args = SDFTConfig(**sdft_kwargs(g, rollouts, total, out_dir, bool(spec["bf16"])))
         trainer = SDFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok, callbacks=[clock])
         sdft_phases = time_sdft_phases(trainer)
     else:
@@ -351,7 +356,8 @@ def merge_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def parse_spec(items: list[str]) -> dict[str, Any]:
-    spec: dict[str, Any] = {"trainer": None, "G": 1, "rollouts": 8, "steps": 5, "threads": 0, "levers": "all"}
+    spec: dict[str, Any] = {"trainer": None, "G": 1, "rollouts": 8, "steps": 5, "threads": 0, "levers": "all",
+                            "bf16": 0}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in spec:
@@ -496,6 +502,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="run each (trainer, G) pair this many times, "
                         "alternating which goes first; a configuration's figure pools all its measured steps "
                         "(--ablate configurations run once)")
+    parser.add_argument("--bf16", action="store_true", help="both trainers with bf16=True (autocast; TRL's "
+                        "default), for a CPU with AVX512-BF16/AMX; float32 without it")
     parser.add_argument("--quick", action="store_true", help="G=1, 4 rollouts, 1 measured step, 1 thread")
     parser.add_argument("--ablate", type=int, nargs="*", default=[], metavar="G",
                         help="at these G also run selfdistill with its speed levers off, one at a time and all "
@@ -537,7 +545,7 @@ def main() -> None:
         for r in range(opts.repeats):  # alternating order (AB BA AB ...): a drift of the machine hits both sides
             for trainer in ("selfdistill", "sdft") if r % 2 == 0 else ("sdft", "selfdistill"):
                 spec = {"trainer": trainer, "G": g, "rollouts": opts.rollouts, "steps": opts.steps,
-                        "threads": opts.threads}
+                        "threads": opts.threads, "bf16": int(opts.bf16)}
                 runs[trainer].append(run_one(spec, opts.timeout))
         for trainer, done in runs.items():
             row[trainer] = merge_repeats(done)
@@ -545,7 +553,7 @@ def main() -> None:
             row["ablations"] = {}
             for levers in (k for k in LEVERS if k != "all"):
                 spec = {"trainer": "selfdistill", "G": g, "rollouts": opts.rollouts, "steps": opts.steps,
-                        "threads": opts.threads, "levers": levers}
+                        "threads": opts.threads, "levers": levers, "bf16": int(opts.bf16)}
                 row["ablations"][levers] = run_one(spec, opts.timeout)
         if "steps_per_second" in row["selfdistill"] and "steps_per_second" in row["sdft"]:
             row["ratio"] = row["selfdistill"]["steps_per_second"] / row["sdft"]["steps_per_second"]
@@ -568,7 +576,7 @@ def main() -> None:
         "quick": opts.quick,
         "model": MODEL,
         "device": "cpu",
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+        "machine": {**machine(), "python": platform.python_version(),
                     "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
         "task": f"arithmetic, 2-digit addition, train split of make_arithmetic_dataset({N_TRAIN}, {N_TEST}, seed=0)",
         "rollouts_per_step": opts.rollouts,
@@ -582,11 +590,13 @@ def main() -> None:
         "settings": {
             "selfdistill": {"trainer": "selfdistill.trainer.SelfDistillTrainer",
                             "privileged": f"ReferenceSolution(column='solution', template={OPSD_TEMPLATE!r})",
-                            "config": selfdistill_kwargs(g0, opts.rollouts, opts.steps + 1, "<per run>") | {
+                            "config": selfdistill_kwargs(g0, opts.rollouts, opts.steps + 1, "<per run>",
+                                                         bf16=opts.bf16) | {
                                 "num_generations": "G"}},
             "sdft": {"trainer": "trl.experimental.sdft.SDFTTrainer",
                      "privileged": "dataset column 'privileged_context' = the 'solution' column",
-                     "config": sdft_kwargs(g0, opts.rollouts, opts.steps + 1, "<per run>") | {"num_generations": "G"}},
+                     "config": sdft_kwargs(g0, opts.rollouts, opts.steps + 1, "<per run>", bf16=opts.bf16) | {
+                         "num_generations": "G"}},
         },
         "context_check": contexts,
         "differences": DIFFERENCES,

@@ -113,13 +113,12 @@ class LearningCurve(TrainerCallback):
         self.seconds = 0.0
 
     def measure(self, step: int) -> None:
-        from trl.models.utils import unwrap_model_for_generation
-
         from selfdistill.distributed import is_zero3_model
+        from selfdistill.sampling import generation_model
 
         accelerator = self.trainer.accelerator
         # Under ZeRO-3 every rank gathers the weights and generates in step; otherwise the main process alone.
-        with unwrap_model_for_generation(self.trainer.model_wrapped, accelerator) as model:
+        with generation_model(self.trainer.model_wrapped, accelerator) as model:
             if not (accelerator.is_main_process or is_zero3_model(model)):
                 return
             result = self.evaluate_fn(model, self.trainer.processing_class, self.dataset, self.reward_fn, n=self.n,

@@ -7,6 +7,8 @@ model, accelerator and recorder. Generation seconds are taken off the student's 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +17,20 @@ from trl.models.utils import unwrap_model_for_generation
 
 from selfdistill.rollout import Generated, sample_completions
 from selfdistill.sequences import render_context
+
+
+@contextmanager
+def generation_model(model_wrapped: Any, accelerator: Any) -> Iterator[Any]:
+    """The model to sample from (TRL's ``unwrap_model_for_generation``), inside one autocast region for the call.
+
+    Under ``bf16``/``fp16`` accelerate wraps every forward in its own autocast region, and autocast forgets its
+    cast weights when the outermost region ends: each decoding step would cast every float32 weight again (on the
+    CPU that is more bytes than the low-precision product it feeds). One enclosing region keeps the casts for the
+    whole ``generate`` call; they are the same casts, so the tokens are the same. Without mixed precision this is
+    ``unwrap_model_for_generation`` alone.
+    """
+    with unwrap_model_for_generation(model_wrapped, accelerator) as unwrapped, accelerator.autocast():
+        yield unwrapped
 
 
 @dataclass
@@ -37,7 +53,7 @@ class SamplingMixin:
             sampled = Sampled(generated, sampler_logps=logps)
         else:
             # Under DDP: generate on the unwrapped model; under ZeRO-3 the parameters are gathered for the call.
-            with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
+            with generation_model(self.model_wrapped, self.accelerator) as unwrapped:
                 sampled = Sampled(sample_completions(
                     unwrapped, prompt_ids, pad_id=self.pad_id, eos=self.eos, max_new_tokens=args.max_completion_length,
                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -53,7 +69,7 @@ class SamplingMixin:
         from selfdistill.agent import run_episodes
 
         args = self.args
-        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
+        with generation_model(self.model_wrapped, self.accelerator) as unwrapped:
             episodes = run_episodes(
                 unwrapped, self.processing_class, rows, self.environment_factory, pad_id=self.pad_id, eos=self.eos,
                 max_new_tokens=args.max_completion_length, max_turns=args.max_turns,
@@ -68,7 +84,7 @@ class SamplingMixin:
         """Greedy replies of the current weights to chat prompts (a source writing skills uses this)."""
         start = time.perf_counter()
         ids = [render_context(self.processing_class, p) for p in prompts]
-        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
+        with generation_model(self.model_wrapped, self.accelerator) as unwrapped:
             out = sample_completions(unwrapped, ids, pad_id=self.pad_id, eos=self.eos, max_new_tokens=max_new_tokens,
                                      do_sample=False, share_prefix=self.args.share_prompt_prefix,
                                      skinny=self.args.skinny_decode)

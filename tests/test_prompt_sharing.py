@@ -249,5 +249,7 @@ def test_packed_pass_under_gradient_checkpointing_matches_the_plain_pass(tokeniz
         out = packed_completion_logits(model, batch, contexts) if packed else completion_logits(model, batch)
         out[mask].log_softmax(-1).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    # The loss sums O(1) terms over every completion token (the head's gradient entries reach ~3), and the packed pass
+    # adds them in another order: float32 rounding reaches ~3e-6 there on an AVX-512 CPU, so atol is 1e-5.
     for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -10,6 +10,7 @@ import selfdistill.sampling as sampling_module
 import selfdistill.trainer as trainer_module
 from selfdistill import ReferenceSolution, SelfDistillConfig, SelfDistillTrainer
 from selfdistill.rollout import Generated, RewardFunctionError
+from selfdistill.sequences import render_context
 from selfdistill.sources.base import PrivilegedSource, TeacherView
 from selfdistill.trainer import NonFiniteLogits
 
@@ -305,3 +306,41 @@ def test_checkpoints_and_the_final_model_carry_a_model_card(tmp_path, tokenizer)
     save_final_model(trainer, tmp_path / "out" / "final")
     final = (tmp_path / "out" / "final" / "README.md").read_text()
     assert "library_name: transformers" in final and "on-policy-distillation" in final
+
+
+def test_bf16_generation_casts_each_weight_once_per_call_and_samples_the_same_tokens(tmp_path, tokenizer):
+    """Under bf16 accelerate puts an autocast region around every forward, which casts every float32 weight again at
+    each decoding step; one enclosing region (``generation_model``) casts each weight once per ``generate`` call and
+    must draw the very same tokens."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountWeightCasts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16 \
+                    and isinstance(args[0], torch.nn.Parameter):
+                self.casts += 1
+            return func(*args, **kwargs)
+
+    trainer = make_trainer(tmp_path, tokenizer, bf16=True, max_completion_length=5)
+    trainer.model_wrapped = trainer.accelerator.prepare(trainer.model)  # what train() does: forward under autocast
+    prompt_ids = [render_context(tokenizer, [{"role": "user", "content": f"What is {a} + 3?"}]) for a in (7, 21)]
+    n_weights = sum(type(m) is torch.nn.Linear for m in trainer.model.modules())
+    eos = [tokenizer.eos_token_id]
+
+    def sample(context):
+        counter = CountWeightCasts()
+        with context(trainer.model_wrapped, trainer.accelerator) as model, counter:
+            out = sampling_module.sample_completions(model, prompt_ids, pad_id=tokenizer.pad_token_id, eos=eos,
+                                                     max_new_tokens=5, do_sample=False, share_prefix=False)
+        return out, counter.casts
+
+    once, casts_once = sample(sampling_module.generation_model)
+    each_step, casts_each_step = sample(sampling_module.unwrap_model_for_generation)
+    assert casts_once == n_weights                              # every linear weight cast once for the whole call
+    assert casts_each_step >= 3 * n_weights                      # ... against once per forward without the region
+    assert once.completion_ids == each_step.completion_ids
