@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -59,6 +58,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from recipe_runs import machine  # noqa: E402  (benchmarks/, the script's own folder)
+
 RESULTS = ROOT / "benchmarks" / "results" / "cpu_probes.json"
 TEMPLATE = "{problem}\n\nHere is a reference solution:\n{solution}\n\nUnderstand it, then answer in your own words."
 PROBES = ("skinny", "bf16", "bf16gen", "teacher", "cache", "student", "decode", "profile", "reuse", "overlap", "step",
@@ -551,8 +552,8 @@ def main() -> None:
         results[name] = fn(ctx)
         for key, value in results[name].items():
             print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}", flush=True)
-    report = {"benchmark": "cpu_probes", "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                                                     "torch": torch.__version__, "threads": torch.get_num_threads()},
+    report = {"benchmark": "cpu_probes", "machine": {**machine(), "torch": torch.__version__,
+                                                     "threads": torch.get_num_threads()},
               "results": results}
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(report, indent=1))

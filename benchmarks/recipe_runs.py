@@ -144,8 +144,8 @@ def machine() -> dict:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return info
-    lines = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    flags = set(lines.get("flags\t\t", "").split())
-    info["cpu"] = lines.get("model name\t", "").strip()
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in text.splitlines())}
+    flags = set(fields.get("flags", "").split())
+    info["cpu"] = fields.get("model name", "")
     info["bf16"] = sorted(flags & {"avx512_bf16", "amx_bf16", "avx512f", "avx2"})
     return info
