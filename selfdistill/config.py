@@ -159,6 +159,12 @@ class SelfDistillConfig(TrainingArguments):
         metadata={"help": "On CPU, decode with linear layers computed as weight @ x^T (faster BLAS path for a few "
                   "rows; same products, float rounding only)."},
     )
+    reuse_cpu_buffers: bool = field(
+        default=True,
+        metadata={"help": "When training on the CPU under Linux (glibc), keep freed large buffers in the process heap "
+                  "(mallopt) instead of returning them to the system, so each step's embedding-sized gradients and "
+                  "casts are not faulted in page by page again (selfdistill.heap; process-wide, changes no value)."},
+    )
     teacher_batch_views: bool = field(
         default=True,
         metadata={"help": "Score all teacher views of a micro-batch in one forward (M x B sequences); False runs one "

@@ -31,6 +31,7 @@ from selfdistill.distributed import (
 )
 from selfdistill.fused import fused_token_losses, output_head
 from selfdistill.grpo import rollout_advantages
+from selfdistill.heap import reuse_freed_buffers
 from selfdistill.heatmap import HeatmapCallback
 from selfdistill.losses import summarize
 from selfdistill.modeling import ensure_pad_token, load_model, load_tokenizer
@@ -161,6 +162,8 @@ class SelfDistillTrainer(CheckpointMixin, SamplingMixin, Trainer):
             or self.accelerator.num_processes > 1
         )
         check_sharding(args, zero3, self.is_fsdp_enabled, self.teacher.keeps_copy)
+        self.reuses_cpu_buffers = args.reuse_cpu_buffers and self.accelerator.device.type == "cpu" and (
+            reuse_freed_buffers())
         self.vllm = None
         if args.use_vllm:
             from selfdistill.vllm_rollouts import VLLMRollouts
