@@ -35,6 +35,10 @@ the main job's prompts (8 two-digit additions) and the OPSD teacher wording:
   the step's other operators.
 - ``matmul``: float32 matrix-product rate (GFLOP/s) of a large square product and of the training passes' shapes,
   the ceiling a compute-bound pass runs into.
+- ``heap``: one optimizer step of the packed G = 1 student pass (forward, backward, fused AdamW), float32 and bf16
+  autocast, in two fresh processes: glibc's defaults (each large buffer a fresh ``mmap``) against the heap kept by
+  ``selfdistill.heap.reuse_freed_buffers`` (``reuse_cpu_buffers``); seconds and minor page faults per step, median
+  of 4 steps after one.
 
     python benchmarks/cpu_probes.py                     # every probe (~12 min on 2 cores)
     python benchmarks/cpu_probes.py skinny teacher      # some probes only
@@ -49,6 +53,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,7 +68,7 @@ from recipe_runs import machine  # noqa: E402  (benchmarks/, the script's own fo
 RESULTS = ROOT / "benchmarks" / "results" / "cpu_probes.json"
 TEMPLATE = "{problem}\n\nHere is a reference solution:\n{solution}\n\nUnderstand it, then answer in your own words."
 PROBES = ("skinny", "bf16", "bf16gen", "teacher", "cache", "student", "decode", "profile", "reuse", "overlap", "step",
-          "matmul")
+          "matmul", "heap")
 LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
 
@@ -531,16 +536,66 @@ def probe_matmul(_ctx) -> dict:
     return out
 
 
+def heap_worker(mode: str) -> dict:
+    """One optimizer step of the packed student pass (float32, then bf16 autocast), with or without the heap kept."""
+    import resource
+    import statistics
+
+    from selfdistill.sequences import packed_completion_logits, splice
+
+    if mode == "reuse":
+        from selfdistill.heap import reuse_freed_buffers
+
+        if not reuse_freed_buffers():
+            raise SystemExit("mallopt is not available here (needs Linux with glibc)")
+    tok, model, prompts, _, completions = setup()
+    batch = splice(prompts, completions, tok.pad_token_id)
+    mask = batch.completion_mask.bool()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7, fused=True)
+    out = {}
+    for precision in ("float32", "bf16"):
+        seconds, faults = [], []
+        for round_ in range(5):
+            start, faults_before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits = packed_completion_logits(model, batch, prompts)
+            logits.float()[mask].log_softmax(-1).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if round_:  # the first round allocates the optimizer state
+                seconds.append(time.perf_counter() - start)
+                faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
+        out[f"{mode}_{precision}_step_s"] = statistics.median(seconds)
+        out[f"{mode}_{precision}_minor_faults"] = statistics.median(faults)
+    return out
+
+
+def probe_heap(_ctx) -> dict:
+    """reuse_cpu_buffers: the same student step in two fresh processes, glibc's defaults against the kept heap."""
+    out = {}
+    for mode in ("plain", "reuse"):
+        done = subprocess.run([sys.executable, __file__, "--heap-worker", mode], capture_output=True, text=True,
+                              check=True)
+        out |= json.loads(done.stdout.strip().splitlines()[-1])
+    for precision in ("float32", "bf16"):
+        out[f"{precision}_speedup"] = out[f"plain_{precision}_step_s"] / out[f"reuse_{precision}_step_s"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("probes", nargs="*", default=list(PROBES), help=f"some of {', '.join(PROBES)} (default: all)")
     parser.add_argument("--compile", action="store_true", help="also time the compiled static-cache decode")
     parser.add_argument("--out", type=Path, default=RESULTS, help="record here (default: %(default)s)")
+    parser.add_argument("--heap-worker", choices=("plain", "reuse"), help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    if opts.heap_worker:
+        print(json.dumps(heap_worker(opts.heap_worker)))
+        return
     unknown = sorted(set(opts.probes) - set(PROBES))
     if unknown:
         raise SystemExit(f"unknown probe(s) {unknown}; choose from {', '.join(PROBES)}")
-    ctx = setup() if set(opts.probes) - {"skinny", "decode", "matmul", "step"} else None
+    ctx = setup() if set(opts.probes) - {"skinny", "decode", "matmul", "step", "heap"} else None
     # Probes run now replace their earlier entries; the others stay as recorded.
     results = json.loads(opts.out.read_text())["results"] if opts.out.exists() else {}
     for name in opts.probes:
@@ -548,7 +603,7 @@ def main() -> None:
         fn = {"skinny": probe_skinny, "bf16": probe_bf16, "bf16gen": probe_bf16gen, "teacher": probe_teacher,
               "cache": lambda c: probe_cache(c, opts.compile), "student": probe_student, "decode": probe_decode,
               "profile": probe_profile, "reuse": probe_reuse, "overlap": probe_overlap, "step": probe_step,
-              "matmul": probe_matmul}[name]
+              "matmul": probe_matmul, "heap": probe_heap}[name]
         results[name] = fn(ctx)
         for key, value in results[name].items():
             print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}", flush=True)

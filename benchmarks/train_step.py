@@ -95,6 +95,10 @@ DIFFERENCES = [
     "Skinny decode (skinny_decode): on CPU selfdistill computes the decoding loop's linear layers as weight @ x^T, "
     "which this machine's BLAS runs faster for a few rows than x @ weight^T; SDFT decodes with the default path. "
     "Float rounding only.",
+    "Freed buffers (reuse_cpu_buffers): selfdistill's trainer tells glibc (mallopt) to keep freed large blocks in "
+    "the process heap, so each step's embedding-sized buffers (the tied embedding's gradient, its fill, the bf16 "
+    "casts) are not faulted in page by page again; SDFT's process keeps glibc's defaults (a fresh mmap per large "
+    "block). Process-wide; changes no value.",
     "Teacher weights: selfdistill's 'initial' teacher keeps a copy of the trainable parameters and swaps storage "
     "handles with the student's for the teacher pass (one model module); SDFT's 'base' teacher (non-PEFT) is a "
     "second model loaded from the student's path, frozen in eval mode. Both are the frozen initial weights.",
@@ -114,7 +118,9 @@ LEVERS = {
     "all": {},
     "no-skinny": {"skinny_decode": False},
     "no-prompt-sharing": {"share_prompt_prefix": False},
-    "none": {"skinny_decode": False, "share_prompt_prefix": False, "share_teacher_prefix": False},
+    "no-heap-reuse": {"reuse_cpu_buffers": False},
+    "none": {"skinny_decode": False, "share_prompt_prefix": False, "share_teacher_prefix": False,
+             "reuse_cpu_buffers": False},
 }
 
 
