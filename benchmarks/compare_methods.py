@@ -29,16 +29,16 @@ MAIN_JOB = ROOT / "benchmarks" / "results" / "main_job_seeds.json"
 
 # Every run: the main job's settings: 120 optimizer steps x 8 rollouts = 960 training rollouts of at most 16 tokens,
 # temperature 0.6, lr 3e-5 decaying linearly, bf16 autocast, full fine-tuning, the same 2000 training and 200
-# held-out problems (the OPSD recipe itself now takes 12 problems a step; here it is held at 8 like the others). The
-# distillation runs differ in their source
+# held-out problems (the OPSD recipe itself now takes 12 problems a step for 150 steps; here it is held at 8 x 120
+# like the others). The distillation runs differ in their source
 # (and, for Skill-SD, in the loss METHODS.md §5 gives it); GRPO has no teacher at all.
 CONFIGS: dict[str, tuple[str, list[str]]] = {
-    "opsd": ("recipes/opsd_arithmetic.yaml", ["training.per_device_train_batch_size=8"]),
+    "opsd": ("recipes/opsd_arithmetic.yaml", ["training.per_device_train_batch_size=8", "training.max_steps=120"]),
     "sdzero": ("recipes/sdzero_arithmetic.yaml", []),
     "avsd": ("recipes/avsd_arithmetic.yaml", []),
     "skillsd": ("recipes/skillsd_arithmetic.yaml", []),
     # GRPO alone: the verifier's reward, 2 prompts x 4 rollouts per step, no teacher pass.
-    "grpo": ("recipes/opsd_arithmetic.yaml", ["training.per_device_train_batch_size=8",
+    "grpo": ("recipes/opsd_arithmetic.yaml", ["training.per_device_train_batch_size=8", "training.max_steps=120",
                                               "training.distill_weight=0", "training.grpo_weight=1",
                                               "training.num_generations=4", "eval.every_steps=20"]),
     # Variants kept from earlier comparisons.

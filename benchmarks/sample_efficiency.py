@@ -78,9 +78,10 @@ def split():
 
 # ------------------------------------------------------------------------------------------------------- OPSD
 def opsd_overrides(opts: argparse.Namespace, out_dir: Path) -> list[str]:
-    # 8 rollouts a step, as recorded (the recipe itself now takes 12).
+    # 8 rollouts a step for 120 steps, as recorded (the recipe itself now takes 12 for 150).
     overrides = [f"training.output_dir={out_dir}", f"eval.curve_n={opts.eval_n}",
-                 f"eval.every_steps={opts.opsd_eval_every}", "training.per_device_train_batch_size=8"]
+                 f"eval.every_steps={opts.opsd_eval_every}", "training.per_device_train_batch_size=8",
+                 "training.max_steps=120"]
     if opts.quick:
         overrides += ["training.max_steps=2", "training.per_device_train_batch_size=4", "training.logging_steps=1",
                       f"eval.n={opts.eval_n}", f"eval.batch_size={opts.eval_n}", "eval.after=false"]
