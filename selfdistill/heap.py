@@ -3,8 +3,8 @@
 glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and returns it to the
 system on ``free``. A CPU training step allocates and frees several buffers of the embedding matrix's size each time
 (the tied embedding's gradient, its zero fill, its sum with the output head's gradient, the bf16 casts): 113 MiB each
-for a 49k x 576 vocabulary. Every such buffer is faulted in page by page, and the kernel zeroes each page first. On
-this project's 2-core machine that costs ~0.4 s of a ~3 s step of the embedded model.
+for a 49k x 576 vocabulary. Every such buffer is faulted in page by page, and the kernel zeroes each page first
+(docs/performance.md measures what that costs a step of the embedded model).
 
 :func:`reuse_freed_buffers` tells glibc (``mallopt``) to serve large blocks from the heap and never to trim it, so a
 freed buffer is reused by the next step's allocation of the same size without new page faults. The change is
