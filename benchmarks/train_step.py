@@ -66,7 +66,6 @@ COMMON = {  # TrainingArguments both configs take with the same meaning
     "max_grad_norm": 1.0,
     "optim": "adamw_torch_fused",  # the TrainingArguments default, named so both sides use it whatever it becomes
     "gradient_accumulation_steps": 1,
-    "bf16": False,  # TRL configs default to bf16=True; full float32 on both sides
     "fp16": False,
     "activation_checkpointing": False,  # TRL configs default to gradient checkpointing on
     "use_cpu": True,
@@ -126,6 +125,7 @@ LEVERS = {
 
 def selfdistill_kwargs(g: int, rollouts: int, steps: int, output_dir: str, levers: str = "all",
                        bf16: bool = False) -> dict[str, Any]:
+    # bf16 is set on both sides: TRL configs default to bf16=True, so float32 (the default here) is asked for explicitly
     return {
         **COMMON,
         "bf16": bf16,

@@ -162,8 +162,8 @@ class SelfDistillTrainer(CheckpointMixin, SamplingMixin, Trainer):
             or self.accelerator.num_processes > 1
         )
         check_sharding(args, zero3, self.is_fsdp_enabled, self.teacher.keeps_copy)
-        self.reuses_cpu_buffers = args.reuse_cpu_buffers and self.accelerator.device.type == "cpu" and (
-            reuse_freed_buffers())
+        on_cpu = self.accelerator.device.type == "cpu"
+        self.reuses_cpu_buffers = args.reuse_cpu_buffers and on_cpu and reuse_freed_buffers()
         self.vllm = None
         if args.use_vllm:
             from selfdistill.vllm_rollouts import VLLMRollouts
