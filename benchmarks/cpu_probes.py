@@ -39,6 +39,9 @@ the main job's prompts (8 two-digit additions) and the OPSD teacher wording:
   autocast, in two fresh processes: glibc's defaults (each large buffer a fresh ``mmap``) against the heap kept by
   ``selfdistill.heap.reuse_freed_buffers`` (``reuse_cpu_buffers``); seconds and minor page faults per step, median
   of 4 steps after one.
+- ``bandwidth``: GB/s of weights streamed by a decoding step's float32 products (8 rows and 1 row, and MKL's
+  prepacked format with its packing cost) beside a plain sum and copy over 540 MB: how far decoding is from the
+  memory bandwidth.
 
     python benchmarks/cpu_probes.py                     # every probe (~12 min on 2 cores)
     python benchmarks/cpu_probes.py skinny teacher      # some probes only
@@ -68,7 +71,7 @@ from recipe_runs import machine  # noqa: E402  (benchmarks/, the script's own fo
 RESULTS = ROOT / "benchmarks" / "results" / "cpu_probes.json"
 TEMPLATE = "{problem}\n\nHere is a reference solution:\n{solution}\n\nUnderstand it, then answer in your own words."
 PROBES = ("skinny", "bf16", "bf16gen", "teacher", "cache", "student", "decode", "profile", "reuse", "overlap", "step",
-          "matmul", "heap")
+          "matmul", "heap", "bandwidth")
 LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
 
@@ -582,6 +585,38 @@ def probe_heap(_ctx) -> dict:
     return out
 
 
+def probe_bandwidth(_ctx) -> dict:
+    """How close a decoding step's products come to the memory bandwidth: GB/s of weights streamed, float32.
+
+    A plain sum and copy over 540 MB (the model's size) read the machine's bandwidth; the 210 layer products of one
+    decoding step (8 rows, then 1 row) and the output head read their weights once each, so bytes / seconds is the
+    rate their kernel streams at. ``prepacked``: MKL's own packed format for 8 rows (the private op inductor
+    uses), with the seconds packing costs, which a training run pays again after every optimizer step."""
+    big = torch.randn(135_000_000)
+    copy = torch.empty_like(big)
+    layers = [torch.randn(o, i) * 0.02 for _ in range(30) for (o, i) in LAYER_SHAPES]
+    head = torch.randn(49152, 576) * 0.02
+    layer_bytes, head_bytes = sum(w.numel() * 4 for w in layers), head.numel() * 4
+    out = {"sum_GBps": big.numel() * 4 / timed(big.sum, 5) / 1e9,
+           "copy_GBps_read_plus_write": 2 * big.numel() * 4 / timed(lambda: copy.copy_(big), 5) / 1e9}
+    for rows in (8, 1):
+        xs = {576: torch.randn(rows, 576), 1536: torch.randn(rows, 1536)}
+        out[f"layers_F.linear_{rows}_rows_GBps"] = layer_bytes / timed(
+            lambda xs=xs: [F.linear(xs[w.shape[1]], w) for w in layers], 5) / 1e9
+        out[f"head_F.linear_{rows}_rows_GBps"] = head_bytes / timed(lambda xs=xs: F.linear(xs[576], head), 10) / 1e9
+    if hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"):
+        xs = {576: torch.randn(8, 576), 1536: torch.randn(8, 1536)}
+        packed = [torch.ops.mkl._mkl_reorder_linear_weight(w, 8) for w in layers]
+        out["layers_prepacked_8_rows_GBps"] = layer_bytes / timed(
+            lambda: [torch.ops.mkl._mkl_linear(xs[w.shape[1]], p, w, None, 8) for w, p in zip(layers, packed)], 5) / 1e9
+        out["layers_packing_s"] = timed(lambda: [torch.ops.mkl._mkl_reorder_linear_weight(w, 8) for w in layers], 2)
+        packed_head = torch.ops.mkl._mkl_reorder_linear_weight(head, 8)
+        out["head_prepacked_8_rows_GBps"] = head_bytes / timed(
+            lambda: torch.ops.mkl._mkl_linear(xs[576], packed_head, head, None, 8), 10) / 1e9
+        out["head_packing_s"] = timed(lambda: torch.ops.mkl._mkl_reorder_linear_weight(head, 8), 3)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("probes", nargs="*", default=list(PROBES), help=f"some of {', '.join(PROBES)} (default: all)")
@@ -595,7 +630,7 @@ def main() -> None:
     unknown = sorted(set(opts.probes) - set(PROBES))
     if unknown:
         raise SystemExit(f"unknown probe(s) {unknown}; choose from {', '.join(PROBES)}")
-    ctx = setup() if set(opts.probes) - {"skinny", "decode", "matmul", "step", "heap"} else None
+    ctx = setup() if set(opts.probes) - {"skinny", "decode", "matmul", "step", "heap", "bandwidth"} else None
     # Probes run now replace their earlier entries; the others stay as recorded.
     results = json.loads(opts.out.read_text())["results"] if opts.out.exists() else {}
     for name in opts.probes:
@@ -603,7 +638,7 @@ def main() -> None:
         fn = {"skinny": probe_skinny, "bf16": probe_bf16, "bf16gen": probe_bf16gen, "teacher": probe_teacher,
               "cache": lambda c: probe_cache(c, opts.compile), "student": probe_student, "decode": probe_decode,
               "profile": probe_profile, "reuse": probe_reuse, "overlap": probe_overlap, "step": probe_step,
-              "matmul": probe_matmul, "heap": probe_heap}[name]
+              "matmul": probe_matmul, "heap": probe_heap, "bandwidth": probe_bandwidth}[name]
         results[name] = fn(ctx)
         for key, value in results[name].items():
             print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}", flush=True)

@@ -8,14 +8,16 @@ KL(student || teacher) without any clipping. AdamW at lr 2e-5 (constant), gradie
 
 Each (trainer, G) configuration runs in its own subprocess, one after the other, so the two trainers never share a
 process and the peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss`` at the end of the worker) is that configuration's
-alone. A worker trains 1 warm-up step plus K measured steps; seconds per step is the wall time between the end of the
-warm-up step and the end of the last step, divided by K (generation, teacher and student passes, optimizer).
+alone. A worker trains 1 warm-up step (3 with --compile) plus K measured steps; seconds per step is the wall time
+between the end of the last warm-up step and the end of the last step, divided by K (generation, teacher and student
+passes, optimizer).
 
     python benchmarks/train_step.py                  # G = 1, 4, 8; K = 5 measured steps; ~7-10 min on 2 CPU cores
     python benchmarks/train_step.py --G 4 --steps 10 # one G, more steps
     python benchmarks/train_step.py --repeats 2      # each pair twice, in alternating order (AB then BA), pooled
     python benchmarks/train_step.py --ablate 1 4 8   # also selfdistill with each speed lever off (~25 min)
     python benchmarks/train_step.py --bf16 --out benchmarks/results/train_step_bf16.json   # both in bf16 autocast
+    python benchmarks/train_step.py --G 1 --compile  # both with torch_compile=True, 3 warm-up steps (~7 min a G)
     python benchmarks/train_step.py --plot-only      # table and plot from the recorded results
     python benchmarks/train_step.py --quick          # plumbing check: G = 1, 4 rollouts, 1 + 1 steps, 1 thread
     python benchmarks/train_step.py --worker trainer=sdft G=4 rollouts=8 steps=5 threads=0   # one worker alone
@@ -124,11 +126,12 @@ LEVERS = {
 
 
 def selfdistill_kwargs(g: int, rollouts: int, steps: int, output_dir: str, levers: str = "all",
-                       bf16: bool = False) -> dict[str, Any]:
+                       bf16: bool = False, compile_: bool = False) -> dict[str, Any]:
     # bf16 is set on both sides: TRL configs default to bf16=True, so float32 (the default here) is asked for explicitly
     return {
         **COMMON,
         "bf16": bf16,
+        "torch_compile": compile_,  # TrainingArguments' own switch, on both sides
         "output_dir": output_dir,
         "max_steps": steps,
         "per_device_train_batch_size": rollouts,  # counts rollouts: rollouts / G prompts x G generations
@@ -146,10 +149,12 @@ def selfdistill_kwargs(g: int, rollouts: int, steps: int, output_dir: str, lever
     } | LEVERS[levers]
 
 
-def sdft_kwargs(g: int, rollouts: int, steps: int, output_dir: str, bf16: bool = False) -> dict[str, Any]:
+def sdft_kwargs(g: int, rollouts: int, steps: int, output_dir: str, bf16: bool = False,
+                compile_: bool = False) -> dict[str, Any]:
     return {
         **COMMON,
         "bf16": bf16,
+        "torch_compile": compile_,
         "output_dir": output_dir,
         "max_steps": steps,
         "per_device_train_batch_size": rollouts,  # also counts rollouts (generation_batch_size / num_generations)
@@ -221,7 +226,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(spec["threads"])
     set_seed(SEED)
     g, rollouts, steps = spec["G"], spec["rollouts"], spec["steps"]
-    total = steps + 1  # one warm-up step
+    warmup = spec["warmup"]
+    total = steps + warmup
     out_dir = str(ROOT / "outputs" / "train_step" / f"{spec['trainer']}_{spec['levers']}_G{g}")
     dataset = make_dataset()
     tok = load_tokenizer(MODEL)
@@ -249,14 +255,15 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         from selfdistill.sources import ReferenceSolution
         from selfdistill.trainer import SelfDistillTrainer
 
-        args = SelfDistillConfig(**selfdistill_kwargs(g, rollouts, total, out_dir, spec["levers"], bool(spec["bf16"])))
+        args = SelfDistillConfig(**selfdistill_kwargs(g, rollouts, total, out_dir, spec["levers"], bool(spec["bf16"]),
+                                                     bool(spec["compile"])))
         trainer = SelfDistillTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
                                      privileged=ReferenceSolution(column="solution", template=OPSD_TEMPLATE),
                                      callbacks=[clock])
     elif spec["trainer"] == "sdft":
         from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
-        args = SDFTConfig(**sdft_kwargs(g, rollouts, total, out_dir, bool(spec["bf16"])))
+        args = SDFTConfig(**sdft_kwargs(g, rollouts, total, out_dir, bool(spec["bf16"]), bool(spec["compile"])))
         trainer = SDFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok, callbacks=[clock])
         sdft_phases = time_sdft_phases(trainer)
     else:
@@ -266,12 +273,13 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     if len(clock.ends) != total:
         raise RuntimeError(f"expected {total} optimizer steps, timed {len(clock.ends)}")
     step_seconds = [b - a for a, b in zip([clock.start] + clock.ends[:-1], clock.ends)]
-    measured = step_seconds[1:]
+    measured = step_seconds[warmup:]
     phases: dict[str, float] = {}
-    if spec["trainer"] == "sdft":  # the timers' split, per step; the first is the warm-up step
-        phases = {key: sum(values[1:]) / len(values[1:]) for key, values in sdft_phases.items() if len(values) > 1}
+    if spec["trainer"] == "sdft":  # the timers' split, per step; the first ones are the warm-up steps
+        phases = {key: sum(values[warmup:]) / len(values[warmup:]) for key, values in sdft_phases.items()
+                  if len(values) > warmup}
     for key in ("time/generation", "time/teacher", "time/student"):  # selfdistill's own split of a step
-        values = [log[key] for log in clock.logs[1:] if key in log]
+        values = [log[key] for log in clock.logs[warmup:] if key in log]
         if values:
             phases[key] = sum(values) / len(values)
     # The token-mean KL of each step: selfdistill's loss is that already; SDFT logs it beside its sequence-mean loss.
@@ -285,10 +293,11 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "prompts_per_step": rollouts // g,
         "measured_steps": steps,
         "warmup_seconds": step_seconds[0],
+        "warmup_step_seconds": step_seconds[:warmup],
         "step_seconds": measured,
         "seconds_per_step": sum(measured) / len(measured),
         "steps_per_second": len(measured) / sum(measured),
-        "mean_completion_length": sum(clock.lengths[1:]) / max(len(clock.lengths[1:]), 1),
+        "mean_completion_length": sum(clock.lengths[warmup:]) / max(len(clock.lengths[warmup:]), 1),
         "completion_length_per_step": clock.lengths,
         "token_mean_kl_per_step": token_mean_kl,
         "phase_seconds_per_step": phases,
@@ -363,7 +372,7 @@ def merge_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def parse_spec(items: list[str]) -> dict[str, Any]:
     spec: dict[str, Any] = {"trainer": None, "G": 1, "rollouts": 8, "steps": 5, "threads": 0, "levers": "all",
-                            "bf16": 0}
+                            "bf16": 0, "compile": 0, "warmup": 1}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in spec:
@@ -379,7 +388,8 @@ def parse_spec(items: list[str]) -> dict[str, Any]:
 def run_one(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
     """launch() with progress lines."""
     name = spec["trainer"] + (f" (levers: {spec['levers']})" if spec.get("levers", "all") != "all" else "")
-    print(f"G={spec['G']} {name}: 1 warm-up + {spec['steps']} steps of {spec['rollouts']} rollouts ...", flush=True)
+    print(f"G={spec['G']} {name}: {spec.get('warmup', 1)} warm-up + {spec['steps']} steps of {spec['rollouts']} "
+          "rollouts ...", flush=True)
     result = launch(spec, timeout)
     if "error" in result:
         print(f"  failed: {result['error']}\n{result.get('output_tail', '')}", flush=True)
@@ -502,7 +512,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--G", type=int, nargs="+", default=[1, 4, 8], help="num_generations values")
     parser.add_argument("--rollouts", type=int, default=8, help="rollouts per optimizer step (both trainers)")
-    parser.add_argument("--steps", type=int, default=5, help="measured steps K after one warm-up step")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps K after the warm-up step(s)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds a worker may take")
     parser.add_argument("--repeats", type=int, default=1, help="run each (trainer, G) pair this many times, "
@@ -510,6 +520,11 @@ def main() -> None:
                         "(--ablate configurations run once)")
     parser.add_argument("--bf16", action="store_true", help="both trainers with bf16=True (autocast; TRL's "
                         "default), for a CPU with AVX512-BF16/AMX; float32 without it")
+    parser.add_argument("--compile", action="store_true", help="both trainers with torch_compile=True "
+                        "(TrainingArguments' switch) and --warmup 3: compiling, then recompiling for dynamic shapes, "
+                        "stays out of the measured steps")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps before the measured ones "
+                        "(default 1; 3 with --compile)")
     parser.add_argument("--quick", action="store_true", help="G=1, 4 rollouts, 1 measured step, 1 thread")
     parser.add_argument("--ablate", type=int, nargs="*", default=[], metavar="G",
                         help="at these G also run selfdistill with its speed levers off, one at a time and all "
@@ -535,6 +550,8 @@ def main() -> None:
     if opts.quick:
         opts.G, opts.rollouts, opts.steps, opts.threads = [1], 4, 1, 1
     out_path = opts.out or (QUICK_RESULTS if opts.quick else RESULTS)
+    warmup = opts.warmup or (3 if opts.compile else 1)
+    flags = {"bf16": int(opts.bf16), "compile": int(opts.compile), "warmup": warmup}
     bad = [g for g in opts.G if opts.rollouts % g]
     if bad:
         raise SystemExit(f"--rollouts {opts.rollouts} is not divisible by G={bad}")
@@ -551,7 +568,7 @@ def main() -> None:
         for r in range(opts.repeats):  # alternating order (AB BA AB ...): a drift of the machine hits both sides
             for trainer in ("selfdistill", "sdft") if r % 2 == 0 else ("sdft", "selfdistill"):
                 spec = {"trainer": trainer, "G": g, "rollouts": opts.rollouts, "steps": opts.steps,
-                        "threads": opts.threads, "bf16": int(opts.bf16)}
+                        "threads": opts.threads, **flags}
                 runs[trainer].append(run_one(spec, opts.timeout))
         for trainer, done in runs.items():
             row[trainer] = merge_repeats(done)
@@ -559,13 +576,13 @@ def main() -> None:
             row["ablations"] = {}
             for levers in (k for k in LEVERS if k != "all"):
                 spec = {"trainer": "selfdistill", "G": g, "rollouts": opts.rollouts, "steps": opts.steps,
-                        "threads": opts.threads, "levers": levers, "bf16": int(opts.bf16)}
+                        "threads": opts.threads, "levers": levers, **flags}
                 row["ablations"][levers] = run_one(spec, opts.timeout)
         if "steps_per_second" in row["selfdistill"] and "steps_per_second" in row["sdft"]:
             row["ratio"] = row["selfdistill"]["steps_per_second"] / row["sdft"]["steps_per_second"]
             # Same weights, prompts and seed: when the first step's rollouts coincide, so must its loss.
             row["warmup_step_check"] = {
-                f"{name}_{key}": row[name][src][0]
+                f"{name}_{key}": row[name][src][0]  # the first warm-up step
                 for name in ("selfdistill", "sdft")
                 for key, src in (("completion_length", "completion_length_per_step"),
                                  ("token_mean_kl", "token_mean_kl_per_step"))
@@ -586,22 +603,24 @@ def main() -> None:
                     "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
         "task": f"arithmetic, 2-digit addition, train split of make_arithmetic_dataset({N_TRAIN}, {N_TEST}, seed=0)",
         "rollouts_per_step": opts.rollouts,
-        "warmup_steps": 1,
+        "warmup_steps": warmup,
         "measured_steps": opts.steps,
         "repeats": opts.repeats,
         "torch_threads": opts.threads or "default",
-        "timing": "wall time from the end of the warm-up step to the end of the last step, over the measured steps",
+        "timing": "wall time from the end of the last warm-up step to the end of the last step, over the measured "
+                  "steps",
         "peak_rss": "getrusage(RUSAGE_SELF).ru_maxrss at the end of each configuration's own worker process",
         "ratio": "selfdistill steps/s over SDFT steps/s",
         "settings": {
             "selfdistill": {"trainer": "selfdistill.trainer.SelfDistillTrainer",
                             "privileged": f"ReferenceSolution(column='solution', template={OPSD_TEMPLATE!r})",
-                            "config": selfdistill_kwargs(g0, opts.rollouts, opts.steps + 1, "<per run>",
-                                                         bf16=opts.bf16) | {
+                            "config": selfdistill_kwargs(g0, opts.rollouts, opts.steps + warmup, "<per run>",
+                                                         bf16=opts.bf16, compile_=opts.compile) | {
                                 "num_generations": "G"}},
             "sdft": {"trainer": "trl.experimental.sdft.SDFTTrainer",
                      "privileged": "dataset column 'privileged_context' = the 'solution' column",
-                     "config": sdft_kwargs(g0, opts.rollouts, opts.steps + 1, "<per run>", bf16=opts.bf16) | {
+                     "config": sdft_kwargs(g0, opts.rollouts, opts.steps + warmup, "<per run>", bf16=opts.bf16,
+                                           compile_=opts.compile) | {
                          "num_generations": "G"}},
         },
         "context_check": contexts,

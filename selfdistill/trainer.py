@@ -392,9 +392,13 @@ class SelfDistillTrainer(CheckpointMixin, SamplingMixin, Trainer):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:func:`selfdistill.step.teacher_outputs` with the teacher's weights in place."""
         # model_wrapped: the DeepSpeed engine in training and evaluation alike (model may be the bare module).
-        unwrapped = self.accelerator.unwrap_model(model)
-        with self.teacher.scoring(unwrapped, release=release_zero3(self.model_wrapped)) as teacher_model:
-            return teacher_outputs(teacher_model, inputs, head, self.pad_id, self.accelerator.device,
+        # Under torch_compile the unwrapped model is the compiled module: the teacher's weights are swapped into the
+        # bare module it wraps (parameter names without "_orig_mod."), and the teacher pass runs compiled too.
+        compiled = self.accelerator.unwrap_model(model)
+        bare = getattr(compiled, "_orig_mod", compiled)
+        with self.teacher.scoring(bare, release=release_zero3(self.model_wrapped)) as teacher_model:
+            runner = compiled if teacher_model is bare else teacher_model
+            return teacher_outputs(runner, inputs, head, self.pad_id, self.accelerator.device,
                                    self.args.share_teacher_prefix, self.args.teacher_batch_views)
 
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -344,3 +344,27 @@ def test_bf16_generation_casts_each_weight_once_per_call_and_samples_the_same_to
     assert casts_once == n_weights                              # every linear weight cast once for the whole call
     assert casts_each_step >= 3 * n_weights                      # ... against once per forward without the region
     assert once.completion_ids == each_step.completion_ids
+
+
+def test_torch_compile_trains_like_eager(tmp_path, tokenizer):
+    """TrainingArguments' torch_compile: the student and teacher passes run through the compiled module, the initial
+    teacher's weights are swapped into the bare module it wraps, and the losses are the eager run's to float
+    rounding (before the fix the teacher pass looked its parameters up under the compiled "_orig_mod." names)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    eager = make_trainer(tmp_path / "eager", tokenizer, max_steps=2)
+    eager.train()
+    torch._dynamo.reset()
+    try:
+        compiled = make_trainer(tmp_path / "compiled", tokenizer, max_steps=2, torch_compile=True)
+        start = params(compiled.model)
+        compiled.train()
+        assert isinstance(compiled.accelerator.unwrap_model(compiled.model_wrapped), OptimizedModule)
+    finally:
+        torch._dynamo.reset()
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (eager, compiled)]
+    assert len(losses[1]) == 2
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3, abs=1e-6)
+    for name, tensor in compiled.teacher.params.items():  # the teacher stayed the initial weights
+        assert torch.equal(tensor, start[name])
+    assert any(not torch.equal(p, start[n]) for n, p in params(compiled.model).items())
