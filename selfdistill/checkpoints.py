@@ -14,6 +14,7 @@ import shutil
 from typing import Any
 
 import torch
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from selfdistill.distributed import zero_stage
@@ -96,6 +97,7 @@ class CheckpointMixin:
         self._staging_root = staging_root  # _get_output_dir answers it while transformers writes its files
         try:
             super()._save_checkpoint(model, trial)
+            self._point_best_at_published(run_dir, staged)
             # Full teacher tensors, whatever the number of ranks (under ZeRO-3 a collective: every rank takes part).
             state = {}
             if self.teacher.keeps_copy and (self.args.should_save or self._zero3):
@@ -124,6 +126,19 @@ class CheckpointMixin:
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
         self.accelerator.wait_for_everyone()
+
+    def _point_best_at_published(self, run_dir: str, staged: str) -> None:
+        """transformers names the best checkpoint (load_best_model_at_end, metric_for_best_model) in the folder it
+        saves into, the staging one here: point it at the published checkpoint-N instead, in the state and in the
+        staged trainer_state.json, whether the best step is this one or an earlier one."""
+        best_step = self.state.best_global_step
+        if not best_step:
+            return
+        best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best_step}")
+        if best_step == self.state.global_step or os.path.isdir(best):
+            self.state.best_model_checkpoint = best
+            if self.args.should_save and os.path.isdir(staged):
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
                           tags: str | list[str] | None = None, output_dir: str | None = None) -> None:

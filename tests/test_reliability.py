@@ -205,3 +205,39 @@ def test_resuming_in_a_later_epoch_draws_that_epochs_prompts(tmp_path, tokenizer
     assert again == seen[5:], "the resumed run trained on other prompts than the uninterrupted one"
     for name, value in params(straight.model).items():
         torch.testing.assert_close(params(resumed.model)[name], value, rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("greater_is_better", [False, True])
+def test_the_best_checkpoint_is_the_published_one(tmp_path, tokenizer, greater_is_better):
+    """load_best_model_at_end with staged saves: transformers names the best checkpoint in the folder it saves into
+    (the staging one); it must name the published checkpoint-N, whether the best step is the last or an earlier one,
+    keep it through save_total_limit, and load it at the end (before the fix: FileNotFoundError on .partial/).
+    The eval loss rises in some steps and falls in others, so across the two directions the best is an earlier
+    step at least once."""
+    from conftest import build_dataset, build_model
+    from test_trainer import exact_reward, make_args
+
+    from selfdistill import ReferenceSolution, SelfDistillTrainer
+
+    trainer = SelfDistillTrainer(
+        model=build_model(tokenizer),
+        args=make_args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=1, save_strategy="steps",
+                       save_steps=1, save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="loss",
+                       greater_is_better=greater_is_better, per_device_eval_batch_size=4),
+        train_dataset=build_dataset(), eval_dataset=build_dataset(4), processing_class=tokenizer,
+        privileged=ReferenceSolution(column="solution"), reward_funcs=[exact_reward],
+    )
+    trainer.train()
+    out = Path(trainer.args.output_dir)
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    best_step = 1 + (evals.index(max(evals)) if greater_is_better else evals.index(min(evals)))
+    assert trainer.state.best_global_step == best_step
+    best = out / f"checkpoint-{best_step}"
+    assert trainer.state.best_model_checkpoint == str(best) and best.is_dir()
+    assert not (out / STAGING_DIR).exists()
+    # The last checkpoint's own state names the published best too (a resumed run reads it from there).
+    last = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert last["best_model_checkpoint"] == str(best)
+    kept = {best.name, "checkpoint-4"} if best_step != 4 else {"checkpoint-3", "checkpoint-4"}
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == sorted(kept)
+    assert best_step < 4 or not greater_is_better

@@ -368,3 +368,29 @@ def test_torch_compile_trains_like_eager(tmp_path, tokenizer):
     for name, tensor in compiled.teacher.params.items():  # the teacher stayed the initial weights
         assert torch.equal(tensor, start[name])
     assert any(not torch.equal(p, start[n]) for n, p in params(compiled.model).items())
+
+
+@pytest.mark.parametrize("habit", [
+    dict(lr_scheduler_type="cosine", warmup_steps=1),
+    dict(optim="adafactor"),
+    dict(optim="sgd", max_grad_norm=0.0),
+    dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}),
+    dict(eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1, save_total_limit=1,
+         load_best_model_at_end=True, metric_for_best_model="loss", eval_on_start=True),
+    dict(auto_find_batch_size=True, include_num_input_tokens_seen=True, logging_first_step=True),
+    dict(full_determinism=True, data_seed=3, dataloader_num_workers=1),
+], ids=["cosine", "adafactor", "sgd-no-clip", "checkpointing", "eval-best-model", "auto-batch", "determinism"])
+def test_trainer_habits_train_two_steps(tmp_path, tokenizer, habit):
+    """TrainingArguments switches a transformers user sets out of habit train without a special case here."""
+    trainer = SelfDistillTrainer(
+        model=build_model(tokenizer), args=make_args(tmp_path, max_steps=2, per_device_eval_batch_size=4, **habit),
+        train_dataset=build_dataset(), eval_dataset=build_dataset(4) if "eval_strategy" in habit else None,
+        processing_class=tokenizer, privileged=ReferenceSolution(column="solution"), reward_funcs=[exact_reward],
+    )
+    start = params(trainer.model)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+    if "eval_strategy" in habit:
+        assert any("eval_loss" in h for h in trainer.state.log_history)
+    assert any(not torch.equal(p, start[n]) for n, p in params(trainer.model).items())
