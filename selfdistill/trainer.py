@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from datasets import IterableDataset
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from trl.trainer.utils import RepeatSampler
 
@@ -40,6 +41,8 @@ from selfdistill.rollout import (
     EpochRepeatSampler,
     NonFiniteLogits,
     eos_ids,
+    prepare_for_streams,
+    repeat_stream,
     verify_completions,
 )
 from selfdistill.sampling import SamplingMixin
@@ -110,6 +113,7 @@ class SelfDistillTrainer(CheckpointMixin, SamplingMixin, Trainer):
         self.reward_funcs, self.reward_weights = check_trainer_inputs(
             args, privileged, reward_funcs, reward_weights, train_dataset, eval_dataset, environment_factory
         )
+        prepare_for_streams(args, train_dataset, eval_dataset)
         if isinstance(model, str):
             name = model
             model = load_model(name, args.model_init_kwargs)
@@ -205,6 +209,15 @@ class SelfDistillTrainer(CheckpointMixin, SamplingMixin, Trainer):
             sampler_fn=self._get_train_sampler,
             is_training=True,
         )
+
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
+                        dataloader_key=None):
+        if isinstance(dataset, IterableDataset):  # a stream takes no sampler: repeat its rows as the samplers would
+            rollouts = self._rollout_batch_size() * self.accelerator.num_processes if is_training else batch_size
+            repeats = self.args.num_iterations * self.args.steps_per_generation if is_training else 1
+            dataset = repeat_stream(dataset, self.args.num_generations, max(rollouts // self.args.num_generations, 1),
+                                    repeats, self.args.seed, shuffle=is_training)
+        return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
 
     def _get_train_sampler(self, dataset=None):
         # Each prompt appears G times in a row; one block of prompts is served num_iterations x

@@ -394,3 +394,38 @@ def test_trainer_habits_train_two_steps(tmp_path, tokenizer, habit):
     if "eval_strategy" in habit:
         assert any("eval_loss" in h for h in trainer.state.log_history)
     assert any(not torch.equal(p, start[n]) for n, p in params(trainer.model).items())
+
+
+def test_a_streamed_dataset_trains_with_each_prompt_repeated_num_generations_times(tmp_path, tokenizer, monkeypatch):
+    """datasets.IterableDataset (streaming), as TRL's GRPOTrainer takes it: the rows are repeated as the samplers
+    repeat a map-style dataset's (before: accelerate's batch dispatch failed on the string prompts)."""
+    seen = []
+    real = SelfDistillTrainer._make_rollouts
+
+    def spy(self, rows, mode, n_micro):
+        seen.append((mode, [r["answer"] for r in rows]))
+        return real(self, rows, mode, n_micro)
+
+    monkeypatch.setattr(SelfDistillTrainer, "_make_rollouts", spy)
+    trainer = SelfDistillTrainer(
+        model=build_model(tokenizer),
+        args=make_args(tmp_path, max_steps=3, eval_strategy="steps", eval_steps=3, per_device_eval_batch_size=4,
+                       dataloader_num_workers=2),
+        train_dataset=build_dataset().to_iterable_dataset(), eval_dataset=build_dataset(4).to_iterable_dataset(),
+        processing_class=tokenizer, privileged=ReferenceSolution(column="solution"), reward_funcs=[exact_reward],
+    )
+    assert trainer.args.dataloader_num_workers == 0 and not trainer.args.accelerator_config.dispatch_batches
+    trainer.train()
+    assert trainer.state.global_step == 3
+    train = [answers for mode, answers in seen if mode == "train"]
+    assert len(train) == 3
+    for a in train:  # 4 rollouts: 2 prompts x num_generations=2, the copies adjacent
+        assert len(a) == 4 and a[0] == a[1] and a[2] == a[3] and a[0] != a[2]
+    evals = [x for mode, answers in seen if mode == "eval" for x in answers]
+    assert evals == [x for x in build_dataset(4)["answer"] for _ in range(2)]
+
+
+def test_a_streamed_dataset_with_batch_dispatch_is_refused(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="dispatch_batches=False"):
+        make_trainer(tmp_path, tokenizer, dataset=build_dataset().to_iterable_dataset(),
+                     accelerator_config={"dispatch_batches": True})
