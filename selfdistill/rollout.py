@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from datasets import IterableDataset
-from trl.trainer.utils import RepeatSampler, repeat_iterable_dataset
+from trl.trainer.utils import RepeatSampler
 
 from selfdistill.sequences import CACHE_KEY, MIN_SHARED_PREFIX, left_pad, run_shared_prefixes, splice
 
@@ -291,35 +290,6 @@ def verify_completions(
     totals, per_func, failures = score_rollouts(reward_funcs, weights, prompts, as_completions(prompts, texts),
                                                 completion_ids, list(rows), timeout=timeout)
     return Verified(texts, [None if math.isnan(r) else r for r in totals], per_func, failures)
-
-
-def prepare_for_streams(args: Any, train_dataset: Any, eval_dataset: Any) -> None:
-    """Settings a stream (``datasets.IterableDataset``) needs, as TRL's GRPOTrainer sets them: each process reads its
-    own slice of the stream (accelerate's ``dispatch_batches=False``; dispatching would make the main process collate
-    the string prompts of every rank), and one dataloader worker reads it, so a prompt's G copies stay together."""
-    evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
-    if not any(isinstance(ds, IterableDataset) for ds in [train_dataset, *evals]):
-        return
-    if args.accelerator_config.dispatch_batches:
-        raise ValueError("a streamed dataset (IterableDataset) needs accelerator_config.dispatch_batches=False; "
-                         "leave it unset or set it to False")
-    args.accelerator_config.dispatch_batches = False
-    if isinstance(train_dataset, IterableDataset) and args.dataloader_num_workers:
-        logger.warning(f"a streamed train_dataset is read by one dataloader worker, so that each prompt's "
-                       f"num_generations copies stay together; dataloader_num_workers={args.dataloader_num_workers} "
-                       "is set to 0")
-        args.dataloader_num_workers = 0
-
-
-def repeat_stream(stream: Any, num_generations: int, prompts_per_batch: int, repeats: int, seed: int | None,
-                  shuffle: bool) -> Any:
-    """A stream cannot take a sampler, so its rows are repeated in the order the sampler gives a map-style dataset's
-    (G copies of each prompt, a batch of prompts served ``repeats`` times: TRL's ``repeat_iterable_dataset``); the
-    shuffle is the stream's buffered one."""
-    if shuffle:
-        stream = stream.shuffle(seed=seed)
-    return repeat_iterable_dataset(stream, mini_repeat_count=num_generations, batch_size=prompts_per_batch,
-                                   repeat_count=repeats)
 
 
 class EpochRepeatSampler(RepeatSampler):

@@ -18,9 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from datasets import IterableDataset
 from transformers import PreTrainedModel, Trainer, TrainerCallback
-from trl.trainer.utils import RepeatSampler
 
 from selfdistill.checkpoints import CheckpointMixin
 from selfdistill.checks import check_prompt_lengths, check_sharding, check_trainer_inputs
@@ -34,15 +32,13 @@ from selfdistill.fused import fused_token_losses, output_head
 from selfdistill.grpo import rollout_advantages
 from selfdistill.heap import reuse_freed_buffers
 from selfdistill.heatmap import HeatmapCallback
+from selfdistill.loading import DataMixin, prepare_for_streams
 from selfdistill.losses import summarize
 from selfdistill.modeling import ensure_pad_token, load_model, load_tokenizer
 from selfdistill.rollout import (
     NON_FINITE_FIX,
-    EpochRepeatSampler,
     NonFiniteLogits,
     eos_ids,
-    prepare_for_streams,
-    repeat_stream,
     verify_completions,
 )
 from selfdistill.sampling import SamplingMixin
@@ -66,7 +62,7 @@ def _collate_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-class SelfDistillTrainer(CheckpointMixin, SamplingMixin, Trainer):
+class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
     """Trains a model to match itself conditioned on privileged information, on its own rollouts.
 
     Args:
@@ -190,56 +186,6 @@ class SelfDistillTrainer(CheckpointMixin, SamplingMixin, Trainer):
             self.turn_template = TurnTemplate(processing_class)
         if privileged.needs_generation:
             privileged.attach(self.generate_text)
-
-    # ----------------------------------------------------------------------------------------------- data
-    def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:
-            self._signature_columns = ["prompt"]
-
-    def _rollout_batch_size(self) -> int:
-        return self._train_batch_size * self.args.steps_per_generation
-
-    def get_train_dataloader(self):
-        if self.train_dataset is None:
-            raise ValueError("SelfDistillTrainer needs a train_dataset to train")
-        return self._get_dataloader(
-            dataset=self.train_dataset,
-            description="Training",
-            batch_size=self._rollout_batch_size(),
-            sampler_fn=self._get_train_sampler,
-            is_training=True,
-        )
-
-    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
-                        dataloader_key=None):
-        if isinstance(dataset, IterableDataset):  # a stream takes no sampler: repeat its rows as the samplers would
-            rollouts = self._rollout_batch_size() * self.accelerator.num_processes if is_training else batch_size
-            repeats = self.args.num_iterations * self.args.steps_per_generation if is_training else 1
-            dataset = repeat_stream(dataset, self.args.num_generations, max(rollouts // self.args.num_generations, 1),
-                                    repeats, self.args.seed, shuffle=is_training)
-        return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
-
-    def _get_train_sampler(self, dataset=None):
-        # Each prompt appears G times in a row; one block of prompts is served num_iterations x
-        # steps_per_generation times, which the buffer in _prepare_inputs turns into micro-batches.
-        dataset = dataset if dataset is not None else self.train_dataset
-        global_rollouts = self._rollout_batch_size() * self.accelerator.num_processes
-        return EpochRepeatSampler(
-            data_source=dataset,
-            mini_repeat_count=self.args.num_generations,
-            batch_size=global_rollouts // self.args.num_generations,
-            repeat_count=self.args.num_iterations * self.args.steps_per_generation,
-            shuffle=True,
-            seed=self.args.seed,
-        )
-
-    def _get_eval_sampler(self, eval_dataset):
-        return RepeatSampler(
-            data_source=eval_dataset,
-            mini_repeat_count=self.args.num_generations,
-            seed=self.args.seed,
-            shuffle=False,
-        )
 
     # ------------------------------------------------------------------------------------------- rollouts
     def _prepare_inputs(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
