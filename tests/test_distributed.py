@@ -217,3 +217,17 @@ def test_skill_credits_come_from_every_rank_under_ddp(tmp_path):
     # was broadcast).
     assert ranks[0]["credited"] > 0 and ranks[1]["credited"] > 0, [r["credited"] for r in ranks]
     assert uses == ranks[0]["credited"] + ranks[1]["credited"]
+
+
+def test_two_ranks_read_their_own_slices_of_a_streamed_dataset(tmp_path):
+    """A streamed dataset under DDP: each rank's rollouts come in num_generations copies of a prompt, and in every
+    step the two ranks train on different prompts (each reads its own slice of the repeated stream)."""
+    out = tmp_path / "stream"
+    _launch(_accelerate("--multi_gpu", str(ROOT / "tests" / "workers" / "stream_ranks.py"), str(out)))
+    ranks = _ranks(out)
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["steps"] for r in ranks] == [2, 2]
+    for step in range(2):
+        own = [r["answers"][4 * step : 4 * step + 4] for r in ranks]
+        for a in own:  # 2 prompts x 2 copies, adjacent
+            assert len(a) == 4 and a[0] == a[1] and a[2] == a[3] and a[0] != a[2]
+        assert set(own[0]).isdisjoint(own[1]), (step, own)
