@@ -429,3 +429,24 @@ def test_a_streamed_dataset_with_batch_dispatch_is_refused(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="dispatch_batches=False"):
         make_trainer(tmp_path, tokenizer, dataset=build_dataset().to_iterable_dataset(),
                      accelerator_config={"dispatch_batches": True})
+
+
+def test_a_streamed_run_resumes_as_if_never_interrupted(tmp_path, tokenizer, monkeypatch):
+    """Resuming on a stream skips the batches already trained on (transformers reads past them), so the resumed run
+    trains on the uninterrupted run's later prompts and ends with its weights."""
+    seen = {}
+    real = SelfDistillTrainer._make_rollouts
+
+    def spy(self, rows, mode, n_micro):
+        seen.setdefault(id(self), []).append([r["answer"] for r in rows])
+        return real(self, rows, mode, n_micro)
+
+    monkeypatch.setattr(SelfDistillTrainer, "_make_rollouts", spy)
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, teacher_policy="ema", teacher_ema_rate=0.5)
+    straight = make_trainer(tmp_path / "a", tokenizer, dataset=build_dataset(16).to_iterable_dataset(), **common)
+    straight.train()
+    resumed = make_trainer(tmp_path / "b", tokenizer, dataset=build_dataset(16).to_iterable_dataset(), **common)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
+    assert seen[id(resumed)] == seen[id(straight)][2:]
+    for name, value in params(straight.model).items():
+        torch.testing.assert_close(params(resumed.model)[name], value, rtol=1e-5, atol=1e-6)
