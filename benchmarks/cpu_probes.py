@@ -39,6 +39,9 @@ the main job's prompts (8 two-digit additions) and the OPSD teacher wording:
   autocast, in two fresh processes: glibc's defaults (each large buffer a fresh ``mmap``) against the heap kept by
   ``selfdistill.heap.reuse_freed_buffers`` (``reuse_cpu_buffers``); seconds and minor page faults per step, median
   of 4 steps after one.
+- ``padding``: token positions each layout feeds the model (padding included) against its rows' real tokens:
+  the padded rectangle (SDFT's layout), the two-pass shared prefix (the teacher pass), the packed rows (the student
+  pass), at G = 1 and 4.
 - ``bandwidth``: GB/s of weights streamed by a decoding step's float32 products (8 rows and 1 row, and MKL's
   prepacked format with its packing cost) beside a plain sum and copy over 540 MB: how far decoding is from the
   memory bandwidth.
@@ -71,7 +74,7 @@ from recipe_runs import machine  # noqa: E402  (benchmarks/, the script's own fo
 RESULTS = ROOT / "benchmarks" / "results" / "cpu_probes.json"
 TEMPLATE = "{problem}\n\nHere is a reference solution:\n{solution}\n\nUnderstand it, then answer in your own words."
 PROBES = ("skinny", "bf16", "bf16gen", "teacher", "cache", "student", "decode", "profile", "reuse", "overlap", "step",
-          "matmul", "heap", "bandwidth")
+          "matmul", "heap", "bandwidth", "padding")
 LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
 
@@ -585,6 +588,41 @@ def probe_heap(_ctx) -> dict:
     return out
 
 
+def probe_padding(ctx) -> dict:
+    """Token positions each layout feeds the model (padding included) against the real tokens of its rows, for the
+    student pass (prompt + completion) and the teacher pass (teacher context + completion), 8 main-job rows with
+    completions of 6-13 tokens: one padded rectangle (SDFT's layout, and ours with sharing off), the two-pass
+    shared prefix (our teacher pass) and the packed rows (our student pass). Forward only, no timing."""
+    import random
+
+    from selfdistill.sequences import completion_logits, packed_completion_logits, shared_prefix_logits, splice
+
+    tok, model, prompts, teacher, completions = ctx
+    rng = random.Random(0)
+    completions = [c[: rng.randint(6, len(c))] for c in completions]
+    fed = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: fed.append(kwargs["input_ids"].numel()),
+                                             with_kwargs=True)
+    out = {}
+    try:
+        for g in (1, 4):
+            pick = (lambda rows: rows) if g == 1 else (lambda rows: [rows[0]] * 4 + [rows[1]] * 4)
+            for side, contexts in (("student", pick(prompts)), ("teacher", pick(teacher))):
+                batch = splice(contexts, completions, tok.pad_token_id)
+                out[f"G{g}_{side}_real_tokens"] = sum(len(c) + len(x) for c, x in zip(contexts, completions))
+                layouts = {"rectangle": lambda b=batch: completion_logits(model, b),
+                           "two_pass_shared": lambda b=batch, c=contexts: shared_prefix_logits(model, b, c),
+                           "packed": lambda b=batch, c=contexts: packed_completion_logits(model, b, c)}
+                for name, fn in layouts.items():
+                    fed.clear()
+                    with torch.no_grad():
+                        fn()
+                    out[f"G{g}_{side}_{name}_positions"] = sum(fed)
+    finally:
+        handle.remove()
+    return out
+
+
 def probe_bandwidth(_ctx) -> dict:
     """How close a decoding step's products come to the memory bandwidth: GB/s of weights streamed, float32.
 
@@ -638,7 +676,8 @@ def main() -> None:
         fn = {"skinny": probe_skinny, "bf16": probe_bf16, "bf16gen": probe_bf16gen, "teacher": probe_teacher,
               "cache": lambda c: probe_cache(c, opts.compile), "student": probe_student, "decode": probe_decode,
               "profile": probe_profile, "reuse": probe_reuse, "overlap": probe_overlap, "step": probe_step,
-              "matmul": probe_matmul, "heap": probe_heap, "bandwidth": probe_bandwidth}[name]
+              "matmul": probe_matmul, "heap": probe_heap, "bandwidth": probe_bandwidth,
+              "padding": probe_padding}[name]
         results[name] = fn(ctx)
         for key, value in results[name].items():
             print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}", flush=True)
