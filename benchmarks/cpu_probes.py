@@ -42,6 +42,8 @@ the main job's prompts (8 two-digit additions) and the OPSD teacher wording:
 - ``padding``: token positions each layout feeds the model (padding included) against its rows' real tokens:
   the padded rectangle (SDFT's layout), the two-pass shared prefix (the teacher pass), the packed rows (the student
   pass), at G = 1 and 4.
+- ``views``: ``teacher_batch_views``: AVSD's three views of 8 rollouts through the teacher pass in one forward, or
+  one forward per view; seconds and token positions.
 - ``bandwidth``: GB/s of weights streamed by a decoding step's float32 products (8 rows and 1 row, and MKL's
   prepacked format with its packing cost) beside a plain sum and copy over 540 MB: how far decoding is from the
   memory bandwidth.
@@ -74,7 +76,7 @@ from recipe_runs import machine  # noqa: E402  (benchmarks/, the script's own fo
 RESULTS = ROOT / "benchmarks" / "results" / "cpu_probes.json"
 TEMPLATE = "{problem}\n\nHere is a reference solution:\n{solution}\n\nUnderstand it, then answer in your own words."
 PROBES = ("skinny", "bf16", "bf16gen", "teacher", "cache", "student", "decode", "profile", "reuse", "overlap", "step",
-          "matmul", "heap", "bandwidth", "padding")
+          "matmul", "heap", "bandwidth", "padding", "views")
 LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
 
@@ -623,6 +625,46 @@ def probe_padding(ctx) -> dict:
     return out
 
 
+def probe_views(ctx) -> dict:
+    """teacher_batch_views: AVSD's three views of 8 main-job rollouts (its recipe's views) through the teacher pass in
+    one forward over the 24 sequences, or one forward per view; seconds (median of 3 after a warm-up) and the token
+    positions fed, with the shared-prefix pass on (as the trainer runs it)."""
+    import statistics
+
+    from selfdistill.methods.avsd.source import MultiView
+    from selfdistill.sequences import render_context
+    from selfdistill.sources.base import Rollout
+    from selfdistill.step import teacher_outputs
+    from selfdistill.tasks.arithmetic import make_arithmetic_dataset
+
+    tok, model, _, _, completions = ctx
+    rows = [make_arithmetic_dataset(2000, 200, seed=0, digits=2)["train"][i] for i in range(8)]
+    views = MultiView(answer_column="answer").views(
+        [Rollout(row=r, prompt=r["prompt"], completion="", completion_ids=[]) for r in rows])
+    inputs = {"teacher_ids": [[render_context(tok, v.context) for v in vs] for vs in views],
+              "teacher_completion_ids": [[c] * len(vs) for c, vs in zip(completions, views)]}
+    fed = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: fed.append(kwargs["input_ids"].numel()),
+                                             with_kwargs=True)
+    out = {"views": len(views[0])}
+    try:
+        for batched in (True, False):
+            name = "one_forward" if batched else "per_view"
+            seconds = []
+            for round_ in range(4):
+                fed.clear()
+                start = time.perf_counter()
+                with torch.no_grad():
+                    teacher_outputs(model, inputs, None, tok.pad_token_id, torch.device("cpu"), True, batched)
+                if round_:
+                    seconds.append(time.perf_counter() - start)
+            out[f"{name}_s"] = statistics.median(seconds)
+            out[f"{name}_positions"] = sum(fed)
+    finally:
+        handle.remove()
+    return out
+
+
 def probe_bandwidth(_ctx) -> dict:
     """How close a decoding step's products come to the memory bandwidth: GB/s of weights streamed, float32.
 
@@ -677,7 +719,7 @@ def main() -> None:
               "cache": lambda c: probe_cache(c, opts.compile), "student": probe_student, "decode": probe_decode,
               "profile": probe_profile, "reuse": probe_reuse, "overlap": probe_overlap, "step": probe_step,
               "matmul": probe_matmul, "heap": probe_heap, "bandwidth": probe_bandwidth,
-              "padding": probe_padding}[name]
+              "padding": probe_padding, "views": probe_views}[name]
         results[name] = fn(ctx)
         for key, value in results[name].items():
             print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}", flush=True)
