@@ -20,6 +20,23 @@ from selfdistill.sequences import render_context
 
 
 @contextmanager
+def without_embedding_noise(model: Any) -> Iterator[None]:
+    """NEFTune (``neftune_noise_alpha``) adds noise to the input embeddings while they are in training mode. Only the
+    student pass should see it: while active, the sampler and the teacher read clean embeddings (a noisy teacher would
+    be a noisy target). Does nothing without NEFTune."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if get is not None else None
+    noisy = getattr(embeddings, "neftune_noise_alpha", None) is not None and embeddings.training
+    if noisy:
+        embeddings.training = False
+    try:
+        yield
+    finally:
+        if noisy:
+            embeddings.training = True
+
+
+@contextmanager
 def generation_model(model_wrapped: Any, accelerator: Any) -> Iterator[Any]:
     """The model to sample from (TRL's ``unwrap_model_for_generation``), inside one autocast region for the call.
 
@@ -27,9 +44,10 @@ def generation_model(model_wrapped: Any, accelerator: Any) -> Iterator[Any]:
     cast weights when the outermost region ends: each decoding step would cast every float32 weight again (on the
     CPU that is more bytes than the low-precision product it feeds). One enclosing region keeps the casts for the
     whole ``generate`` call; they are the same casts, so the tokens are the same. Without mixed precision this is
-    ``unwrap_model_for_generation`` alone.
+    ``unwrap_model_for_generation`` alone (and, under NEFTune, clean embeddings: :func:`without_embedding_noise`).
     """
-    with unwrap_model_for_generation(model_wrapped, accelerator) as unwrapped, accelerator.autocast():
+    with unwrap_model_for_generation(model_wrapped, accelerator) as unwrapped, accelerator.autocast(), \
+            without_embedding_noise(unwrapped):
         yield unwrapped
 
 

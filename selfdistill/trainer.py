@@ -41,7 +41,7 @@ from selfdistill.rollout import (
     eos_ids,
     verify_completions,
 )
-from selfdistill.sampling import SamplingMixin
+from selfdistill.sampling import SamplingMixin, without_embedding_noise
 from selfdistill.sequences import render_context, score_completions, splice, teacher_contexts
 from selfdistill.sources.base import PrivilegedSource, Rollout
 from selfdistill.step import (
@@ -256,9 +256,10 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
         if mode == "train" and sampler_logps is not None and self.args.vllm_importance_sampling:
             old_logps = sampler_logps  # the sampler is another engine: correct for its mismatch (and staleness)
         elif mode == "train" and self.args.reuses_rollouts:
-            old_logps = sampling_logps(self.accelerator.unwrap_model(self.model), prompt_ids,
-                                       generated.completion_ids, self.pad_id, self.accelerator.device,
-                                       self.args.per_device_train_batch_size)
+            with without_embedding_noise(self.model):  # the policy that sampled: clean embeddings under NEFTune
+                old_logps = sampling_logps(self.accelerator.unwrap_model(self.model), prompt_ids,
+                                           generated.completion_ids, self.pad_id, self.accelerator.device,
+                                           self.args.per_device_train_batch_size)
 
         # For the GRPO term and the sources' feedback (feedback runs in training only).
         advantages = None
@@ -355,7 +356,8 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
         # bare module it wraps (parameter names without "_orig_mod."), and the teacher pass runs compiled too.
         compiled = self.accelerator.unwrap_model(model)
         bare = getattr(compiled, "_orig_mod", compiled)
-        with self.teacher.scoring(bare, release=release_zero3(self.model_wrapped)) as teacher_model:
+        with self.teacher.scoring(bare, release=release_zero3(self.model_wrapped)) as teacher_model, \
+                without_embedding_noise(bare):
             runner = compiled if teacher_model is bare else teacher_model
             return teacher_outputs(runner, inputs, head, self.pad_id, self.accelerator.device,
                                    self.args.share_teacher_prefix, self.args.teacher_batch_views)

@@ -450,3 +450,23 @@ def test_a_streamed_run_resumes_as_if_never_interrupted(tmp_path, tokenizer, mon
     assert seen[id(resumed)] == seen[id(straight)][2:]
     for name, value in params(straight.model).items():
         torch.testing.assert_close(params(resumed.model)[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_neftune_noise_reaches_the_student_pass_only(tmp_path, tokenizer, monkeypatch):
+    """neftune_noise_alpha (transformers' NEFTune hook on the input embeddings): the student's training forward gets
+    the noise; sampling and the teacher pass (the target) read clean embeddings."""
+    import transformers.integrations.neftune as neftune
+
+    calls = []
+    real = neftune.neftune_post_forward_hook
+
+    def hook(module, args, output):
+        calls.append((torch.is_grad_enabled(), module.training))
+        return real(module, args, output)
+
+    monkeypatch.setattr(neftune, "neftune_post_forward_hook", hook)
+    trainer = make_trainer(tmp_path, tokenizer, max_steps=2, neftune_noise_alpha=5.0)
+    trainer.train()
+    noisy = [grad for grad, training in calls if training]
+    assert noisy and all(noisy)  # noise only where gradients flow: the student pass
+    assert any(not grad for grad, _ in calls)  # sampling and the teacher ran, clean
