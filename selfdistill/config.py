@@ -301,6 +301,11 @@ class SelfDistillConfig(TrainingArguments):
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps={self.max_steps} trains nothing; give a number of optimizer steps >= 1 (or -1 "
                              "to train for num_train_epochs)")
+        if self.remove_unused_columns:
+            raise ValueError(
+                "remove_unused_columns=True would drop the dataset columns the privileged source (e.g. the reference "
+                "solution) and the reward functions (**columns) read; leave it False (the default, as in GRPOConfig)"
+            )
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be > 0; rollouts are sampled, not greedy")
         if not 0 < self.top_p <= 1:

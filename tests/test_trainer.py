@@ -266,6 +266,7 @@ def test_a_reward_function_failing_on_some_rollouts_is_counted(tmp_path, tokeniz
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(per_device_train_batch_size=3, num_generations=2), "not divisible by num_generations"),
+    (dict(remove_unused_columns=True), "would drop the dataset columns"),
     (dict(num_iterations=2, ratio_clip=None), "set ratio_clip"),
     (dict(teacher_policy="frozen"), "teacher_policy='frozen' is not valid"),
     (dict(divergence="jsd", jsd_beta=0.0), "outside \\(0, 1\\)"),
