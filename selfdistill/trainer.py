@@ -69,8 +69,8 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
         model: a model name or path (``"smollm2-135m-instruct"`` is the embedded default), a ``PreTrainedModel`` or
             a ``PeftModel``.
         args: a :class:`SelfDistillConfig`.
-        train_dataset: a ``datasets.Dataset`` with a ``prompt`` column (chat messages or a string) and the columns
-            the privileged source reads.
+        train_dataset: a ``datasets.Dataset`` (or a streamed ``IterableDataset``, with ``max_steps``) with a
+            ``prompt`` column (chat messages or a string) and the columns the privileged source reads.
         eval_dataset: optional, same format; evaluation reports the distillation loss on fresh rollouts.
         processing_class: the tokenizer (loaded from the model when omitted).
         privileged: the privileged-information source, e.g. ``ReferenceSolution(column="solution")``.
