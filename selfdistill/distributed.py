@@ -59,7 +59,8 @@ def gathered(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 # --------------------------------------------------------------------------------------------------- metrics
 def reduce_metrics(accelerator: Any, metrics: dict[str, list[float]]) -> dict[str, list[float]]:
-    """Sum the per-rank ``[total, weight]`` accumulators over ranks; ``time/...|sum`` keys take the slowest rank.
+    """Sum the per-rank ``[total, weight]`` accumulators over ranks; ``time/...|sum`` keys take the slowest rank,
+    ``...|min`` / ``...|max`` keys the extreme over the ranks that recorded them.
 
     Keys may differ between ranks (a verifier that scored nothing on one rank); the union is reduced, a missing key
     counting as ``[0, 0]``. Every rank must call this at the same point (``log`` runs on every rank).
@@ -77,6 +78,11 @@ def reduce_metrics(accelerator: Any, metrics: dict[str, list[float]]) -> dict[st
     summed, slowest = every.sum(0), every.max(0).values
     out = {}
     for i, key in enumerate(keys):
+        if key.endswith(("|min", "|max")):  # over the ranks that recorded it (weight 1); none: weight 0
+            present = every[:, i, 0][every[:, i, 1] > 0]
+            value = (present.min() if key.endswith("|min") else present.max()) if present.numel() else 0.0
+            out[key] = [float(value), float(present.numel() > 0)]
+            continue
         row = slowest[i] if key.startswith("time/") and key.endswith("|sum") else summed[i]
         out[key] = [float(row[0]), float(row[1])]
     return out

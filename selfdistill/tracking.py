@@ -46,8 +46,9 @@ def log_rollout_table(report_to: Sequence[str] | str | None, samples: list[dict[
 
 
 class MetricsRecorder:
-    """The trainer's own metrics between two logs: weighted means (``reduce="mean"``) and sums (``"sum"``), per mode
-    (train or eval), reduced over all ranks when :meth:`flush` is called at log time."""
+    """The trainer's own metrics between two logs: weighted means (``reduce="mean"``), sums (``"sum"``) and extremes
+    (``"min"``, ``"max"``), per mode (train or eval), reduced over all ranks when :meth:`flush` is called at log
+    time."""
 
     def __init__(self):
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(lambda: [0.0, 0.0]),
@@ -55,13 +56,20 @@ class MetricsRecorder:
         self._last_log_step = 0
 
     def record(self, mode: str, key: str, value: float, weight: float = 1.0, reduce: str = "mean") -> None:
-        slot = self._metrics[mode][key if reduce == "mean" else f"{key}|sum"]
+        """``reduce``: ``mean`` (weighted), ``sum``, or ``min`` / ``max`` over the window and all ranks."""
+        slot = self._metrics[mode][key if reduce == "mean" else f"{key}|{reduce}"]
         if reduce == "mean":
             slot[0] += float(value) * weight
             slot[1] += weight
-        else:
+        elif reduce == "sum":
             slot[0] += float(value)
             slot[1] = 1.0
+        elif reduce in ("min", "max"):
+            pick = min if reduce == "min" else max
+            slot[0] = pick(slot[0], float(value)) if slot[1] else float(value)
+            slot[1] = 1.0
+        else:
+            raise ValueError(f"reduce={reduce!r}; use 'mean', 'sum', 'min' or 'max'")
 
     def record_rewards(self, mode: str, per_func: dict[str, list[float]], rewards: list[float | None],
                        failures: int) -> None:
@@ -76,9 +84,17 @@ class MetricsRecorder:
         self.record(mode, "reward_failures", failures, 1.0, reduce="sum")
 
     def record_completions(self, mode: str, lengths: list[int], truncated: list[bool], truncated_pi: int) -> None:
-        """Mean completion length, the share cut at max_completion_length, empty ones and shortened PI."""
+        """Completion lengths as TRL logs them (mean, min, max; the same over the completions that ended with EOS,
+        ``..._terminated_length``), the share cut at max_completion_length, empty ones and shortened PI."""
         n = len(lengths)
         self.record(mode, "completions/mean_length", sum(lengths) / n, n)
+        self.record(mode, "completions/min_length", min(lengths), reduce="min")
+        self.record(mode, "completions/max_length", max(lengths), reduce="max")
+        ended = [x for x, cut in zip(lengths, truncated) if not cut]
+        if ended:
+            self.record(mode, "completions/mean_terminated_length", sum(ended) / len(ended), len(ended))
+            self.record(mode, "completions/min_terminated_length", min(ended), reduce="min")
+            self.record(mode, "completions/max_terminated_length", max(ended), reduce="max")
         self.record(mode, "completions/clipped_ratio", sum(truncated) / n, n)
         self.record(mode, "completions/empty", sum(1 for x in lengths if x == 0), 1.0, reduce="sum")
         self.record(mode, "pi_truncated", truncated_pi, 1.0, reduce="sum")
@@ -99,6 +115,9 @@ class MetricsRecorder:
             if key.endswith("|sum"):
                 name = key[:-4]
                 out[name] = total / steps if name.startswith("time/") else total
+            elif key.endswith(("|min", "|max")):
+                if weight > 0:
+                    out[key[:-4]] = total
             elif weight > 0:
                 out[key] = total / weight
         if mode == "eval":

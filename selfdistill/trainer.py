@@ -247,6 +247,10 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
         if mode == "train":
             self.rollouts_generated += n
             self.tokens_generated += sum(lengths)
+            # Prompt and completion tokens of every rank's rollouts, as TRL counts them (logged as num_tokens).
+            seen = torch.tensor(sum(map(len, prompt_ids)) + sum(map(len, generated.completion_ids)),
+                                device=self.accelerator.device)
+            self.state.num_input_tokens_seen += int(self.accelerator.gather(seen).sum())
         self.recorder.record_completions(mode, lengths, generated.truncated, teacher.truncated_pi)
         self._samples = [
             {"prompt": p, "completion": t, "reward": r} for p, t, r in zip(prompts, texts, rewards)
@@ -381,9 +385,14 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
     def _record(self, mode: str, key: str, value: float, weight: float = 1.0, reduce: str = "mean") -> None:
         self.recorder.record(mode, key, value, weight, reduce)
 
+    def _track_num_input_tokens(self, inputs):
+        pass  # counted per generation batch in _make_rollouts: a batch here is rows, not input_ids
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         logs = {**logs, **self.recorder.flush(mode, self.state.global_step, self.accelerator)}
+        if mode == "train":
+            logs["num_tokens"] = float(self.state.num_input_tokens_seen)
         super().log(logs, start_time)
         if mode == "train" and self.is_world_process_zero():
             show_samples(self._samples, self.args.report_to, self.state.global_step, table="loss" in logs)

@@ -113,6 +113,12 @@ def _check_two_rank_run(out: Path, ranks: list[dict]) -> dict:
         (t0, w0), (t1, w1) = call0["local"]["divergence"], call1["local"]["divergence"]
         assert log["divergence"] == pytest.approx((t0 + t1) / (w0 + w1), rel=1e-9), step
         assert t0 / w0 != pytest.approx(t1 / w1)
+        # Extremes are over both ranks' rollouts.
+        for key, pick in (("completions/min_length|min", min), ("completions/max_length|max", max)):
+            assert call0["global"][key][0] == pick(call0["local"][key][0], call1["local"][key][0]), (step, key)
+    # num_tokens counts both ranks' prompt and completion tokens, cumulatively.
+    counts = [h["num_tokens"] for h in logged]
+    assert counts == sorted(counts) and counts[0] > 0
     return results
 
 

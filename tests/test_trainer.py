@@ -71,6 +71,31 @@ def test_three_steps_change_weights_and_log_metrics(tmp_path, tokenizer):
     assert logs[0]["loss"] == pytest.approx(min(logs[0]["divergence"], trainer.args.clip_tau), rel=1e-4)
 
 
+def test_completion_lengths_and_token_counts_are_logged_as_trl_logs_them(tmp_path, tokenizer, monkeypatch):
+    prompt_tokens = []
+    real = SelfDistillTrainer._make_rollouts
+
+    def spy(self, rows, mode, n_micro):
+        prompt_tokens.append(sum(len(render_context(tokenizer, r["prompt"])) for r in rows))
+        return real(self, rows, mode, n_micro)
+
+    monkeypatch.setattr(SelfDistillTrainer, "_make_rollouts", spy)
+    trainer = make_trainer(tmp_path, tokenizer, max_completion_length=12, include_num_input_tokens_seen=True)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3
+    seen = 0
+    for log, prompts in zip(logs, prompt_tokens):
+        assert log["completions/min_length"] <= log["completions/mean_length"] <= log["completions/max_length"]
+        if "completions/mean_terminated_length" in log:
+            assert log["completions/min_terminated_length"] <= log["completions/mean_terminated_length"]
+            assert log["completions/max_terminated_length"] <= log["completions/max_length"]
+        seen += prompts + round(log["completions/mean_length"] * 4)  # 4 rollouts a step
+        assert log["num_tokens"] == seen  # cumulative prompt + completion tokens (TRL's num_tokens)
+    assert trainer.state.num_input_tokens_seen == seen
+    assert logs[-1]["num_input_tokens_seen"] == seen  # transformers' own key reads the same count
+
+
 class _RecordingSource(ReferenceSolution):
     def __init__(self):
         super().__init__(column="solution")
