@@ -67,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         from selfdistill.run import run_eval, run_train
 
         if args.command == "train":
+            from accelerate import PartialState
+
+            from selfdistill.distributed import leave_process_group
+
             run_train(recipe, progress=not args.no_progress)
+            leave_process_group(PartialState())
             return 0
         result = run_eval(recipe, args.model, progress=not args.no_progress)
         print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))

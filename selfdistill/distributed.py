@@ -26,6 +26,17 @@ from typing import Any
 import torch
 
 
+def leave_process_group(accelerator: Any) -> None:
+    """End a multi-process run cleanly: every rank waits for the others, then the default process group is destroyed.
+    Left to interpreter exit, its teardown can race a peer that already left and abort the process
+    ("terminate called without an active exception", exit code -6) after a run that completed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        accelerator.wait_for_everyone()
+        dist.destroy_process_group()
+
+
 def is_zero3_param(param: torch.Tensor) -> bool:
     """Whether ``param`` is partitioned by DeepSpeed ZeRO-3 (its local data is ``param.ds_tensor``)."""
     return hasattr(param, "ds_tensor") and hasattr(param, "ds_numel")

@@ -16,7 +16,7 @@ import torch
 
 import selfdistill.tracking as tracking_module
 import selfdistill.trainer as trainer_module
-from selfdistill.distributed import gathered, release_zero3, weights_checksum
+from selfdistill.distributed import gathered, leave_process_group, release_zero3, weights_checksum
 from selfdistill.recipes import load_recipe
 from selfdistill.run import run_train
 from selfdistill.sources import SOURCES, ReferenceSolution
@@ -153,3 +153,4 @@ if __name__ == "__main__":
         "log_history": trainer.state.log_history,
     }
     Path(recipe.training["output_dir"], f"rank{rank}.json").write_text(json.dumps(out))
+    leave_process_group(trainer.accelerator)  # as `selfdistill train` ends: no teardown race at exit
