@@ -496,3 +496,20 @@ def test_neftune_noise_reaches_the_student_pass_only(tmp_path, tokenizer, monkey
     noisy = [grad for grad, training in calls if training]
     assert noisy and all(noisy)  # noise only where gradients flow: the student pass
     assert any(not grad for grad, _ in calls)  # sampling and the teacher ran, clean
+
+
+def test_recorded_extremes_are_over_the_whole_logging_window():
+    """min / max metrics across several generation batches of one logging window (one process)."""
+    from types import SimpleNamespace
+
+    from selfdistill.tracking import MetricsRecorder
+
+    recorder = MetricsRecorder()
+    recorder.record_completions("train", [5, 9, 7], [False, True, False], 0)
+    recorder.record_completions("train", [3, 6], [True, True], 0)
+    out = recorder.flush("train", 2, SimpleNamespace(num_processes=1))
+    assert out["completions/min_length"] == 3 and out["completions/max_length"] == 9
+    assert out["completions/mean_length"] == pytest.approx(30 / 5)
+    assert out["completions/min_terminated_length"] == 5 and out["completions/max_terminated_length"] == 7
+    with pytest.raises(ValueError, match="use 'mean', 'sum', 'min' or 'max'"):
+        recorder.record("train", "x", 1.0, reduce="median")
