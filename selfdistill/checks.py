@@ -7,6 +7,8 @@ import importlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from datasets import IterableDataset
+
 if TYPE_CHECKING:
     from selfdistill.config import SelfDistillConfig
     from selfdistill.sources.base import PrivilegedSource
@@ -33,6 +35,11 @@ def check_datasets(privileged: PrivilegedSource, args: SelfDistillConfig, train_
     model work (``selfdistill train`` calls it before the model loads)."""
     for split, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
         columns = getattr(dataset, "column_names", None)
+        if columns is None and isinstance(dataset, IterableDataset):
+            # A stream built from a generator declares no columns: read them off its first row (a fresh iterator,
+            # so training still starts from the first row).
+            first = next(iter(dataset), None)
+            columns = list(first) if isinstance(first, dict) else None
         if isinstance(columns, list):
             if "prompt" not in columns:
                 raise KeyError(

@@ -513,3 +513,12 @@ def test_recorded_extremes_are_over_the_whole_logging_window():
     assert out["completions/min_terminated_length"] == 5 and out["completions/max_terminated_length"] == 7
     with pytest.raises(ValueError, match="use 'mean', 'sum', 'min' or 'max'"):
         recorder.record("train", "x", 1.0, reduce="median")
+
+
+def test_a_stream_without_declared_columns_is_checked_on_its_first_row(tmp_path, tokenizer):
+    """A generator-built stream declares no columns; the missing PI column is still named, not read as empty."""
+    from datasets import IterableDataset
+
+    rows = [{k: v for k, v in r.items() if k != "solution"} for r in build_dataset()]
+    with pytest.raises(KeyError, match="column 'solution' missing from the dataset"):
+        make_trainer(tmp_path, tokenizer, dataset=IterableDataset.from_generator(lambda: iter(rows)))
