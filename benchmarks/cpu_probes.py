@@ -44,6 +44,9 @@ the main job's prompts (8 two-digit additions) and the OPSD teacher wording:
   pass), at G = 1 and 4.
 - ``views``: ``teacher_batch_views``: AVSD's three views of 8 rollouts through the teacher pass in one forward, or
   one forward per view; seconds and token positions.
+- ``kernel``: the decode kernel (``selfdistill.cpu_decode``, ``decode_kernel``) against ``F.linear`` and the skinny
+  ``W @ x^T`` for one decoding step's products at 8 rows (GB/s of weights, 2 threads and 1), and ``sample_completions``
+  with and without it: seconds and whether the same tokens were drawn.
 - ``bandwidth``: GB/s of weights streamed by a decoding step's float32 products (8 rows and 1 row, and MKL's
   prepacked format with its packing cost) beside a plain sum and copy over 540 MB: how far decoding is from the
   memory bandwidth.
@@ -76,7 +79,7 @@ from recipe_runs import machine  # noqa: E402  (benchmarks/, the script's own fo
 RESULTS = ROOT / "benchmarks" / "results" / "cpu_probes.json"
 TEMPLATE = "{problem}\n\nHere is a reference solution:\n{solution}\n\nUnderstand it, then answer in your own words."
 PROBES = ("skinny", "bf16", "bf16gen", "teacher", "cache", "student", "decode", "profile", "reuse", "overlap", "step",
-          "matmul", "heap", "bandwidth", "padding", "views")
+          "matmul", "heap", "bandwidth", "padding", "views", "kernel")
 LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
 
@@ -697,6 +700,55 @@ def probe_bandwidth(_ctx) -> dict:
     return out
 
 
+def probe_kernel(ctx) -> dict:
+    """The decode kernel (``selfdistill.cpu_decode``) against torch's products for one decoding step of 8 rows.
+
+    GB/s of float32 weights read by SmolLM2's 210 layer products plus the output head, through ``F.linear``, the
+    skinny ``W @ x^T`` and the kernel, on 2 threads and on 1 (torch's intra-op threads; the kernel uses the same
+    count); then ``sample_completions`` of the 8 main-job prompts, 16 tokens at temperature 0.6, with and without
+    the kernel (skinny path off in both): seconds (median of 3 interleaved rounds after a warm-up) and whether the
+    same tokens were drawn."""
+    from selfdistill import cpu_decode
+    from selfdistill.rollout import sample_completions
+
+    lib = cpu_decode.kernel()
+    if lib is None:
+        return {"kernel": "not available on this machine"}
+    weights = [torch.randn(o, i) * 0.02 for _ in range(30) for (o, i) in LAYER_SHAPES] + [torch.randn(49152, 576)]
+    total = sum(w.numel() * 4 for w in weights)
+    xs = {576: torch.randn(8, 576), 1536: torch.randn(8, 1536)}
+    ways = {"F.linear": lambda x, w: F.linear(x, w), "W@x^T": lambda x, w: (w @ x.T).T.contiguous(),
+            "kernel": lambda x, w: cpu_decode.rows_times_weight(x, w, lib)}
+    out: dict = {}
+    threads = torch.get_num_threads()
+    try:
+        for n in (threads, 1):
+            torch.set_num_threads(n)
+            for name, way in ways.items():
+                step = timed(lambda way=way: [way(xs[w.shape[1]], w) for w in weights], 5)
+                out[f"{name}_{n}_threads_GBps"] = total / step / 1e9
+    finally:
+        torch.set_num_threads(threads)
+    tok, model, prompts, _, _ = ctx
+    kwargs = dict(pad_id=tok.pad_token_id, eos=[tok.eos_token_id], max_new_tokens=16, temperature=0.6, skinny=False)
+
+    def sample(kernel: bool):
+        torch.manual_seed(0)
+        return sample_completions(model, prompts, kernel=kernel, **kwargs).completion_ids
+
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    draws = {kernel: sample(kernel) for kernel in (False, True)}  # warm-up round
+    for _ in range(3):
+        for kernel in (False, True):
+            start = time.perf_counter()
+            sample(kernel)
+            seconds[kernel].append(time.perf_counter() - start)
+    out["generate_torch_s"] = sorted(seconds[False])[1]
+    out["generate_kernel_s"] = sorted(seconds[True])[1]
+    out["same_tokens"] = draws[True] == draws[False]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("probes", nargs="*", default=list(PROBES), help=f"some of {', '.join(PROBES)} (default: all)")
@@ -719,7 +771,7 @@ def main() -> None:
               "cache": lambda c: probe_cache(c, opts.compile), "student": probe_student, "decode": probe_decode,
               "profile": probe_profile, "reuse": probe_reuse, "overlap": probe_overlap, "step": probe_step,
               "matmul": probe_matmul, "heap": probe_heap, "bandwidth": probe_bandwidth,
-              "padding": probe_padding, "views": probe_views}[name]
+              "padding": probe_padding, "views": probe_views, "kernel": probe_kernel}[name]
         results[name] = fn(ctx)
         for key, value in results[name].items():
             print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}", flush=True)

@@ -96,6 +96,9 @@ DIFFERENCES = [
     "Skinny decode (skinny_decode): on CPU selfdistill computes the decoding loop's linear layers as weight @ x^T, "
     "which this machine's BLAS runs faster for a few rows than x @ weight^T; SDFT decodes with the default path. "
     "Float rounding only.",
+    "Decode kernel (decode_kernel): on CPUs with AVX-512 selfdistill computes the decoding loop's float32 products "
+    "of at most 8 rows with its own kernel (selfdistill.cpu_decode, built with the system C compiler), which reads "
+    "the weights faster than MKL does for so few rows; SDFT decodes with torch's products. Float rounding only.",
     "Freed buffers (reuse_cpu_buffers): selfdistill's trainer tells glibc (mallopt) to keep freed large blocks in "
     "the process heap, so each step's embedding-sized buffers (the tied embedding's gradient, its fill, the bf16 "
     "casts) are not faulted in page by page again; SDFT's process keeps glibc's defaults (a fresh mmap per large "
@@ -117,11 +120,12 @@ DIFFERENCES = [
 #: selfdistill's speed levers (all on by default), switched off one at a time by --ablate.
 LEVERS = {
     "all": {},
+    "no-kernel": {"decode_kernel": False},
     "no-skinny": {"skinny_decode": False},
     "no-prompt-sharing": {"share_prompt_prefix": False},
     "no-heap-reuse": {"reuse_cpu_buffers": False},
-    "none": {"skinny_decode": False, "share_prompt_prefix": False, "share_teacher_prefix": False,
-             "reuse_cpu_buffers": False},
+    "none": {"decode_kernel": False, "skinny_decode": False, "share_prompt_prefix": False,
+             "share_teacher_prefix": False, "reuse_cpu_buffers": False},
 }
 
 
@@ -146,6 +150,7 @@ def selfdistill_kwargs(g: int, rollouts: int, steps: int, output_dir: str, lever
         "share_teacher_prefix": True,
         "share_prompt_prefix": True,
         "skinny_decode": True,
+        "decode_kernel": True,
     } | LEVERS[levers]
 
 

@@ -159,6 +159,12 @@ class SelfDistillConfig(TrainingArguments):
         metadata={"help": "On CPU, decode with linear layers computed as weight @ x^T (faster BLAS path for a few "
                   "rows; same products, float rounding only)."},
     )
+    decode_kernel: bool = field(
+        default=True,
+        metadata={"help": "On CPUs with AVX-512, decode float32 products of at most 8 rows through selfdistill's own "
+                  "kernel, compiled on first use with the system C compiler (selfdistill.cpu_decode; skipped, with a "
+                  "log line, where there is none). Same products, float rounding only."},
+    )
     reuse_cpu_buffers: bool = field(
         default=True,
         metadata={"help": "When training on the CPU under Linux (glibc), keep freed large buffers in the process heap "

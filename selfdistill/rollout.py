@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
 import types
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from trl.trainer.utils import RepeatSampler
 
+from selfdistill import cpu_decode
 from selfdistill.sequences import CACHE_KEY, MIN_SHARED_PREFIX, left_pad, run_shared_prefixes, splice
 
 logger = logging.getLogger(__name__)
@@ -49,41 +51,59 @@ def eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-#: Inputs with at most this many rows take the skinny path of :func:`skinny_linears`.
+#: Inputs with at most this many rows take the skinny path of :func:`decode_linears`.
 SKINNY_ROWS = 64
 
 
-def _skinny_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _decode_linear(self: torch.nn.Linear, x: torch.Tensor, skinny: bool = True, lib: Any = None) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
-    if flat.shape[0] > SKINNY_ROWS:
+    if lib is not None and cpu_decode.applies(flat, self.weight):
+        out = cpu_decode.rows_times_weight(flat, self.weight, lib)
+    elif skinny and flat.shape[0] <= SKINNY_ROWS:
+        # The same products as F.linear, in the order BLAS runs faster here; made contiguous again, because a
+        # transposed query sends attention to its slow math kernel (the flash kernel wants the last dimension
+        # contiguous).
+        out = (self.weight @ flat.T).T.contiguous()
+    else:
         return torch.nn.functional.linear(x, self.weight, self.bias)
-    # The same products as F.linear, in the order BLAS runs faster here; made contiguous again, because a transposed
-    # query sends attention to its slow math kernel (the flash kernel wants the last dimension contiguous).
-    out = (self.weight @ flat.T).T.contiguous()
     if self.bias is not None:
         out = out + self.bias
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 @contextmanager
-def skinny_linears(model: torch.nn.Module) -> Iterator[None]:
-    """While active, the model's CPU ``nn.Linear`` layers compute few-row inputs as ``weight @ x^T``.
+def decode_linears(model: torch.nn.Module, skinny: bool = True, kernel: bool = True) -> Iterator[None]:
+    """While active, the model's CPU ``nn.Linear`` layers compute few-row inputs on a faster path for decoding.
 
-    A decoding step feeds each linear layer one row per sequence. On this project's CPU (MKL, AMD EPYC, AVX2)
-    ``x @ weight^T`` is slow for such a skinny product and ``weight @ x^T`` runs faster: about 3x for the output
-    head of a 49k vocabulary, 1.1-1.5x for the layers (docs/performance.md). The two orders sum the same
-    products, so the logits agree to float rounding (~1e-5). Inputs with more rows (the
-    prompt's prefill) keep the default path; layers off the CPU, and subclasses of ``nn.Linear`` (PEFT's LoRA
-    layers, whose base layer is patched instead), are left alone.
+    A decoding step feeds each linear layer one row per sequence.
+
+    - ``kernel``: float32 inputs of at most :data:`selfdistill.cpu_decode.MAX_ROWS` rows go through
+      :mod:`selfdistill.cpu_decode`'s kernel where it is used (CPUs with AVX-512 and a C compiler).
+    - ``skinny``: other inputs of at most :data:`SKINNY_ROWS` rows are computed as ``weight @ x^T``. On the AMD
+      EPYC (AVX2) machine of docs/performance.md ``x @ weight^T`` is slow for such a skinny product and this order
+      runs faster: about 3x for the output head of a 49k vocabulary, 1.1-1.5x for the layers.
+
+    Both sum the same products as ``F.linear`` in another order, so the logits agree to float rounding (~1e-5).
+    Inputs with more rows (the prompt's prefill) keep the default path; layers off the CPU, and subclasses of
+    ``nn.Linear`` (PEFT's LoRA layers, whose base layer is patched instead), are left alone.
     """
+    lib = cpu_decode.kernel() if kernel else None
     patched = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"]
+    if not patched or (not skinny and lib is None):
+        yield
+        return
     for module in patched:
-        module.forward = types.MethodType(_skinny_linear, module)
+        module.forward = types.MethodType(functools.partial(_decode_linear, skinny=skinny, lib=lib), module)
     try:
         yield
     finally:
         for module in patched:
             module.__dict__.pop("forward", None)
+
+
+def skinny_linears(model: torch.nn.Module) -> Any:
+    """:func:`decode_linears` with the skinny path only (no kernel)."""
+    return decode_linears(model, skinny=True, kernel=False)
 
 
 @torch.no_grad()
@@ -100,12 +120,14 @@ def sample_completions(
     top_k: int | None = None,
     share_prefix: bool = True,
     skinny: bool = True,
+    kernel: bool = True,
 ) -> Generated:
     """Sample one completion per prompt (prompts repeated G times upstream) with left padding.
 
     ``share_prefix``: prompts that share a beginning (the G copies of one prompt; the chat template's system
     prompt) prefill it once (:func:`selfdistill.sequences.run_shared_prefixes`) and decode from its cache rows.
-    ``skinny``: decode through :func:`skinny_linears`. Both change only float rounding (~1e-5 in the logits).
+    ``skinny``, ``kernel``: decode through :func:`decode_linears`'s paths. All three change only float rounding
+    (~1e-5 in the logits).
     """
     device = next(model.parameters()).device
     kwargs: dict[str, Any] = {"do_sample": do_sample, "max_new_tokens": max_new_tokens}
@@ -126,7 +148,7 @@ def sample_completions(
                   CACHE_KEY: shared.cache}
         width = ids.shape[1]
     try:
-        with skinny_linears(model) if skinny else nullcontext():
+        with decode_linears(model, skinny=skinny, kernel=kernel):
             out = model.generate(**inputs, pad_token_id=pad_id, eos_token_id=list(eos), **kwargs)
     except RuntimeError as err:
         if "probability tensor contains" in str(err):

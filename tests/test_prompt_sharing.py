@@ -44,13 +44,14 @@ def test_sampling_from_a_shared_prefix_draws_the_same_tokens(tokenizer, do_sampl
     model = build_model(tokenizer).eval()
     prompts = _prompts(tokenizer) * 2  # G = 2 copies as well as a shared header
     draws = []
-    for share, skinny in ((False, False), (True, False), (True, True)):
+    for share, skinny, kernel in ((False, False, False), (True, False, False), (True, True, False),
+                                  (True, False, True)):
         torch.manual_seed(3)
         out = sample_completions(model, prompts, pad_id=tokenizer.pad_token_id, eos=[tokenizer.eos_token_id],
                                  max_new_tokens=8, do_sample=do_sample, temperature=0.8, share_prefix=share,
-                                 skinny=skinny)
+                                 skinny=skinny, kernel=kernel)
         draws.append(out)
-    assert draws[1].completion_ids == draws[0].completion_ids == draws[2].completion_ids
+    assert draws[1].completion_ids == draws[0].completion_ids == draws[2].completion_ids == draws[3].completion_ids
     assert draws[1].truncated == draws[0].truncated
     assert any(len(c) > 1 for c in draws[0].completion_ids)
 
