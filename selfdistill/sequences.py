@@ -186,14 +186,23 @@ def completion_logits(model: Any, batch: SplicedBatch) -> torch.Tensor:
 def head_passthrough(head: torch.nn.Module) -> Iterator[None]:
     """While active, the output head returns its input: the model's "logits" are its final hidden states.
 
-    The model still runs its own forward (so DDP and PEFT wrappers see it); the fused loss applies the head itself,
-    chunk by chunk.
+    The model still runs its own forward (so DDP and PEFT wrappers see it, and the head's hooks still run); the
+    head's own product is skipped, not computed and thrown away. The fused loss applies the head itself, chunk by
+    chunk, and the packed student pass on the predicting positions only.
     """
-    handle = head.register_forward_hook(lambda module, args, output: args[0])
+    previous = head.__dict__.get("forward")
+    head.forward = _passthrough
     try:
         yield
     finally:
-        handle.remove()
+        if previous is None:
+            del head.__dict__["forward"]
+        else:
+            head.forward = previous
+
+
+def _passthrough(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return hidden
 
 
 def completion_hidden(model: Any, head: torch.nn.Module, batch: SplicedBatch) -> torch.Tensor:
@@ -203,18 +212,21 @@ def completion_hidden(model: Any, head: torch.nn.Module, batch: SplicedBatch) ->
 
 
 def score_completions(model: Any, batch: SplicedBatch, contexts: Sequence[Sequence[int]], share_prefix: bool,
-                      head: torch.nn.Module | None = None, pack: bool = False) -> torch.Tensor:
+                      head: torch.nn.Module | None = None, pack: bool = False, masked: bool = False) -> torch.Tensor:
     """``[B, T, V]`` logits at the completion positions, or ``[B, T, H]`` hidden states when ``head`` is given (the
-    fused loss applies it). Shared context prefixes run once: packed into one pass when ``pack`` and the model
-    allows it (:func:`packed_completion_logits`; the student's pass, whose backward then runs once), else, with
-    ``share_prefix``, as a prefix pass whose KV cache the rows continue from (:func:`shared_prefix_logits`)."""
+    fused loss applies it); with ``masked``, ``[N, V]`` (``[N, H]``): the N valid completion positions only, rollout
+    by rollout, as ``out[batch.completion_mask.bool()]`` gives them. Shared context prefixes run once: packed into
+    one pass when ``pack`` and the model allows it (:func:`packed_completion_logits`; the student's pass, whose
+    backward then runs once), else, with ``share_prefix``, as a prefix pass whose KV cache the rows continue from
+    (:func:`shared_prefix_logits`)."""
     if pack:
-        out = packed_completion_logits(model, batch, contexts, head)
+        out = packed_completion_logits(model, batch, contexts, head, masked=masked)
         if out is not None:
             return out
     with nullcontext() if head is None else head_passthrough(head):
         out = shared_prefix_logits(model, batch, contexts) if share_prefix else None
-        return completion_logits(model, batch) if out is None else out
+        out = completion_logits(model, batch) if out is None else out
+    return out[batch.completion_mask.bool()] if masked else out
 
 
 #: The keyword (and output field) of the KV cache in the installed transformers: ``cache`` since the rename that
@@ -476,16 +488,17 @@ def pack_rows(contexts: Sequence[Sequence[int]], completions: Sequence[Sequence[
 
 
 def packed_completion_logits(model: Any, batch: SplicedBatch, contexts: Sequence[Sequence[int]],
-                             head: torch.nn.Module | None = None,
-                             min_shared: int = MIN_SHARED_PREFIX) -> torch.Tensor | None:
+                             head: torch.nn.Module | None = None, min_shared: int = MIN_SHARED_PREFIX,
+                             masked: bool = False) -> torch.Tensor | None:
     """:func:`completion_logits` computing each shared context prefix once, in one forward (:func:`pack_rows`).
 
     Unlike :func:`shared_prefix_logits` this is a single pass: its backward computes each weight's gradient once
     (two passes compute two and add them). ``head``:
     the caller's output head (the fused loss): the final hidden states ``[B, T, H]`` come back and the caller applies
     it. Without one the model's own head runs here, on the predicting positions only. Returns ``[B, T, V]`` (zeros
-    past each completion's end) like :func:`completion_logits`, or ``None`` when no two rows share ``min_shared``
-    tokens, or the model cannot take the packed layout (:func:`packs_rows`, a head with a bias or a logit transform).
+    past each completion's end) like :func:`completion_logits` (``masked``: ``[N, V]`` at the valid positions, as
+    :func:`score_completions`), or ``None`` when no two rows share ``min_shared`` tokens, or the model cannot take
+    the packed layout (:func:`packs_rows`, a head with a bias or a logit transform).
     """
     own_head = head is None
     if own_head:
@@ -509,6 +522,8 @@ def packed_completion_logits(model: Any, batch: SplicedBatch, contexts: Sequence
     picked = hidden[packed.rows.to(device), packed.columns.to(device)]  # [N, H], rollout-major
     if own_head:
         picked = head(picked)
+    if masked:  # already the valid positions, in the order the completion mask selects them
+        return picked
     out = picked.new_zeros(*batch.completion_ids.shape, picked.shape[-1])
     out[batch.completion_mask.bool()] = picked
     return out

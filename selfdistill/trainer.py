@@ -308,7 +308,7 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
         student_batch = splice(inputs["prompt_ids"], inputs["completion_ids"], self.pad_id).to(device)
         mask = student_batch.completion_mask.bool()
         student_out = score_completions(model, student_batch, inputs["prompt_ids"], self._share_student, head,
-                                        pack=self._pack_student)[mask]
+                                        pack=self._pack_student, masked=True)
         check_finite(student_out, "student")
         tokens = student_batch.completion_ids[mask]
         old = None
