@@ -154,6 +154,52 @@ def test_packed_pass_returns_hidden_states_for_the_fused_loss(tokenizer):
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
 
 
+class _HeadProducts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the rows of every product with the output head's weight."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight, self.rows = weight, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            a, b = args[-2], args[-1]
+            if b.shape == self.weight.T.shape and b.data_ptr() == self.weight.data_ptr():
+                self.rows.append(a.shape[0])
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_passed_through_head_computes_nothing_and_the_packed_pass_scores_only_completions(tokenizer):
+    from selfdistill.sequences import head_passthrough, packed_completion_logits, score_completions
+
+    model = build_model(tokenizer)
+    contexts, batch = _student_batch(tokenizer)
+    mask = batch.completion_mask.bool()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        counter = _HeadProducts(model.lm_head.weight)
+        with counter:
+            model(input_ids=ids)
+        assert counter.rows == [14]  # the counter sees the head's product
+        counter = _HeadProducts(model.lm_head.weight)
+        with counter, head_passthrough(model.lm_head):
+            hidden = model(input_ids=ids).logits
+        assert counter.rows == []  # before: the full [14, V] product, computed and thrown away
+        assert "forward" not in model.lm_head.__dict__
+        expected = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        torch.testing.assert_close(hidden, expected)
+        counter = _HeadProducts(model.lm_head.weight)
+        with counter:
+            logits = packed_completion_logits(model, batch, contexts)
+        assert counter.rows == [int(mask.sum())]  # the predicting positions only, not the packed rows
+        # masked=True: the valid positions directly, the same values (and order) as [mask] of the full tensor
+        for pack, share in ((True, True), (False, True), (False, False)):
+            full = score_completions(model, batch, contexts, share, pack=pack)
+            torch.testing.assert_close(score_completions(model, batch, contexts, share, pack=pack, masked=True),
+                                       full[mask], rtol=0, atol=0)
+        torch.testing.assert_close(logits[mask], full[mask], rtol=1e-5, atol=1e-5)
+
+
 def test_pack_rows_layout_and_mask():
     from selfdistill.sequences import pack_rows
 
