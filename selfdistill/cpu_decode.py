@@ -45,7 +45,7 @@ typedef float vf __attribute__((vector_size(64)));
 static inline vf ld(const float* p) { vf r; memcpy(&r, p, 64); return r; }
 static inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < 16; i++) s += v[i]; return s; }
 #define ROWS 8      /* rows of x, zero-padded by the caller */
-#define AHEAD 512   /* floats prefetched ahead in each weight row */
+#define AHEAD 1024  /* floats prefetched ahead in each weight row (4 KB) */
 
 /* y[m*n_out + n] = sum_k x[m*k_in + k] * w[n*k_in + k] for weight rows n0 <= n < n1 */
 static void span(const float* x, int k_in, const float* w, int n0, int n1, float* y, int rows, int n_out) {
