@@ -106,3 +106,17 @@ def test_a_build_goes_to_the_cache_folder_and_is_reused(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_decode, "_state", {})
     assert cpu_decode.kernel() is not None
     assert built[0].stat().st_mtime_ns == stamp and len(list((tmp_path / "selfdistill").iterdir())) == 1
+
+
+@needs_kernel
+@pytest.mark.parametrize("on", [True, False])
+def test_the_trainer_samples_through_the_kernel_unless_switched_off(tmp_path, tokenizer, monkeypatch, on):
+    from test_trainer import make_trainer
+
+    calls = []
+    original = cpu_decode.rows_times_weight
+    monkeypatch.setattr(cpu_decode, "rows_times_weight", lambda *a: calls.append(1) or original(*a))
+    trainer = make_trainer(tmp_path, tokenizer, max_steps=1, decode_kernel=on)
+    trainer.train()
+    assert bool(calls) is on
+    assert all(h["loss"] == h["loss"] for h in trainer.state.log_history if "loss" in h)
