@@ -84,11 +84,14 @@ def decode_linears(model: torch.nn.Module, skinny: bool = True, kernel: bool = T
       runs faster: about 3x for the output head of a 49k vocabulary, 1.1-1.5x for the layers.
 
     Both sum the same products as ``F.linear`` in another order, so the logits agree to float rounding (~1e-5).
-    Inputs with more rows (the prompt's prefill) keep the default path; layers off the CPU, and subclasses of
-    ``nn.Linear`` (PEFT's LoRA layers, whose base layer is patched instead), are left alone.
+    Inputs with more rows (the prompt's prefill) keep the default path; layers off the CPU, layers whose forward is
+    already replaced on the instance, and subclasses of ``nn.Linear`` (PEFT's LoRA layers, whose base layer is
+    patched instead), are left alone.
     """
     lib = cpu_decode.kernel() if kernel else None
-    patched = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"]
+    # A layer whose forward is already replaced on the instance (accelerate's offload hooks, another patch) keeps it.
+    patched = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
+               and "forward" not in m.__dict__]
     if not patched or (not skinny and lib is None):
         yield
         return

@@ -120,3 +120,21 @@ def test_the_trainer_samples_through_the_kernel_unless_switched_off(tmp_path, to
     trainer.train()
     assert bool(calls) is on
     assert all(h["loss"] == h["loss"] for h in trainer.state.log_history if "loss" in h)
+
+
+def test_a_layer_whose_forward_is_already_replaced_keeps_it(tokenizer):
+    """accelerate's offload hooks (and other patches) replace a layer's forward on the instance; decoding must
+    neither bypass nor remove it."""
+    model = build_model(tokenizer).eval()
+    calls = []
+    head = model.lm_head
+
+    def hooked(x):
+        calls.append(x.shape)
+        return torch.nn.functional.linear(x, head.weight)
+
+    head.forward = hooked
+    with torch.no_grad(), decode_linears(model, skinny=True, kernel=True):
+        assert head.__dict__["forward"] is hooked
+        model(input_ids=torch.randint(0, model.config.vocab_size, (2, 1)))
+    assert calls and head.__dict__["forward"] is hooked
