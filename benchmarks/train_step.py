@@ -99,6 +99,10 @@ DIFFERENCES = [
     "Decode kernel (decode_kernel): on CPUs with AVX-512 selfdistill computes the decoding loop's float32 products "
     "of at most 8 rows with its own kernel (selfdistill.cpu_decode, built with the system C compiler), which reads "
     "the weights faster than MKL does for so few rows; SDFT decodes with torch's products. Float rounding only.",
+    "Decoding loop (decode_loop): with the kernel, selfdistill runs each decoding step of the Llama model as one "
+    "kernel call per layer (norms, products, rotary embedding, a preallocated KV cache, attention, SiLU; "
+    "selfdistill.decode_loop) and then transformers' warpers and torch.multinomial as generate does; SDFT runs "
+    "transformers' generate. The same draws, float rounding only.",
     "Freed buffers (reuse_cpu_buffers): selfdistill's trainer tells glibc (mallopt) to keep freed large blocks in "
     "the process heap, so each step's embedding-sized buffers (the tied embedding's gradient, its fill, the bf16 "
     "casts) are not faulted in page by page again; SDFT's process keeps glibc's defaults (a fresh mmap per large "
@@ -120,11 +124,12 @@ DIFFERENCES = [
 #: selfdistill's speed levers (all on by default), switched off one at a time by --ablate.
 LEVERS = {
     "all": {},
-    "no-kernel": {"decode_kernel": False},
+    "no-kernel": {"decode_kernel": False},  # the loop needs the kernel: both off
+    "no-loop": {"decode_loop": False},
     "no-skinny": {"skinny_decode": False},
     "no-prompt-sharing": {"share_prompt_prefix": False},
     "no-heap-reuse": {"reuse_cpu_buffers": False},
-    "none": {"decode_kernel": False, "skinny_decode": False, "share_prompt_prefix": False,
+    "none": {"decode_kernel": False, "decode_loop": False, "skinny_decode": False, "share_prompt_prefix": False,
              "share_teacher_prefix": False, "reuse_cpu_buffers": False},
 }
 
@@ -151,6 +156,7 @@ def selfdistill_kwargs(g: int, rollouts: int, steps: int, output_dir: str, lever
         "share_prompt_prefix": True,
         "skinny_decode": True,
         "decode_kernel": True,
+        "decode_loop": True,
     } | LEVERS[levers]
 
 

@@ -165,6 +165,13 @@ class SelfDistillConfig(TrainingArguments):
                   "kernel, compiled on first use with the system C compiler (selfdistill.cpu_decode; skipped, with a "
                   "log line, where there is none). Same products, float rounding only."},
     )
+    decode_loop: bool = field(
+        default=True,
+        metadata={"help": "With decode_kernel, sample from a plain float32 LlamaForCausalLM on the CPU through "
+                  "selfdistill's decoding loop, one kernel call per layer and step, instead of transformers' generate "
+                  "(selfdistill.decode_loop; generate runs, with a log line, where the loop does not apply). The same "
+                  "draws, float rounding only."},
+    )
     reuse_cpu_buffers: bool = field(
         default=True,
         metadata={"help": "When training on the CPU under Linux (glibc), keep freed large buffers in the process heap "

@@ -41,6 +41,7 @@ MAX_ROWS = 8
 WIDTH = 16
 
 SOURCE = r"""
+#include <math.h>
 #include <string.h>
 typedef float vf __attribute__((vector_size(64)));
 static inline vf ld(const float* p) { vf r; memcpy(&r, p, 64); return r; }
@@ -48,8 +49,8 @@ static inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < 16; i++) s +
 #define ROWS 8      /* rows of x, zero-padded by the caller */
 #define AHEAD 1024  /* floats prefetched ahead in each weight row (4 KB) */
 
-/* y[m*n_out + n] = sum_k x[m*k_in + k] * w[n*k_in + k] for weight rows n0 <= n < n1 */
-static void span(const float* x, int k_in, const float* w, int n0, int n1, float* y, int rows, int n_out) {
+/* y[m*ldy + n] = (or +=, with add) sum_k x[m*k_in + k] * w[n*k_in + k] for weight rows n0 <= n < n1 */
+static void span(const float* x, int k_in, const float* w, int n0, int n1, float* y, int rows, int ldy, int add) {
     int n = n0;
     for (; n + 2 <= n1; n += 2) {            /* two weight rows at a time: 16 accumulators */
         vf a[ROWS], b[ROWS];
@@ -63,7 +64,10 @@ static void span(const float* x, int k_in, const float* w, int n0, int n1, float
             #pragma GCC unroll 8
             for (int m = 0; m < ROWS; m++) { vf xm = ld(x + m * k_in + k); a[m] += p * xm; b[m] += q * xm; }
         }
-        for (int m = 0; m < rows; m++) { y[(long)m * n_out + n] = hsum(a[m]); y[(long)m * n_out + n + 1] = hsum(b[m]); }
+        for (int m = 0; m < rows; m++) {
+            float* o = y + (long)m * ldy + n;
+            if (add) { o[0] += hsum(a[m]); o[1] += hsum(b[m]); } else { o[0] = hsum(a[m]); o[1] = hsum(b[m]); }
+        }
     }
     for (; n < n1; n++) {                    /* an odd last row */
         vf a[ROWS];
@@ -73,7 +77,26 @@ static void span(const float* x, int k_in, const float* w, int n0, int n1, float
             vf p = ld(w0 + k);
             for (int m = 0; m < ROWS; m++) a[m] += p * ld(x + m * k_in + k);
         }
-        for (int m = 0; m < rows; m++) y[(long)m * n_out + n] = hsum(a[m]);
+        for (int m = 0; m < rows; m++) {
+            float* o = y + (long)m * ldy + n;
+            if (add) *o += hsum(a[m]); else *o = hsum(a[m]);
+        }
+    }
+}
+
+/* Several weights that read the same x, their rows taken as one list and split evenly over the threads. */
+typedef struct { const float* w; int n; float* y; int add; } seg;
+
+static void split(const float* x, int k_in, const seg* s, int ns, int rows, int t, int all) {
+    int total = 0;
+    for (int i = 0; i < ns; i++) total += s[i].n;
+    int per = ((total + all - 1) / all + 1) & ~1;   /* an even share: the two-row blocks stay whole */
+    int a = t * per, b = a + per, off = 0;
+    if (b > total) b = total;
+    for (int i = 0; i < ns; i++) {
+        int lo = a > off ? a : off, hi = b < off + s[i].n ? b : off + s[i].n;
+        if (lo < hi) span(x, k_in, s[i].w, lo - off, hi - off, s[i].y, rows, s[i].n, s[i].add);
+        off += s[i].n;
     }
 }
 
@@ -83,11 +106,106 @@ extern int omp_get_num_threads(void);
 void rows_times_weight(const float* x, int rows, int k_in, const float* w, int n_out, float* y, int threads) {
     #pragma omp parallel num_threads(threads)
     {
+        seg s = {w, n_out, y, 0};
+        split(x, k_in, &s, 1, rows, omp_get_thread_num(), omp_get_num_threads());
+    }
+}
+
+/* RMSNorm as transformers' Llama computes it: w * (x * 1/sqrt(mean(x^2) + eps)) */
+static void rms_norm(const float* x, const float* w, float eps, int width, float* out) {
+    float ss = 0.f;
+    for (int i = 0; i < width; i++) ss += x[i] * x[i];
+    float r = 1.f / sqrtf(ss / width + eps);
+    for (int i = 0; i < width; i++) out[i] = w[i] * (x[i] * r);
+}
+
+/* Rotary embedding of one head: v * cos + rotate_half(v) * sin, rotate_half(v) = (-v[d/2:], v[:d/2]) */
+static void rotate(const float* v, const float* c, const float* s, int d, float* out) {
+    int h = d / 2;
+    for (int i = 0; i < h; i++) out[i] = v[i] * c[i] + (-v[i + h]) * s[i];
+    for (int i = h; i < d; i++) out[i] = v[i] * c[i] + v[i - h] * s[i];
+}
+
+/* sum_i a[i] * b[i], in 16-float vectors when n allows it */
+static inline float dot(const float* a, const float* b, int n) {
+    if (n % 16) { float d = 0.f; for (int i = 0; i < n; i++) d += a[i] * b[i]; return d; }
+    vf acc = ld(a) * ld(b);
+    for (int i = 16; i < n; i += 16) acc += ld(a + i) * ld(b + i);
+    return hsum(acc);
+}
+
+/* Shapes of one Llama decoder layer and the buffers a decoding step uses (see selfdistill.decode_loop). */
+typedef struct {
+    int rows, hidden, heads, kv_heads, head_dim, inter, cap, pos, threads;
+    float eps, scale;
+    const float *ln1, *ln2, *wq, *wk, *wv, *wo, *wg, *wu, *wd;
+    float *k_cache, *v_cache;          /* [rows][kv_heads][cap][head_dim] */
+    const unsigned char* valid;        /* [rows][cap]: 1 where a row attends to a cached position */
+    const float *cos, *sin;            /* [rows][head_dim] of each row's new position */
+    float *x;                          /* [ROWS][hidden]: the residual stream, updated in place */
+    float *h, *q, *k, *v, *att, *g, *u, *scores;   /* scratch; scores: [threads][cap] */
+} layer_args;
+
+/* One decoding step of one layer for every row: x += attention(norm(x)); x += mlp(norm(x)), in one parallel region. */
+void decode_layer(const layer_args* L) {
+    int rows = L->rows, H = L->hidden, hd = L->head_dim, nkv = L->kv_heads, group = L->heads / L->kv_heads;
+    int qw = L->heads * hd, kw = nkv * hd;
+    #pragma omp parallel num_threads(L->threads)
+    {
         int t = omp_get_thread_num(), all = omp_get_num_threads();
-        int per = ((n_out + all - 1) / all + 1) & ~1;   /* an even share: the two-row blocks stay whole */
-        int n0 = t * per, n1 = n0 + per;
-        if (n1 > n_out) n1 = n_out;
-        if (n0 < n1) span(x, k_in, w, n0, n1, y, rows, n_out);
+        #pragma omp for
+        for (int m = 0; m < rows; m++) rms_norm(L->x + (long)m * H, L->ln1, L->eps, H, L->h + (long)m * H);
+        seg qkv[3] = {{L->wq, qw, L->q, 0}, {L->wk, kw, L->k, 0}, {L->wv, kw, L->v, 0}};
+        split(L->h, H, qkv, 3, rows, t, all);
+        #pragma omp barrier
+        float* sc = L->scores + (long)t * L->cap;
+        #pragma omp for
+        for (int task = 0; task < rows * nkv; task++) {
+            int m = task / nkv, j = task % nkv;
+            const float *c = L->cos + (long)m * hd, *s = L->sin + (long)m * hd;
+            long base = ((long)m * nkv + j) * L->cap;
+            rotate(L->k + (long)m * kw + j * hd, c, s, hd, L->k_cache + (base + L->pos) * hd);
+            memcpy(L->v_cache + (base + L->pos) * hd, L->v + (long)m * kw + j * hd, hd * sizeof(float));
+            const unsigned char* ok = L->valid + (long)m * L->cap;
+            for (int r = 0; r < group; r++) {
+                int head = j * group + r;
+                float qr[hd];
+                rotate(L->q + (long)m * qw + head * hd, c, s, hd, qr);
+                float top = -INFINITY;
+                for (int p = 0; p <= L->pos; p++) {
+                    if (!ok[p]) continue;
+                    const float* kp = L->k_cache + (base + p) * hd;
+                    sc[p] = dot(qr, kp, hd) * L->scale;
+                    if (sc[p] > top) top = sc[p];
+                }
+                float total = 0.f;
+                float* out = L->att + (long)m * qw + head * hd;
+                for (int i = 0; i < hd; i++) out[i] = 0.f;
+                for (int p = 0; p <= L->pos; p++) {
+                    if (!ok[p]) continue;
+                    float e = expf(sc[p] - top);
+                    total += e;
+                    const float* vp = L->v_cache + (base + p) * hd;
+                    for (int i = 0; i < hd; i++) out[i] += e * vp[i];
+                }
+                for (int i = 0; i < hd; i++) out[i] /= total;
+            }
+        }
+        seg o = {L->wo, H, L->x, 1};
+        split(L->att, qw, &o, 1, rows, t, all);
+        #pragma omp barrier
+        #pragma omp for
+        for (int m = 0; m < rows; m++) rms_norm(L->x + (long)m * H, L->ln2, L->eps, H, L->h + (long)m * H);
+        seg gu[2] = {{L->wg, L->inter, L->g, 0}, {L->wu, L->inter, L->u, 0}};
+        split(L->h, H, gu, 2, rows, t, all);
+        #pragma omp barrier
+        #pragma omp for
+        for (int i = 0; i < rows * L->inter; i++) {
+            float a = L->g[i];
+            L->g[i] = a / (1.f + expf(-a)) * L->u[i];
+        }
+        seg d = {L->wd, H, L->x, 1};
+        split(L->g, L->inter, &d, 1, rows, t, all);
     }
 }
 """
@@ -154,6 +272,8 @@ def _build() -> ctypes.CDLL | None:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                    ctypes.c_int]
     fn.restype = None
+    lib.decode_layer.argtypes = [ctypes.c_void_p]
+    lib.decode_layer.restype = None
     logger.info("decode kernel: %s", target)
     return lib
 

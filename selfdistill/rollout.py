@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from trl.trainer.utils import RepeatSampler
 
-from selfdistill import cpu_decode
+from selfdistill import cpu_decode, decode_loop
 from selfdistill.sequences import CACHE_KEY, MIN_SHARED_PREFIX, left_pad, run_shared_prefixes, splice
 
 logger = logging.getLogger(__name__)
@@ -109,6 +109,10 @@ def skinny_linears(model: torch.nn.Module) -> Any:
     return decode_linears(model, skinny=True, kernel=False)
 
 
+#: Reasons the fused decoding loop was declined, each logged once.
+_LOGGED: set[str] = set()
+
+
 @torch.no_grad()
 def sample_completions(
     model: Any,
@@ -124,18 +128,28 @@ def sample_completions(
     share_prefix: bool = True,
     skinny: bool = True,
     kernel: bool = True,
+    loop: bool = True,
 ) -> Generated:
     """Sample one completion per prompt (prompts repeated G times upstream) with left padding.
 
     ``share_prefix``: prompts that share a beginning (the G copies of one prompt; the chat template's system
     prompt) prefill it once (:func:`selfdistill.sequences.run_shared_prefixes`) and decode from its cache rows.
-    ``skinny``, ``kernel``: decode through :func:`decode_linears`'s paths. All three change only float rounding
-    (~1e-5 in the logits).
+    ``skinny``, ``kernel``: decode through :func:`decode_linears`'s paths. ``loop`` (with ``kernel``): decode
+    through :func:`selfdistill.decode_loop.sample`, one kernel call per layer and step, where it applies (else
+    ``generate``, with a log line saying why). All four change only float rounding (~1e-5 in the logits); the
+    draws are ``generate``'s.
     """
     device = next(model.parameters()).device
     kwargs: dict[str, Any] = {"do_sample": do_sample, "max_new_tokens": max_new_tokens}
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k if top_k else 0)
+    fused = False
+    if loop and kernel:
+        reason = decode_loop.declines(model, len(prompt_ids), max_new_tokens)
+        fused = reason is None
+        if reason is not None and reason not in _LOGGED:
+            _LOGGED.add(reason)
+            logger.info("fused decoding loop not used (%s): sampling runs transformers' generate", reason)
     shared = None
     if share_prefix:
         shared = run_shared_prefixes(model, prompt_ids, MIN_SHARED_PREFIX, device, keep_last=True, pad_id=pad_id)
@@ -152,13 +166,17 @@ def sample_completions(
         width = ids.shape[1]
     try:
         with decode_linears(model, skinny=skinny, kernel=kernel):
-            out = model.generate(**inputs, pad_token_id=pad_id, eos_token_id=list(eos), **kwargs)
+            if fused:
+                new = decode_loop.sample(model, inputs["input_ids"], inputs["attention_mask"], inputs.get(CACHE_KEY),
+                                         eos=list(eos), pad_id=pad_id, **kwargs).tolist()
+            else:
+                out = model.generate(**inputs, pad_token_id=pad_id, eos_token_id=list(eos), **kwargs)
+                new = out[:, width:].tolist()
     except RuntimeError as err:
         if "probability tensor contains" in str(err):
             message = f"the student produced NaN/inf logits while sampling rollouts; {NON_FINITE_FIX}"
             raise NonFiniteLogits(message) from err
         raise
-    new = out[:, width:].tolist()
     eos_set = set(eos)
     completions, truncated = [], []
     for row in new:

@@ -76,7 +76,7 @@ class SamplingMixin:
                     unwrapped, prompt_ids, pad_id=self.pad_id, eos=self.eos, max_new_tokens=args.max_completion_length,
                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     share_prefix=args.share_prompt_prefix, skinny=args.skinny_decode,
-                    kernel=args.decode_kernel,
+                    kernel=args.decode_kernel, loop=args.decode_loop,
                 ))
         elapsed = time.perf_counter() - start
         self._clock += elapsed
@@ -106,7 +106,8 @@ class SamplingMixin:
         with generation_model(self.model_wrapped, self.accelerator) as unwrapped:
             out = sample_completions(unwrapped, ids, pad_id=self.pad_id, eos=self.eos, max_new_tokens=max_new_tokens,
                                      do_sample=False, share_prefix=self.args.share_prompt_prefix,
-                                     skinny=self.args.skinny_decode, kernel=self.args.decode_kernel)
+                                     skinny=self.args.skinny_decode, kernel=self.args.decode_kernel,
+                                     loop=self.args.decode_loop)
         elapsed = time.perf_counter() - start
         self._clock += elapsed
         self.recorder.record("train", "time/source_generation", elapsed, reduce="sum")
