@@ -33,6 +33,9 @@ the main job's prompts (8 two-digit additions) and the OPSD teacher wording:
 - ``step``: one real G = 1 training step of ``benchmarks/train_step.py`` (selfdistill side, every lever on) under
   the profiler: its seconds in ``aten::mm`` (split into decoding products of at most 64 rows and the rest) against
   the step's other operators.
+- ``loop``: the fused decoding loop (``selfdistill.decode_loop``) against ``generate``, both with the decode
+  kernel: GB/s of one step's 30 ``decode_layer`` calls against the same products alone, then
+  ``sample_completions`` of 8 x 16 tokens both ways (seconds, and whether the draws are the same).
 - ``matmul``: float32 matrix-product rate (GFLOP/s) of a large square product and of the training passes' shapes,
   the ceiling a compute-bound pass runs into.
 - ``heap``: one optimizer step of the packed G = 1 student pass (forward, backward, fused AdamW), float32 and bf16
@@ -79,7 +82,7 @@ from recipe_runs import machine  # noqa: E402  (benchmarks/, the script's own fo
 RESULTS = ROOT / "benchmarks" / "results" / "cpu_probes.json"
 TEMPLATE = "{problem}\n\nHere is a reference solution:\n{solution}\n\nUnderstand it, then answer in your own words."
 PROBES = ("skinny", "bf16", "bf16gen", "teacher", "cache", "student", "decode", "profile", "reuse", "overlap", "step",
-          "matmul", "heap", "bandwidth", "padding", "views", "kernel")
+          "matmul", "heap", "bandwidth", "padding", "views", "kernel", "loop")
 LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
 
@@ -734,7 +737,7 @@ def probe_kernel(ctx) -> dict:
 
     def sample(kernel: bool):
         torch.manual_seed(0)
-        return sample_completions(model, prompts, kernel=kernel, **kwargs).completion_ids
+        return sample_completions(model, prompts, kernel=kernel, loop=False, **kwargs).completion_ids
 
     seconds: dict[bool, list[float]] = {True: [], False: []}
     draws = {kernel: sample(kernel) for kernel in (False, True)}  # warm-up round
@@ -746,6 +749,60 @@ def probe_kernel(ctx) -> dict:
     out["generate_torch_s"] = sorted(seconds[False])[1]
     out["generate_kernel_s"] = sorted(seconds[True])[1]
     out["same_tokens"] = draws[True] == draws[False]
+    return out
+
+
+def probe_loop(ctx) -> dict:
+    """The fused decoding loop (``selfdistill.decode_loop``) against ``generate``, both with the decode kernel.
+
+    First one decoding step's 30 layers of SmolLM2 for 8 rows: GB/s of layer weights read by 30 ``decode_layer``
+    calls (norms, products, rotary, cache write, attention over 100 cached positions, SiLU) against the same 210
+    products through the kernel alone (``rows_times_weight``). Then ``sample_completions`` of the 8 main-job
+    prompts, 16 tokens at temperature 0.6, through the loop and through ``generate``: seconds (median of 3
+    interleaved rounds after a warm-up) and whether the same tokens were drawn."""
+    import ctypes
+
+    from selfdistill import cpu_decode, decode_loop
+    from selfdistill.rollout import sample_completions
+
+    lib = cpu_decode.kernel()
+    tok, model, prompts, _, _ = ctx
+    if lib is None or decode_loop.declines(model, len(prompts), 16):
+        return {"loop": "not available on this machine"}
+    # One decoder over 100 prompt positions of made-up tokens, then its layers called as a step would call them.
+    ids = torch.randint(0, model.config.vocab_size, (8, 100))
+    with torch.no_grad():
+        decoder = decode_loop.Decoder(model, ids, torch.ones_like(ids), None, max_new_tokens=1)
+    for args in decoder.plans:
+        args.pos = 100
+    decoder.valid[:, 100] = 1
+    layer_weights = [m.weight for layer in model.model.layers for m in layer.modules()
+                     if isinstance(m, torch.nn.Linear)]
+    total = sum(w.numel() * 4 for w in layer_weights)
+    xs = {576: torch.randn(8, 576), 1536: torch.randn(8, 1536)}
+    out = {
+        "decode_layer_GBps": total / timed(lambda: [lib.decode_layer(ctypes.byref(a)) for a in decoder.plans], 10)
+        / 1e9,
+        "products_only_GBps": total / timed(
+            lambda: [cpu_decode.rows_times_weight(xs[w.shape[1]], w, lib) for w in layer_weights], 10) / 1e9,
+    }
+    kwargs = dict(pad_id=tok.pad_token_id, eos=[tok.eos_token_id], max_new_tokens=16, temperature=0.6)
+
+    def sample(loop: bool):
+        torch.manual_seed(0)
+        return sample_completions(model, prompts, loop=loop, **kwargs).completion_ids
+
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    draws = {loop: sample(loop) for loop in (False, True)}  # warm-up round
+    for _ in range(3):
+        for loop in (False, True):
+            start = time.perf_counter()
+            sample(loop)
+            seconds[loop].append(time.perf_counter() - start)
+    out["generate_s"] = sorted(seconds[False])[1]
+    out["loop_s"] = sorted(seconds[True])[1]
+    out["same_tokens"] = draws[True] == draws[False]
+    out["new_tokens"] = sum(map(len, draws[True]))
     return out
 
 
@@ -771,7 +828,7 @@ def main() -> None:
               "cache": lambda c: probe_cache(c, opts.compile), "student": probe_student, "decode": probe_decode,
               "profile": probe_profile, "reuse": probe_reuse, "overlap": probe_overlap, "step": probe_step,
               "matmul": probe_matmul, "heap": probe_heap, "bandwidth": probe_bandwidth,
-              "padding": probe_padding, "views": probe_views, "kernel": probe_kernel}[name]
+              "padding": probe_padding, "views": probe_views, "kernel": probe_kernel, "loop": probe_loop}[name]
         results[name] = fn(ctx)
         for key, value in results[name].items():
             print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}", flush=True)

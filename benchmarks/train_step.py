@@ -8,9 +8,9 @@ KL(student || teacher) without any clipping. AdamW at lr 2e-5 (constant), gradie
 
 Each (trainer, G) configuration runs in its own subprocess, one after the other, so the two trainers never share a
 process and the peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss`` at the end of the worker) is that configuration's
-alone. A worker trains 1 warm-up step (3 with --compile) plus K measured steps; seconds per step is the wall time
-between the end of the last warm-up step and the end of the last step, divided by K (generation, teacher and student
-passes, optimizer).
+alone. A worker trains 2 warm-up steps (3 with --compile, 1 with --quick) plus K measured steps; seconds per step is
+the wall time between the end of the last warm-up step and the end of the last step, divided by K (generation, teacher
+and student passes, optimizer).
 
     python benchmarks/train_step.py                  # G = 1, 4, 8; K = 5 measured steps; ~7-10 min on 2 CPU cores
     python benchmarks/train_step.py --G 4 --steps 10 # one G, more steps
@@ -535,7 +535,7 @@ def main() -> None:
                         "(TrainingArguments' switch) and --warmup 3: compiling, then recompiling for dynamic shapes, "
                         "stays out of the measured steps")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps before the measured ones "
-                        "(default 1; 3 with --compile)")
+                        "(default 2; 3 with --compile, 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="G=1, 4 rollouts, 1 measured step, 1 thread")
     parser.add_argument("--ablate", type=int, nargs="*", default=[], metavar="G",
                         help="at these G also run selfdistill with its speed levers off, one at a time and all "
@@ -561,7 +561,10 @@ def main() -> None:
     if opts.quick:
         opts.G, opts.rollouts, opts.steps, opts.threads = [1], 4, 1, 1
     out_path = opts.out or (QUICK_RESULTS if opts.quick else RESULTS)
-    warmup = opts.warmup or (3 if opts.compile else 1)
+    # Two warm-up steps: the first allocates the optimizer's state and the first gradients, and the second is still
+    # slower than the later ones on both sides (selfdistill's heap grows once more: ~0.5 GB of page faults, which
+    # no later step repeats; docs/benchmarks.md), so the measured steps are the steady state.
+    warmup = opts.warmup or (3 if opts.compile else 1 if opts.quick else 2)
     flags = {"bf16": int(opts.bf16), "compile": int(opts.compile), "warmup": warmup}
     bad = [g for g in opts.G if opts.rollouts % g]
     if bad:
