@@ -76,8 +76,6 @@ def _replaced(module: torch.nn.Module) -> bool:
 def declines(model: Any, rows: int, max_new_tokens: int) -> str | None:
     """Why :func:`sample` cannot stand in for ``generate`` on ``model`` (None when it can). Call it before the
     caller's :func:`selfdistill.rollout.decode_linears`, whose own replaced forwards the loop bypasses anyway."""
-    if cpu_decode.kernel() is None:
-        return "the decode kernel is not available on this machine"
     if type(model) is not LlamaForCausalLM:
         return f"{type(model).__name__} is not a plain LlamaForCausalLM"
     config = model.config
@@ -119,6 +117,8 @@ def declines(model: Any, rows: int, max_new_tokens: int) -> str | None:
         return "a module has hooks or a replaced forward (accelerate offloading, another patch)"
     if any(p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous() for p in model.parameters()):
         return "the weights are not contiguous float32 tensors on the CPU"
+    if cpu_decode.kernel() is None:
+        return "the decode kernel is not available on this machine"
     return None
 
 
