@@ -71,6 +71,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -703,6 +704,19 @@ def probe_bandwidth(_ctx) -> dict:
     return out
 
 
+def on_and_off(sample) -> tuple[dict[bool, Any], dict[bool, float]]:
+    """``sample(False)`` and ``sample(True)``: what each returned in a warm-up round, and each one's median
+    seconds over 3 interleaved rounds after it."""
+    draws = {on: sample(on) for on in (False, True)}
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(3):
+        for on in (False, True):
+            start = time.perf_counter()
+            sample(on)
+            seconds[on].append(time.perf_counter() - start)
+    return draws, {on: sorted(values)[1] for on, values in seconds.items()}
+
+
 def probe_kernel(ctx) -> dict:
     """The decode kernel (``selfdistill.cpu_decode``) against torch's products for one decoding step of 8 rows.
 
@@ -739,15 +753,8 @@ def probe_kernel(ctx) -> dict:
         torch.manual_seed(0)
         return sample_completions(model, prompts, kernel=kernel, loop=False, **kwargs).completion_ids
 
-    seconds: dict[bool, list[float]] = {True: [], False: []}
-    draws = {kernel: sample(kernel) for kernel in (False, True)}  # warm-up round
-    for _ in range(3):
-        for kernel in (False, True):
-            start = time.perf_counter()
-            sample(kernel)
-            seconds[kernel].append(time.perf_counter() - start)
-    out["generate_torch_s"] = sorted(seconds[False])[1]
-    out["generate_kernel_s"] = sorted(seconds[True])[1]
+    draws, seconds = on_and_off(sample)
+    out["generate_torch_s"], out["generate_kernel_s"] = seconds[False], seconds[True]
     out["same_tokens"] = draws[True] == draws[False]
     return out
 
@@ -792,15 +799,8 @@ def probe_loop(ctx) -> dict:
         torch.manual_seed(0)
         return sample_completions(model, prompts, loop=loop, **kwargs).completion_ids
 
-    seconds: dict[bool, list[float]] = {True: [], False: []}
-    draws = {loop: sample(loop) for loop in (False, True)}  # warm-up round
-    for _ in range(3):
-        for loop in (False, True):
-            start = time.perf_counter()
-            sample(loop)
-            seconds[loop].append(time.perf_counter() - start)
-    out["generate_s"] = sorted(seconds[False])[1]
-    out["loop_s"] = sorted(seconds[True])[1]
+    draws, seconds = on_and_off(sample)
+    out["generate_s"], out["loop_s"] = seconds[False], seconds[True]
     out["same_tokens"] = draws[True] == draws[False]
     out["new_tokens"] = sum(map(len, draws[True]))
     return out
