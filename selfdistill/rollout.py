@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate.utils import is_compiled_module
 from trl.trainer.utils import RepeatSampler
 
 from selfdistill import cpu_decode, decode_loop
@@ -144,8 +145,10 @@ def sample_completions(
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k if top_k else 0)
     fused = False
+    # Under torch.compile (TrainingArguments' torch_compile) the loop decodes with the module the compiled one wraps.
+    plain = model._orig_mod if is_compiled_module(model) else model
     if loop and kernel:
-        reason = decode_loop.declines(model, len(prompt_ids), max_new_tokens)
+        reason = decode_loop.declines(plain, len(prompt_ids), max_new_tokens)
         fused = reason is None
         if reason is not None and reason not in _LOGGED:
             _LOGGED.add(reason)
@@ -167,7 +170,7 @@ def sample_completions(
     try:
         with decode_linears(model, skinny=skinny, kernel=kernel):
             if fused:
-                new = decode_loop.sample(model, inputs["input_ids"], inputs["attention_mask"], inputs.get(CACHE_KEY),
+                new = decode_loop.sample(plain, inputs["input_ids"], inputs["attention_mask"], inputs.get(CACHE_KEY),
                                          eos=list(eos), pad_id=pad_id, **kwargs).tolist()
             else:
                 out = model.generate(**inputs, pad_token_id=pad_id, eos_token_id=list(eos), **kwargs)

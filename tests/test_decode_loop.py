@@ -161,6 +161,23 @@ def test_the_loop_declines_autocast_more_rows_than_the_kernel_takes_and_no_new_t
     assert decode_loop.declines(model, 2, 4) is None
 
 
+@needs_kernel
+def test_a_compiled_model_decodes_through_the_loop_with_the_module_it_wraps(tokenizer, monkeypatch):
+    """TrainingArguments' torch_compile hands sampling a torch.compile wrapper (accelerate keeps it on unwrapping)."""
+    model = build_model(tokenizer).eval()
+    compiled = torch.compile(model, backend="eager")
+    used = []
+    original = decode_loop.sample
+    monkeypatch.setattr(decode_loop, "sample", lambda m, *a, **k: used.append(m) or original(m, *a, **k))
+    rows = prompts(tokenizer, 3)
+    kwargs = dict(pad_id=tokenizer.pad_token_id, eos=[tokenizer.eos_token_id], max_new_tokens=6, temperature=0.8)
+    torch.manual_seed(0)
+    fused = sample_completions(compiled, rows, **kwargs)
+    torch.manual_seed(0)
+    assert fused == sample_completions(compiled, rows, loop=False, **kwargs)
+    assert used == [model]
+
+
 def test_without_the_kernel_the_loop_is_not_used(tokenizer, monkeypatch):
     monkeypatch.setattr(cpu_decode, "_state", {"lib": None})
     assert "kernel" in decode_loop.declines(build_model(tokenizer), 2, 4)
