@@ -67,6 +67,10 @@ def _unsupported_settings(config: Any) -> list[str]:
             if getattr(config, name, None) != getattr(defaults, name, None)]
 
 
+def _head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def _replaced(module: torch.nn.Module) -> bool:
     """A forward replaced on the instance, or hooks: something the loop would bypass."""
     return ("forward" in module.__dict__ or bool(module._forward_hooks) or bool(module._forward_pre_hooks)
@@ -97,7 +101,7 @@ def declines(model: Any, rows: int, max_new_tokens: int) -> str | None:
     if unsupported:
         return f"the generation config sets {', '.join(unsupported)}"
     body = model.model
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = _head_dim(config)
     widths = (config.hidden_size, config.num_attention_heads * head_dim, config.intermediate_size)
     if any(w % cpu_decode.WIDTH for w in widths) or head_dim % 2:
         return f"widths {widths} (multiples of {cpu_decode.WIDTH} needed) or an odd head size {head_dim}"
@@ -155,7 +159,7 @@ class Decoder:
         cache, self.first_logits = out[CACHE_KEY], out.logits[:, -1, :].to(copy=True, dtype=torch.float32)
         del out
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        head_dim = _head_dim(config)
         hidden, inter, cap = config.hidden_size, config.intermediate_size, width + max_new_tokens
         n_layers = len(self.body.layers)
         self.kv = torch.zeros(n_layers, 2, rows, kv_heads, cap, head_dim)
