@@ -502,3 +502,47 @@ def test_grpo_term_without_any_reward_gives_no_gradient(tmp_path, tokenizer):
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is None or p.grad.abs().max() == 0 for p in trainer.model.parameters())
+
+
+def test_seeded_skills_serve_every_task_survive_the_cap_and_checkpoints(tmp_path):
+    strategy = "Start with the middle number, then halve the range the feedback leaves."
+    path = tmp_path / "skills.txt"
+    path.write_text(f"# a strategy known to work\n{strategy}\n\n")
+    source = Skills(top_k=3, max_per_task=1, summaries_per_step=0, seed_skills=str(path))
+    assert [s.text for s in source.bank.retrieve("any_task")] == [strategy]
+    assert [s.text for s in source.bank.retrieve("another_task")] == [strategy]
+    # learned skills come and go under the cap; the seeded one stays
+    for i, text in enumerate(["guess four then two or six always", "never repeat a guess you already made"]):
+        source.bank.add("any_task", text, step=i)
+    texts = {s.text for s in source.bank.retrieve("any_task")}
+    assert strategy in texts and "never repeat a guess you already made" in texts and len(source.bank) == 2
+    [[view]] = Skills(summaries_per_step=0, seed_skills=[strategy]).views(
+        [Rollout(prompt=[{"role": "user", "content": "Guess."}], completion_ids=[1], completion="4", row={"task": "x"})])
+    assert strategy in view.context[-1]["content"]
+    # through a checkpoint: the state holds it once, and loading it into a seeded source does not duplicate it
+    state = json.loads(json.dumps(source.state_dict()))
+    fresh = Skills(summaries_per_step=0, seed_skills=[strategy])
+    fresh.load_state_dict(state)
+    assert sum(s.seeded for s in fresh.bank.skills.values()) == 1
+    unseeded = Skills(summaries_per_step=0)
+    unseeded.load_state_dict(state)
+    assert [s.text for s in unseeded.bank.skills.values() if s.seeded] == [strategy]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("no/such/file.txt", "is not a file"),
+    ([""], "non-empty text"),
+    ([3], "non-empty text"),
+])
+def test_bad_seed_skills_are_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        Skills(seed_skills=bad)
+
+
+def test_seed_skills_from_a_json_list_and_a_broken_json(tmp_path):
+    good, broken = tmp_path / "s.json", tmp_path / "b.json"
+    good.write_text(json.dumps(["Guess the middle of the range first."]))
+    broken.write_text("[oops")
+    assert Skills(seed_skills=str(good)).seed_skills == ["Guess the middle of the range first."]
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Skills(seed_skills=str(broken))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 RETRIEVALS = ("ucb", "similarity", "recent")
+SEEDED_TASK = "*"  # the task tag of seeded skills: they serve every task
 _WORD = re.compile(r"[a-z0-9]+")
 
 
@@ -39,6 +40,7 @@ class Skill:
     uses: int = 0  # times it was credited
     value: float = 0.0  # sum of the usefulness credited to it
     duplicates: int = 0  # near-duplicates merged into it
+    seeded: bool = False  # given by the user (``seed_skills``): shown for every task, never evicted
 
     @property
     def mean(self) -> float:
@@ -74,7 +76,24 @@ class SkillBank:
         return len(self.skills)
 
     def for_task(self, task: str) -> list[Skill]:
-        return [s for s in self.skills.values() if s.task == task]
+        """The skills filed under ``task`` plus the seeded ones, which serve every task."""
+        return [s for s in self.skills.values() if s.task == task or s.seeded]
+
+    def seed(self, texts: list[str]) -> list[Skill]:
+        """File skills a user wrote (a strategy known to work): retrieved for every task and never evicted by the
+        cap. A text already seeded is skipped, so seeding again after a resume adds nothing."""
+        added = []
+        have = {s.text for s in self.skills.values() if s.seeded}
+        for text in texts:
+            text = " ".join(str(text).split())
+            if not text or text in have:
+                continue
+            skill = Skill(id=self.next_id, task=SEEDED_TASK, text=text, step=0, source_reward=None, seeded=True)
+            self.skills[skill.id] = skill
+            self.next_id += 1
+            have.add(text)
+            added.append(skill)
+        return added
 
     # ------------------------------------------------------------------------------------------------ writing
     def add(self, task: str, text: str, step: int = 0, source_reward: float | None = None) -> Skill | None:
@@ -94,8 +113,10 @@ class SkillBank:
         return skill
 
     def _cap(self, task: str, keep: int) -> None:
-        while len(self.for_task(task)) > self.max_per_task:
-            candidates = [s for s in self.for_task(task) if s.id != keep]
+        while sum(not s.seeded for s in self.for_task(task)) > self.max_per_task:
+            candidates = [s for s in self.for_task(task) if s.id != keep and not s.seeded]
+            if not candidates:
+                return
             tried = [s for s in candidates if s.uses]
             victim = min(tried, key=lambda s: (s.mean, s.id)) if tried else min(candidates, key=lambda s: s.id)
             del self.skills[victim.id]
@@ -121,7 +142,7 @@ class SkillBank:
         if self.retrieval == "similarity":
             q = words(query)
             pool = list(self.skills.values())
-            pool.sort(key=lambda s: (jaccard(q, words(s.text)) + (s.task == task), s.id), reverse=True)
+            pool.sort(key=lambda s: (jaccard(q, words(s.text)) + (s.task == task or s.seeded), s.id), reverse=True)
             return pool[: self.top_k]
         pool = self.for_task(task)
         if self.retrieval == "recent":

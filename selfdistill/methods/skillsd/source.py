@@ -16,7 +16,9 @@ this library's choice (the paper reports a bandit over usefulness without publis
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from selfdistill.methods.skillsd.bank import SkillBank
@@ -62,6 +64,10 @@ class Skills(PrivilegedSource):
         template: the teacher's user message, with ``{task}`` and ``{skills}`` (one ``- skill`` line each).
         task_column: the dataset column holding the task tag; rows without it are filed under ``"task"``.
         success_threshold: a trajectory with reward >= this is described as a success in the summary prompt.
+        seed_skills: skills the user writes, e.g. a strategy known to work: a list of texts, or the path of a text
+            file (one skill per line; blank lines and ``#`` lines skipped) or of a JSON list of texts. They are
+            shown for every task, never evicted, and kept through checkpoints with the rest of the bank. With
+            ``summaries_per_step=0`` the teacher sees only them.
     """
 
     paper = {"name": "Skill-SD", "title": "Skill-Conditioned Self-Distillation for multi-turn agents",
@@ -72,7 +78,8 @@ class Skills(PrivilegedSource):
     def __init__(self, max_per_task: int = 8, top_k: int = 2, retrieval: str = "ucb", exploration: float = 1.0,
                  dedupe_threshold: float = 0.7, summaries_per_step: int = 2, summary_max_tokens: int = 64,
                  summary_prompt: str = DEFAULT_SUMMARY_PROMPT, template: str = DEFAULT_TEMPLATE,
-                 task_column: str = "task", success_threshold: float = 1.0):
+                 task_column: str = "task", success_threshold: float = 1.0,
+                 seed_skills: Sequence[str] | str | None = None):
         for key in ("{task}", "{trajectory}", "{outcome}"):
             if key not in summary_prompt:
                 raise ValueError(f"summary_prompt lacks the {key} placeholder; it needs {{task}}, {{trajectory}} "
@@ -88,6 +95,8 @@ class Skills(PrivilegedSource):
         self.summaries_per_step, self.summary_max_tokens = summaries_per_step, summary_max_tokens
         self.summary_prompt, self.template = summary_prompt, template
         self.task_column, self.success_threshold = task_column, success_threshold
+        self.seed_skills = read_seed_skills(seed_skills)
+        self.bank.seed(self.seed_skills)
         self.rounds = 0
         self._generate: Callable[[list[Any], int], list[str]] | None = None
         self._counts = {"added": 0, "merged": 0, "summaries": 0}
@@ -165,4 +174,37 @@ class Skills(PrivilegedSource):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.bank.load_state_dict(state.get("bank", {}))
+        self.bank.seed(self.seed_skills)  # a bank saved before seed_skills was given gains them; present ones stay
         self.rounds = int(state.get("rounds", 0))
+
+
+def read_seed_skills(seed: Sequence[str] | str | None) -> list[str]:
+    """``seed_skills`` as a list of texts: given as a list, or read from a text file (a skill per line) or a JSON
+    list."""
+    if seed is None:
+        return []
+    if isinstance(seed, str):
+        path = Path(seed)
+        if not path.is_file():
+            raise ValueError(
+                f"seed_skills={seed!r} is not a file; give a list of skill texts, or the path of a text file (one skill "
+                "per line) or of a JSON list of texts"
+            )
+        text = path.read_text()
+        if path.suffix == ".json":
+            try:
+                seed = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"seed_skills file {path} is not valid JSON ({err}); write a JSON list of skill "
+                                 "texts, or use a .txt file with one skill per line") from err
+            if not isinstance(seed, list):
+                raise ValueError(f"seed_skills file {path} holds a {type(seed).__name__}; it must be a JSON list of "
+                                 "skill texts")
+        else:
+            seed = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    texts = []
+    for i, item in enumerate(seed):
+        if not isinstance(item, str) or not item.strip():
+            raise ValueError(f"seed_skills[{i}] is {item!r}; every seeded skill must be a non-empty text")
+        texts.append(item.strip())
+    return texts

@@ -1,0 +1,203 @@
+"""Each method in a miniature where its premise holds, against its baselines at equal training rollouts.
+
+One comparison per task (issue "premises"); every run is a shipped recipe plus overrides, run by the `selfdistill`
+command one after the other (`recipe_runs.run_recipe`). ``--seeds`` repeats a configuration with
+``training.seed=S``. Every finished run is merged into benchmarks/results/premises.json as
+``{"task", "method", "seed", "accuracy", "generated_tokens", ...}`` (accuracy: held-out greedy accuracy or success
+rate as a fraction), and the table and docs/img/premises.png are redrawn from that file.
+
+    python benchmarks/premises.py --list                                   # the comparisons and their runs
+    python benchmarks/premises.py guess_number_skillsd skillsd_seeded --seeds 0 1 2
+    python benchmarks/premises.py arithmetic_sdpo --seeds 0                # every configuration of one comparison
+    python benchmarks/premises.py arithmetic_sdpo grpo --reuse 0=benchmarks/results/all_methods.json:grpo@s0
+        # record a run of the same configuration made by another benchmark (marked "reused_from")
+    python benchmarks/premises.py --plot-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from recipe_runs import ROOT, machine, run_recipe
+
+RESULTS = ROOT / "benchmarks" / "results" / "premises.json"
+PLOT = ROOT / "docs" / "img" / "premises.png"
+
+# A correct strategy for guess-the-number 1-8 in 4 guesses (binary search), written by a person: Skill-SD's premise
+# is a teacher that knows something the student does not; with this bank it does, whatever the 135M model writes.
+BINARY_SEARCH = ("Guess 4 first. If I say higher, guess 6; if I say lower, guess 2. Then guess the middle of the "
+                 "numbers still possible. Reply with one number only.")
+
+# The main job's settings for every arithmetic run (960 training rollouts of <= 16 tokens, lr 3e-5, bf16), as in
+# benchmarks/compare_methods.py, so its recorded GRPO runs can be reused.
+MAIN_BUDGET = ["training.per_device_train_batch_size=8", "training.max_steps=120"]
+GRPO_ARITHMETIC = [*MAIN_BUDGET, "training.distill_weight=0", "training.grpo_weight=1", "training.num_generations=4",
+                   "eval.every_steps=20"]
+
+#: comparison -> (task, {configuration: (recipe, overrides)}); the first configuration is the method.
+COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
+    # SDPO (a successful sibling as the teacher's PI) against GRPO with the same binary reward and rollouts.
+    "arithmetic_sdpo": ("arithmetic", {
+        "sdpo": ("recipes/sdpo_arithmetic.yaml", []),
+        "grpo": ("recipes/opsd_arithmetic.yaml", GRPO_ARITHMETIC),
+    }),
+    # Skill-SD with a bank holding a correct strategy, against GRPO alone and Skill-SD with learned skills, at the
+    # settings of benchmarks/skillsd_vs_grpo.py (float32, 40 steps x 8 episodes), so its recorded runs can be reused;
+    # plus the distillation weight lambda (Skill-SD = GRPO + lambda * IW-RKL).
+    "guess_number_skillsd": ("guess_number", {
+        "skillsd_seeded": ("recipes/skillsd_guess_number.yaml",
+                           [f"source.seed_skills=[{json.dumps(BINARY_SEARCH)}]", "source.summaries_per_step=0",
+                            "source.top_k=1"]),
+        "skillsd_learned": ("recipes/skillsd_guess_number.yaml", []),
+        "grpo": ("recipes/skillsd_guess_number.yaml", ["training.distill_weight=0", "source.summaries_per_step=0"]),
+        **{f"skillsd_seeded_lambda{w}": ("recipes/skillsd_guess_number.yaml",
+                                         [f"source.seed_skills=[{json.dumps(BINARY_SEARCH)}]",
+                                          "source.summaries_per_step=0", "source.top_k=1",
+                                          f"training.distill_weight={w}"])
+           for w in ("0.1", "0.3", "3.0")},
+    }),
+}
+
+
+def accuracy(result: dict) -> float:
+    return float(result["eval_after"]["greedy_accuracy"])
+
+
+def row(task: str, method: str, seed: int, result: dict, comparison: str) -> dict:
+    """One run as premises.json records it; the tokens include SD-Zero's self-revision phase."""
+    srt = (result.get("srt") or {}).get("generated_tokens", 0)
+    return {
+        "task": task, "method": method, "seed": seed, "accuracy": accuracy(result),
+        "generated_tokens": int(result["generated_tokens"]) + int(srt), "comparison": comparison,
+        "accuracy_before": (result.get("eval_before") or {}).get("greedy_accuracy"),
+        "rollouts": result.get("rollouts"), "train_seconds": result.get("train_seconds"),
+        "overrides": result.get("overrides"), "recipe": result.get("recipe"),
+        **({"reused_from": result["reused_from"]} if "reused_from" in result else {}),
+    }
+
+
+def load(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def record(path: Path, entry: dict) -> list[dict]:
+    """Replace the run with the same (task, method, seed), merged into what is on disk now."""
+    runs = [r for r in load(path) if (r["task"], r["method"], r["seed"]) != (entry["task"], entry["method"],
+                                                                               entry["seed"])]
+    runs.append(entry)
+    runs.sort(key=lambda r: (r["task"], r["method"], r["seed"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(runs, indent=1))
+    return runs
+
+
+def table(runs: list[dict]) -> str:
+    head = f"{'task':14} {'method':28} {'seeds':>5} {'accuracy (mean ± sd)':>21} {'per seed':>24} {'gen. tokens':>11}"
+    lines = [head, "-" * len(head)]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["task"], r["method"]), []).append(r)
+    for (task, method), rs in sorted(groups.items()):
+        acc = [r["accuracy"] for r in rs]
+        sd = f" ± {statistics.stdev(acc):.1%}" if len(acc) > 1 else ""
+        per_seed = " ".join(f"s{r['seed']}:{r['accuracy']:.1%}" for r in rs)
+        lines.append(f"{task:14} {method:28} {len(rs):>5} {statistics.mean(acc):>13.1%}{sd:>8} {per_seed:>24} "
+                     f"{statistics.mean(r['generated_tokens'] for r in rs):>11.0f}")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    """One panel per task: each configuration's seeds as dots and its mean as a bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in runs})
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4.2), dpi=120, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        methods = sorted({r["method"] for r in runs if r["task"] == task})
+        for i, method in enumerate(methods):
+            acc = [100 * r["accuracy"] for r in runs if r["task"] == task and r["method"] == method]
+            ax.bar(i, statistics.mean(acc), color="C0" if method.startswith(("grpo", "srt", "opsd")) else "C1",
+                   alpha=0.6)
+            ax.scatter([i] * len(acc), acc, color="k", s=12, zorder=3)
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels(methods, rotation=35, ha="right", fontsize=7)
+        ax.set_ylim(0, 100)
+        ax.set_title(task, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("held-out greedy accuracy / success (%)")
+    fig.suptitle("Each method where its premise holds (bars: mean over seeds; dots: seeds; blue: baselines)",
+                 fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("comparison", nargs="?", help=f"one of: {', '.join(COMPARISONS)}")
+    parser.add_argument("names", nargs="*", help="configurations of that comparison (default: all)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--reuse", action="append", default=[], metavar="SEED=FILE[:KEY]",
+                        help="record a results.json (or KEY of a benchmark's results file) as the named "
+                             "configuration's run of SEED, instead of running it")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--out-root", type=Path, default=ROOT / "outputs" / "premises")
+    parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--list", action="store_true")
+    args = parser.parse_args()
+    if args.list:
+        for name, (task, configs) in COMPARISONS.items():
+            print(f"{name} ({task})")
+            for config, (recipe, overrides) in configs.items():
+                print(f"    {config:28} {recipe} {' '.join(overrides)}")
+        return
+    if not args.plot_only:
+        if args.comparison not in COMPARISONS:
+            raise SystemExit(f"name a comparison: {', '.join(COMPARISONS)} (or --plot-only, --list)")
+        task, configs = COMPARISONS[args.comparison]
+        for name in args.names:
+            if name not in configs:
+                raise SystemExit(f"unknown configuration {name!r} of {args.comparison}; choose from: "
+                                 f"{', '.join(configs)}")
+        if args.reuse:
+            if len(args.names) != 1:
+                raise SystemExit("--reuse records runs of one configuration: name exactly one")
+            for item in args.reuse:
+                seed, _, ref = item.partition("=")
+                file, _, key = ref.partition(":")
+                result = json.loads(Path(file).read_text())
+                result = dict(result[key] if key else result)
+                result.update(reused_from=ref, recipe=configs[args.names[0]][0], overrides=configs[args.names[0]][1])
+                record(args.results, row(task, args.names[0], int(seed), result, args.comparison))
+        else:
+            info = machine()
+            print(f"machine: {info.get('cpu')}", flush=True)
+            for seed in args.seeds:
+                for name in args.names or list(configs):
+                    recipe, overrides = configs[name]
+                    run = f"{args.comparison}/{name}@s{seed}"
+                    print(f"running {run} ...", flush=True)
+                    result = run_recipe(f"{name}@s{seed}", recipe, [*overrides, f"training.seed={seed}"],
+                                        args.out_root / args.comparison)
+                    if "error" in result:
+                        print(f"{run} failed: {result['error']}", flush=True)
+                        continue
+                    runs = record(args.results, {**row(task, name, seed, result, args.comparison),
+                                                 "cpu": info.get("cpu")})
+                    print(table([r for r in runs if r["task"] == task]), flush=True)
+    runs = load(args.results)
+    print(table(runs))
+    plot(runs, PLOT)
+    print(f"wrote {args.results} and {PLOT}")
+
+
+if __name__ == "__main__":
+    main()
