@@ -1,4 +1,4 @@
-"""The ``selfdistill`` command: ``train``, ``eval``, ``recipes``, ``check`` and ``skills``.
+"""The ``selfdistill`` command: ``train``, ``eval``, ``diagnose``, ``recipes``, ``check`` and ``skills``.
 
 Runs unchanged under ``accelerate launch -m selfdistill train RECIPE``.
 """
@@ -26,10 +26,18 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="a trained model folder (default: the recipe's model)")
     ev.add_argument("--output", help="write the result as JSON here")
     ev.add_argument("--no-progress", action="store_true")
+    diag = sub.add_parser("diagnose", help="before training: measure whether the task meets the method's premises; "
+                                           "writes <output_dir>/diagnosis.json")
+    diag.add_argument("recipe")
+    diag.add_argument("overrides", nargs="*")
+    diag.add_argument("--prompts", type=int, default=64, help="training rows to roll out (default 64)")
+    diag.add_argument("--samples", type=int, help="rollouts per prompt (default: max(num_generations, 4))")
+    diag.add_argument("--skills", help="Skill-SD: a skill bank to measure (skills.json, or a run's folder)")
+    diag.add_argument("--no-progress", action="store_true")
     sub.add_parser("recipes", help="list the shipped recipes")
     check = sub.add_parser("check", help="validate recipes without loading a model (GPU-only settings included)")
     check.add_argument("recipes", nargs="+")
-    for command in (train, ev, check):
+    for command in (train, ev, check, diag):
         command.add_argument("--allow-code", action="append", default=[], metavar="MODULE",
                              help="let the recipe name reward or view functions from MODULE (repeatable; '*': any "
                                   "module, and trust_remote_code). Without it only selfdistill's own run.")
@@ -66,6 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides, allow_code=args.allow_code)
         from selfdistill.run import run_eval, run_train
 
+        if args.command == "diagnose":
+            from selfdistill.diagnose import diagnose_recipe, format_report
+
+            if args.prompts < 1 or (args.samples is not None and args.samples < 1):
+                raise RecipeError("--prompts and --samples must be at least 1")
+            report = diagnose_recipe(recipe, prompts=args.prompts, samples=args.samples, skills=args.skills,
+                                     progress=not args.no_progress)
+            print(format_report(report))
+            print(f"wrote {report['path']} ({report['wall_seconds']:.0f} s)")
+            return 0
         if args.command == "train":
             from accelerate import PartialState
 

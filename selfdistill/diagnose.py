@@ -1,0 +1,506 @@
+"""Before training: does the task meet the premises the method rests on? (``selfdistill diagnose``; docs/diagnose.md)
+
+Self-distillation teaches the student what the teacher does better. On a few hundred rollouts of the recipe's own
+model, data and source, this measures whether there is anything to teach, and whether it can be taught:
+
+- the **PI gap**: the student's reward (greedy and sampled) against the reward of the teacher *generating under its
+  own context* (the task plus the privileged information). No gap, no signal;
+- the **signal**: the mean per-token reverse KL from the student to the teacher on the student's own rollouts, and
+  the share of tokens that carry 80% of it (how dense the signal is);
+- **room**: the share of student and teacher generations cut at ``max_completion_length``, their lengths, and the
+  share of the teacher's successful answers that would not fit (a run whose divergence falls while its reward stays
+  at zero is predicted here);
+- per method: SD-Zero's revision rates (wrong -> right, right -> right); each AVSD view's own teacher reward and the
+  pairwise JSD between views on the student's tokens; Skill-SD's teacher reward with the bank's skills against
+  without them.
+
+Every premise ends in a verdict (``holds`` / ``fails`` / ``unknown``) against the thresholds in :data:`THRESHOLDS`,
+which docs/diagnose.md justifies with the measured gains of benchmarks/premises.py.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from selfdistill.rollout import eos_ids, sample_completions, verify_completions
+from selfdistill.sequences import completion_logits, render_context, splice, teacher_contexts
+from selfdistill.sources.base import PrivilegedSource, Rollout
+
+#: Verdict thresholds (docs/diagnose.md says where each comes from).
+THRESHOLDS: dict[str, float] = {
+    "pi_gap": 0.10,  # teacher reward - student sampled reward
+    "signal_kl": 0.02,  # mean reverse KL, nats per student token
+    "teacher_cut": 0.20,  # share of the teacher's successful answers longer than max_completion_length
+    "student_cut": 0.50,  # share of student rollouts cut at max_completion_length
+    "revision": 0.25,  # SD-Zero: share of wrong answers the reviser turns right
+    "view_ceiling": 0.95,  # AVSD: a single view this good leaves the consensus nothing to add
+    "skill_gap": 0.10,  # Skill-SD: teacher reward with skills - without
+}
+
+
+@dataclass
+class _Batch:
+    rows: list[dict[str, Any]]
+    prompts: list[Any]
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    truncated: list[bool]
+    rewards: list[float | None]
+    texts: list[str]
+    masks: list[list[int]] | None = None  # the model's own tokens of an episode
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    finite = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return statistics.mean(finite) if finite else None
+
+
+def _success(values: Sequence[float | None], threshold: float) -> float | None:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(v >= threshold for v in finite) / len(finite) if finite else None
+
+
+def _lengths(ids: Sequence[Sequence[int]], cut: Sequence[bool]) -> dict[str, Any]:
+    n = [len(x) for x in ids]
+    if not n:
+        return {}
+    qs = statistics.quantiles(n, n=10) if len(n) > 1 else [n[0]] * 9
+    return {"mean": statistics.mean(n), "p10": qs[0], "p50": statistics.median(n), "p90": qs[-1], "max": max(n),
+            "cut_share": sum(cut) / len(cut)}
+
+
+def reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """``[T]`` KL(student || teacher) per position over the whole vocabulary, from ``[T, V]`` log-probabilities."""
+    return (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
+
+
+def jensen_shannon(a_logp: torch.Tensor, b_logp: torch.Tensor) -> torch.Tensor:
+    """``[T]`` Jensen-Shannon divergence (nats) per position between two ``[T, V]`` log-distributions."""
+    mix = torch.logsumexp(torch.stack([a_logp, b_logp]), 0) - math.log(2)
+    return 0.5 * (reverse_kl(a_logp, mix) + reverse_kl(b_logp, mix))
+
+
+def dense_share(values: torch.Tensor, mass: float = 0.8) -> float | None:
+    """The smallest share of positions whose values sum to ``mass`` of the total (negatives count as 0): near 1 when
+    the signal is spread over every token, near 0 when a few tokens carry it."""
+    if values.numel() == 0:
+        return None
+    ordered = values.clamp_min(0).sort(descending=True).values
+    total = float(ordered.sum())
+    if total <= 0:
+        return 0.0
+    cum = ordered.cumsum(0)
+    carry = int((cum < mass * total * (1 - 1e-9)).sum()) + 1
+    return min(carry, values.numel()) / values.numel()
+
+
+class Diagnosis:
+    """Measures one source's premises with a model; :meth:`run` returns the report (``diagnosis.json``'s content)."""
+
+    def __init__(self, model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], source: PrivilegedSource,
+                 reward_funcs: Sequence[Callable], *, max_completion_length: int, temperature: float = 1.0,
+                 top_p: float = 1.0, samples: int = 4, threshold: float = 0.5, teacher_rollouts: int = 128,
+                 max_teacher_length: int | None = None, env_factory: Callable | None = None, max_turns: int | None = None,
+                 batch_size: int = 64, progress: bool = True):
+        self.model, self.tokenizer, self.rows, self.source = model, tokenizer, list(rows), source
+        self.reward_funcs = list(reward_funcs)
+        self.limit, self.temperature, self.top_p = max_completion_length, temperature, top_p
+        self.samples, self.threshold, self.teacher_rollouts = samples, threshold, teacher_rollouts
+        self.max_teacher_length = max_teacher_length or getattr(model.config, "max_position_embeddings", 2048)
+        self.env_factory, self.max_turns, self.batch_size = env_factory, max_turns, batch_size
+        self.eos = eos_ids(model, tokenizer)
+        self.pad = tokenizer.pad_token_id
+        self.bar = tqdm(total=6, desc="diagnose", disable=not progress, unit="stage")
+
+    # ------------------------------------------------------------------------------------------ generation
+    def _generate(self, rows, prompts, prompt_ids, *, greedy: bool, max_new_tokens: int) -> _Batch:
+        if self.env_factory is not None:
+            return self._episodes(rows, prompts, greedy=greedy)
+        ids, cut = [], []
+        for i in range(0, len(prompt_ids), self.batch_size):
+            out = sample_completions(self.model, prompt_ids[i : i + self.batch_size], pad_id=self.pad, eos=self.eos,
+                                     max_new_tokens=max_new_tokens, do_sample=not greedy,
+                                     temperature=self.temperature, top_p=self.top_p)
+            ids += out.completion_ids
+            cut += out.truncated
+        verified = verify_completions(self.tokenizer, self.reward_funcs, [1.0] * len(self.reward_funcs), prompts,
+                                      ids, rows)
+        return _Batch(list(rows), list(prompts), list(prompt_ids), ids, cut, verified.rewards, verified.texts)
+
+    def _episodes(self, rows, prompts, *, greedy: bool) -> _Batch:
+        from selfdistill.agent import run_episodes
+
+        played = []
+        for i in range(0, len(rows), self.batch_size):
+            chunk = [{**row, "prompt": prompt} for row, prompt in zip(rows[i : i + self.batch_size],
+                                                                      prompts[i : i + self.batch_size])]
+            played += run_episodes(self.model, self.tokenizer, chunk, self.env_factory, pad_id=self.pad,
+                                   eos=self.eos, max_new_tokens=self.limit, max_turns=self.max_turns,
+                                   do_sample=not greedy, temperature=self.temperature, top_p=self.top_p)
+        return _Batch(list(rows), [e.prompt for e in played], [e.prompt_ids for e in played],
+                      [e.completion_ids for e in played], [e.truncated_replies > 0 for e in played],
+                      [e.reward for e in played], [e.transcript() for e in played], [e.env_mask for e in played])
+
+    # -------------------------------------------------------------------------------------------- scoring
+    @torch.no_grad()
+    def _logprobs(self, contexts: list[list[int]], completions: list[list[int]]) -> list[torch.Tensor]:
+        """Per rollout, ``[T, V]`` float32 log-probabilities predicting each completion token."""
+        out = []
+        step = max(1, self.batch_size // 4)
+        for i in range(0, len(contexts), step):
+            batch = splice(contexts[i : i + step], completions[i : i + step], self.pad)
+            logits = completion_logits(self.model, batch).float()
+            if not torch.isfinite(logits).all():
+                raise FloatingPointError("the model produced NaN/inf logits while diagnosing; check the model's "
+                                         "weights and dtype (bf16 weights overflow more easily than float32)")
+            logp = torch.log_softmax(logits, dim=-1)
+            for k, comp in enumerate(completions[i : i + step]):
+                out.append(logp[k, : len(comp)])
+        return out
+
+    # ---------------------------------------------------------------------------------------------- run
+    def run(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        tok, rows = self.tokenizer, self.rows
+        prompts = [r["prompt"] for r in rows]
+        prompt_ids = [render_context(tok, p) for p in prompts]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self.bar.set_postfix_str("student greedy")
+            greedy = self._generate(rows, prompts, prompt_ids, greedy=True, max_new_tokens=self.limit)
+            self.bar.update()
+            self.bar.set_postfix_str("student sampled")
+            g = self.samples
+            rep = [(r, p, i) for r, p, i in zip(rows, prompts, prompt_ids) for _ in range(g)]
+            sampled = self._generate([x[0] for x in rep], [x[1] for x in rep], [x[2] for x in rep], greedy=False,
+                                     max_new_tokens=self.limit)
+            self.bar.update()
+            rollouts = [Rollout(row=row, prompt=prompt, completion=text, completion_ids=ids, reward=reward,
+                                group=i // g, finished=not cut,
+                                extras={} if sampled.masks is None else {"env_mask": sampled.masks[i]})
+                        for i, (row, prompt, text, ids, reward, cut) in enumerate(zip(
+                            sampled.rows, sampled.prompts, sampled.texts, sampled.completion_ids, sampled.rewards,
+                            sampled.truncated))]
+            views = self.source.views(rollouts)
+            teacher = teacher_contexts(tok, self.source, rollouts, views, self.max_teacher_length, "truncate")
+            names = teacher.names[0]
+            report: dict[str, Any] = {
+                "source": type(self.source).__name__, "prompts": len(rows), "rollouts": len(rollouts),
+                "samples_per_prompt": g, "max_completion_length": self.limit,
+                "student_reward": _mean(sampled.rewards), "student_reward_greedy": _mean(greedy.rewards),
+                "student_success": _success(sampled.rewards, self.threshold),
+                "student_success_greedy": _success(greedy.rewards, self.threshold),
+                "student_lengths": _lengths(sampled.completion_ids, sampled.truncated),
+                "views": names, "truncated_pi": teacher.truncated_pi,
+            }
+            self.bar.update()
+            self.bar.set_postfix_str("teacher generating")
+            report["teacher"] = self._teacher_generation(rollouts, teacher, names)
+            best = max(names, key=lambda n: report["teacher"][n]["reward"] or -math.inf)
+            report["teacher_reward"] = report["teacher"][best]["reward"]
+            report["teacher_view"] = best
+            self.bar.update()
+            self.bar.set_postfix_str("teacher scoring")
+            report["signal"] = self._signal(sampled, teacher, names)
+            self.bar.update()
+            report.update(self._method_sections(rollouts, teacher, names, report))
+            report["verdicts"] = verdicts(report)
+            report["seconds"] = round(time.perf_counter() - start, 1)
+            self.bar.update()
+        finally:
+            self.bar.close()
+            self.model.train(was_training)
+        return report
+
+    def _teacher_generation(self, rollouts: list[Rollout], teacher: Any, names: list[str]) -> dict[str, Any]:
+        """Each view's teacher generating under its own context: reward within the rollout limit, and how long its
+        successful answers are when allowed four times that."""
+        n = min(len(rollouts), self.teacher_rollouts)
+        idx = list(range(n))
+        out = {}
+        for k, name in enumerate(names):
+            contexts = [teacher.ids[i][k] for i in idx]
+            rows = [rollouts[i].row for i in idx]
+            if self.env_factory is not None:
+                # The task as the environment first shows it (run_episodes appends the first observation itself).
+                bare = [Rollout(row=rollouts[i].row, prompt=rollouts[i].row["prompt"], completion="",
+                                completion_ids=[], reward=None) for i in idx]
+                ctx_prompts = [views[k].context for views in self.source.views(bare)]
+                played = self._episodes(rows, ctx_prompts, greedy=False)
+                out[name] = {"reward": _mean(played.rewards), "success": _success(played.rewards, self.threshold),
+                             "lengths": _lengths(played.completion_ids, played.truncated), "fits_share": None}
+                continue
+            long = self._generate(rows, [rollouts[i].prompt for i in idx], contexts, greedy=False,
+                                  max_new_tokens=4 * self.limit)
+            within = [ids[: self.limit] for ids in long.completion_ids]
+            verified = verify_completions(self.tokenizer, self.reward_funcs, [1.0] * len(self.reward_funcs),
+                                          long.prompts, within, rows)
+            good_long = [len(ids) for ids, r in zip(long.completion_ids, long.rewards)
+                         if r is not None and r >= self.threshold]
+            out[name] = {
+                "reward": _mean(verified.rewards),
+                "success": _success(verified.rewards, self.threshold),
+                "reward_unbounded": _mean(long.rewards),
+                "lengths": _lengths(long.completion_ids, [len(x) > self.limit for x in long.completion_ids]),
+                "successes_too_long": (sum(n_ > self.limit for n_ in good_long) / len(good_long)) if good_long
+                else None,
+                "rewards": verified.rewards,
+            }
+        return out
+
+    def _signal(self, sampled: _Batch, teacher: Any, names: list[str]) -> dict[str, Any]:
+        """Reverse KL student -> teacher per student token (full vocabulary), its density, and the views' JSDs."""
+        student = self._logprobs(sampled.prompt_ids, sampled.completion_ids)
+        masks = sampled.masks or [[1] * len(c) for c in sampled.completion_ids]
+        per_view: dict[str, list[torch.Tensor]] = {}
+        view_logps: list[list[torch.Tensor]] = []
+        for k, name in enumerate(names):
+            t_logp = self._logprobs([ids[k] for ids in teacher.ids], [s[k] for s in teacher.scored])
+            view_logps.append(t_logp)
+            per_view[name] = [reverse_kl(s, t)[torch.tensor(m, dtype=torch.bool)]
+                              for s, t, m in zip(student, t_logp, masks)]
+        out: dict[str, Any] = {}
+        for name, kls in per_view.items():
+            flat = torch.cat(kls) if kls else torch.zeros(0)
+            if flat.numel() == 0:
+                out[name] = {"reverse_kl": None, "dense_share": None, "tokens": 0}
+                continue
+            out[name] = {"reverse_kl": float(flat.mean()), "dense_share": dense_share(flat),
+                         "tokens": int(flat.numel())}
+        if len(names) > 1:
+            pairs = {}
+            for a in range(len(names)):
+                for b in range(a + 1, len(names)):
+                    values = []
+                    for pa, pb, m in zip(view_logps[a], view_logps[b], masks):
+                        values.append(jensen_shannon(pa, pb)[torch.tensor(m, dtype=torch.bool)])
+                    pairs[f"{names[a]}|{names[b]}"] = float(torch.cat(values).mean())
+            out["pairwise_jsd"] = pairs
+        first = out[names[0]] if len(names) == 1 else None
+        out["reverse_kl"] = first["reverse_kl"] if first else _mean([out[n]["reverse_kl"] for n in names])
+        out["dense_share"] = first["dense_share"] if first else _mean([out[n]["dense_share"] for n in names])
+        return out
+
+    def _method_sections(self, rollouts: list[Rollout], teacher: Any, names: list[str],
+                         report: dict[str, Any]) -> dict[str, Any]:
+        from selfdistill.methods.avsd.source import MultiView
+        from selfdistill.methods.sdzero.source import Reviser
+        from selfdistill.methods.skillsd.source import Skills
+
+        out: dict[str, Any] = {}
+        if isinstance(self.source, Reviser):
+            # The reviser's generation after "this response is wrong / correct" is its revision.
+            right, wrong = [], []
+            n = min(len(rollouts), self.teacher_rollouts)
+            revised = report["teacher"][names[0]].get("rewards") or []
+            for rollout, after in zip(rollouts[:n], revised):
+                if rollout.reward is None or after is None:
+                    continue
+                (right if rollout.reward >= self.threshold else wrong).append(after >= self.threshold)
+            out["revision"] = {"wrong_to_right": sum(wrong) / len(wrong) if wrong else None, "wrong": len(wrong),
+                               "right_kept_right": sum(right) / len(right) if right else None, "right": len(right)}
+        if isinstance(self.source, MultiView):
+            out["multiview"] = {name: {"teacher_reward": report["teacher"][name]["reward"],
+                                       "reverse_kl": report["signal"][name]["reverse_kl"]} for name in names}
+        if isinstance(self.source, Skills):
+            shown = [bool(v[0].tag) for v in self.source.views(rollouts[:1])]
+            with_skills = report["teacher"][names[0]]["reward"]
+            out["skills"] = {"bank_size": len(self.source.bank), "shown": any(shown),
+                             "teacher_reward_with_skills": with_skills if any(shown) else None,
+                             "teacher_reward_without": report["student_reward"]}
+        for section in report["teacher"].values():
+            section.pop("rewards", None)
+        return out
+
+
+def verdicts(report: dict[str, Any]) -> list[dict[str, str]]:
+    """One line per premise: ``{"premise", "verdict", "why"}`` against :data:`THRESHOLDS`."""
+    th, out = THRESHOLDS, []
+
+    def add(premise: str, ok: bool | None, why: str) -> None:
+        out.append({"premise": premise, "verdict": "unknown" if ok is None else ("holds" if ok else "fails"),
+                    "why": why})
+
+    student, teacher = report.get("student_reward"), report.get("teacher_reward")
+    if student is None or teacher is None:
+        add("pi_gap", None, "no reward to compare: give the recipe a verifier (rewards:) or an environment")
+    else:
+        gap = teacher - student
+        add("pi_gap", gap >= th["pi_gap"],
+            f"teacher {teacher:.2f} vs student {student:.2f} (gap {gap:+.2f}; needs >= {th['pi_gap']:.2f}): "
+            + ("the teacher knows something to teach" if gap >= th["pi_gap"] else
+               "the teacher does no better than the student: no gap, no signal"))
+    kl = report["signal"].get("reverse_kl")
+    add("signal", None if kl is None else kl >= th["signal_kl"],
+        "no student tokens to score" if kl is None else
+        f"reverse KL {kl:.3f} nats/token on the student's rollouts (needs >= {th['signal_kl']}), 80% of it on "
+        f"{report['signal'].get('dense_share') or 0:.0%} of the tokens")
+    view = report["teacher"][report["teacher_view"]]
+    too_long, cut = view.get("successes_too_long"), report["student_lengths"].get("cut_share", 0.0)
+    if too_long is None:
+        add("room", cut <= th["student_cut"],
+            f"{cut:.0%} of student rollouts cut at max_completion_length={report['max_completion_length']}")
+    else:
+        ok = too_long <= th["teacher_cut"] and cut <= th["student_cut"]
+        add("room", ok,
+            f"{too_long:.0%} of the teacher's successful answers need more than max_completion_length="
+            f"{report['max_completion_length']} tokens (needs <= {th['teacher_cut']:.0%}); {cut:.0%} of student "
+            "rollouts are cut there" + ("" if ok else ": raise max_completion_length, or the reward can stay at "
+                                              "zero while the divergence falls"))
+    if "revision" in report:
+        rate = report["revision"]["wrong_to_right"]
+        add("revision", None if rate is None else rate >= th["revision"],
+            "no wrong rollout to revise" if rate is None else
+            f"the reviser turns {rate:.0%} of wrong answers right (needs >= {th['revision']:.0%}) and keeps "
+            f"{report['revision']['right_kept_right'] or 0:.0%} of right ones right")
+    if "multiview" in report and student is not None:
+        gaps = {n: v["teacher_reward"] - student for n, v in report["multiview"].items()
+                if v["teacher_reward"] is not None}
+        informative = [n for n, gap in gaps.items() if gap >= th["pi_gap"]]
+        top = max((v["teacher_reward"] or 0.0) for v in report["multiview"].values())
+        ok = len(informative) >= 2 and top < th["view_ceiling"]
+        add("views", ok,
+            f"{len(informative)} of {len(gaps)} views carry a gap >= {th['pi_gap']:.2f}; the best view's teacher "
+            f"reward is {top:.2f}" + ("" if ok else (
+                f" (>= {th['view_ceiling']:.2f}: one view already says it all, the consensus can only dilute it)"
+                if top >= th["view_ceiling"] else ": fewer than two informative views to combine")))
+    if "skills" in report:
+        sk = report["skills"]
+        if not sk["shown"]:
+            add("skills", None, "the bank is empty: seed it (source.seed_skills) or load one (--skills PATH)")
+        else:
+            gap = sk["teacher_reward_with_skills"] - (sk["teacher_reward_without"] or 0.0)
+            add("skills", gap >= th["skill_gap"],
+                f"teacher with the bank's skills {sk['teacher_reward_with_skills']:.2f} vs without "
+                f"{sk['teacher_reward_without'] or 0.0:.2f} (needs a gap >= {th['skill_gap']:.2f})")
+    return out
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The table ``selfdistill diagnose`` prints, then one verdict line per premise."""
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.2f}"
+
+    lines = [f"{'measure':48} value", "-" * 64,
+             f"{'student reward, greedy':48} {pct(report['student_reward_greedy'])}",
+             f"{'student reward, sampled':48} {pct(report['student_reward'])}"]
+    for name, t in report["teacher"].items():
+        lines.append(f"{'teacher reward under its own context [' + name + ']':48} {pct(t['reward'])}")
+    sig = report["signal"]
+    lines.append(f"{'reverse KL student->teacher (nats/token)':48} {pct(sig.get('reverse_kl'))}")
+    lines.append(f"{'share of tokens carrying 80% of it':48} {pct(sig.get('dense_share'))}")
+    for pair, jsd in (sig.get("pairwise_jsd") or {}).items():
+        lines.append(f"{'JSD ' + pair:48} {jsd:.3f}")
+    sl = report["student_lengths"]
+    lines.append(f"{'student length mean / p90 / cut share':48} {sl.get('mean', 0):.1f} / {sl.get('p90', 0):.0f} / "
+                 f"{sl.get('cut_share', 0):.0%}")
+    for name, t in report["teacher"].items():
+        tl = t["lengths"]
+        extra = "" if t.get("successes_too_long") is None else f", successes too long {t['successes_too_long']:.0%}"
+        lines.append(f"{'teacher length mean / p90 [' + name + ']':48} {tl.get('mean', 0):.1f} / "
+                     f"{tl.get('p90', 0):.0f}{extra}")
+    if "revision" in report:
+        rv = report["revision"]
+        lines.append(f"{'reviser: wrong -> right (of ' + str(rv['wrong']) + ')':48} {pct(rv['wrong_to_right'])}")
+        lines.append(f"{'reviser: right kept right (of ' + str(rv['right']) + ')':48} {pct(rv['right_kept_right'])}")
+    if "skills" in report:
+        sk = report["skills"]
+        lines.append(f"{'skills in the bank':48} {sk['bank_size']}")
+    lines.append("")
+    for v in report["verdicts"]:
+        lines.append(f"{v['premise']:>9}: {v['verdict'].upper():7} {v['why']}")
+    return "\n".join(lines)
+
+
+def diagnose(model: Any, tokenizer: Any, dataset: Any, privileged: PrivilegedSource,
+             reward_funcs: Sequence[Callable] = (), args: Any = None, *, prompts: int = 64, samples: int | None = None,
+             environment_factory: Callable | None = None, progress: bool = True) -> dict[str, Any]:
+    """Measure ``privileged``'s premises on ``prompts`` rows of ``dataset`` before training (the Python form of
+    ``selfdistill diagnose``): the same arguments as :class:`~selfdistill.SelfDistillTrainer` (``args`` a
+    :class:`~selfdistill.SelfDistillConfig`, for the completion limit, temperature and generations).
+
+    Returns the report: ``student_reward``, ``teacher_reward``, the per-premise sections and ``verdicts``;
+    :func:`format_report` renders it.
+    """
+    from selfdistill.evaluation import take_rows
+
+    if args is None:
+        from selfdistill.config import SelfDistillConfig
+
+        args = SelfDistillConfig(output_dir="diagnose", use_cpu=True, report_to="none")
+    rows = take_rows(dataset, prompts)
+    if not rows:
+        raise ValueError("the dataset is empty: diagnose needs at least one row")
+    g = samples or max(args.num_generations, 4)
+    return Diagnosis(model, tokenizer, rows, privileged, reward_funcs, max_completion_length=args.max_completion_length,
+                     temperature=args.temperature, top_p=args.top_p, samples=g,
+                     max_teacher_length=args.max_teacher_length, env_factory=environment_factory,
+                     max_turns=getattr(args, "max_turns", None), progress=progress).run()
+
+
+def diagnose_recipe(recipe: Any, prompts: int = 64, samples: int | None = None, skills: str | None = None,
+                    progress: bool = True) -> dict[str, Any]:
+    """``selfdistill diagnose``: the recipe's model, data, source and verifier, measured before any training; writes
+    ``<output_dir>/diagnosis.json`` and returns the report."""
+    import contextlib
+    import json
+    from pathlib import Path
+
+    from transformers import set_seed
+
+    from selfdistill.checks import check_datasets
+    from selfdistill.data import load_splits
+    from selfdistill.modeling import load_model, load_tokenizer
+    from selfdistill.recipes import RecipeError, build_env, build_source
+    from selfdistill.run import env_splits, resolve_reward
+
+    args = recipe.config()
+    set_seed(args.seed)
+    start = time.perf_counter()
+    train, _ = load_splits(recipe.data) if recipe.env is None else env_splits(recipe)
+    rewards = [resolve_reward(r) for r in recipe.rewards]
+    env_factory = build_env(recipe.env) if recipe.env is not None else None
+    source = build_source(recipe.source)
+    if skills:
+        from selfdistill.methods.skillsd.bank import SkillBank
+
+        bank = getattr(source, "bank", None)
+        if bank is None:
+            raise RecipeError(f"--skills {skills}: the recipe's source ({type(source).__name__}) has no skill bank")
+        try:
+            loaded = SkillBank.load(skills)
+        except (FileNotFoundError, ValueError) as err:
+            raise RecipeError(f"--skills: {err}") from err
+        source.load_state_dict({"bank": loaded.state_dict()})
+    if not rewards and env_factory is None:
+        raise RecipeError("diagnose compares rewards: give the recipe a verifier (rewards: [...]) or an env")
+    try:
+        check_datasets(source, args, train)
+    except (KeyError, TypeError, ValueError) as err:
+        raise RecipeError(f"data: {err.args[0] if err.args else err}") from err
+    tokenizer = load_tokenizer(recipe.model)
+    model = load_model(recipe.model, args.model_init_kwargs)
+    setup = time.perf_counter() - start
+    # The rollouts are sampled the way training samples them: under bf16 autocast when the recipe trains in bf16.
+    precision = torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 and model.device.type == "cpu" else (
+        contextlib.nullcontext())
+    with precision:
+        report = diagnose(model, tokenizer, train, source, rewards, args, prompts=prompts, samples=samples,
+                          environment_factory=env_factory, progress=progress)
+    report.update(recipe=recipe.path, method=recipe.method, model=recipe.model, setup_seconds=round(setup, 1),
+                  wall_seconds=round(time.perf_counter() - start, 1), thresholds=THRESHOLDS)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "diagnosis.json").write_text(json.dumps(report, indent=1, default=str))
+    report["path"] = str(out / "diagnosis.json")
+    return report

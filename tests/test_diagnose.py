@@ -1,0 +1,175 @@
+"""`selfdistill diagnose`: the premise measures against float64 references, the verdicts, and end-to-end runs."""
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from conftest import build_dataset, build_model
+
+from selfdistill.cli import main
+from selfdistill.config import SelfDistillConfig
+from selfdistill.diagnose import THRESHOLDS, dense_share, diagnose, jensen_shannon, reverse_kl, verdicts
+from selfdistill.methods.avsd.source import MultiView
+from selfdistill.methods.sdzero.source import Reviser
+from selfdistill.methods.skillsd.source import Skills
+from selfdistill.sources import PrivilegedSource, ReferenceSolution, TeacherView
+
+
+# ------------------------------------------------------------------------------------------- pure measures
+def test_reverse_kl_and_jsd_match_a_float64_loop():
+    torch.manual_seed(0)
+    s = torch.log_softmax(torch.randn(5, 7, dtype=torch.float64), -1)
+    t = torch.log_softmax(torch.randn(5, 7, dtype=torch.float64), -1)
+    for pos in range(5):
+        p, q = s[pos].exp().tolist(), t[pos].exp().tolist()
+        kl = sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))  # KL(student || teacher)
+        m = [(pi + qi) / 2 for pi, qi in zip(p, q)]
+        js = 0.5 * sum(pi * math.log(pi / mi) for pi, mi in zip(p, m)) + 0.5 * sum(
+            qi * math.log(qi / mi) for qi, mi in zip(q, m))
+        assert reverse_kl(s, t)[pos].item() == pytest.approx(kl, rel=1e-10)
+        assert jensen_shannon(s, t)[pos].item() == pytest.approx(js, rel=1e-10)
+    # the direction: a student sure of token 0 against a teacher sure of token 1 costs log(p_s / p_t) on token 0
+    sure = torch.log(torch.tensor([[0.99, 0.01]], dtype=torch.float64))
+    other = torch.log(torch.tensor([[0.5, 0.5]], dtype=torch.float64))
+    assert reverse_kl(sure, other).item() == pytest.approx(0.99 * math.log(0.99 / 0.5) + 0.01 * math.log(0.01 / 0.5))
+    assert reverse_kl(sure, other).item() != pytest.approx(reverse_kl(other, sure).item())
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([1.0, 1.0, 1.0, 1.0, 1.0], 0.8),  # spread evenly: 80% of the mass needs 80% of the tokens
+    ([8.0, 1.0, 0.5, 0.5], 0.25),  # one token carries 80%
+    ([0.0, 0.0], 0.0),
+    ([5.0, -1.0, 0.0, 0.0], 0.25),  # negatives count as nothing
+])
+def test_dense_share_is_the_smallest_share_carrying_80_percent(values, expected):
+    assert dense_share(torch.tensor(values)) == pytest.approx(expected)
+    # brute force: the fewest tokens whose values reach 80% of the total
+    pos = sorted((max(v, 0.0) for v in values), reverse=True)
+    total = sum(pos)
+    if total:
+        k = next(i + 1 for i in range(len(pos)) if sum(pos[: i + 1]) >= 0.8 * total - 1e-12)
+        assert dense_share(torch.tensor(values)) == pytest.approx(k / len(values))
+    assert dense_share(torch.zeros(0)) is None
+
+
+# ------------------------------------------------------------------------------------------------- verdicts
+def _report(student=0.2, teacher=0.9, kl=0.3, too_long=0.0, cut=0.0, **extra):
+    return {"student_reward": student, "teacher_reward": teacher, "teacher_view": "v", "max_completion_length": 16,
+            "teacher": {"v": {"reward": teacher, "successes_too_long": too_long}},
+            "signal": {"reverse_kl": kl, "dense_share": 0.3}, "student_lengths": {"cut_share": cut}, **extra}
+
+
+def _verdict(report, premise):
+    return next(v for v in verdicts(report) if v["premise"] == premise)["verdict"]
+
+
+def test_verdicts_follow_the_thresholds():
+    gap = THRESHOLDS["pi_gap"]
+    assert _verdict(_report(), "pi_gap") == "holds"
+    assert _verdict(_report(student=0.5, teacher=0.5 + gap / 2), "pi_gap") == "fails"
+    assert _verdict(_report(student=None), "pi_gap") == "unknown"
+    assert _verdict(_report(kl=THRESHOLDS["signal_kl"] / 2), "signal") == "fails"
+    assert _verdict(_report(too_long=0.5), "room") == "fails"
+    assert _verdict(_report(cut=0.9), "room") == "fails"
+    rev = {"wrong_to_right": 0.1, "right_kept_right": 0.9, "wrong": 10, "right": 10}
+    assert _verdict(_report(revision=rev), "revision") == "fails"
+    assert _verdict(_report(revision={**rev, "wrong_to_right": 0.5}), "revision") == "holds"
+    views = {"a": {"teacher_reward": 1.0}, "b": {"teacher_reward": 0.6}}
+    assert _verdict(_report(multiview=views), "views") == "fails"  # one view already says it all
+    assert _verdict(_report(multiview={**views, "a": {"teacher_reward": 0.7}}), "views") == "holds"
+    skills = {"bank_size": 1, "shown": True, "teacher_reward_with_skills": 0.5, "teacher_reward_without": 0.2}
+    assert _verdict(_report(skills=skills), "skills") == "holds"
+    assert _verdict(_report(skills={**skills, "teacher_reward_with_skills": 0.22}), "skills") == "fails"
+    assert _verdict(_report(skills={**skills, "shown": False, "bank_size": 0}), "skills") == "unknown"
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+class BareProblem(PrivilegedSource):
+    """A teacher that sees exactly what the student sees: no privileged information at all."""
+
+    def views(self, rollouts):
+        return [[TeacherView(context=r.prompt, name="bare")] for r in rollouts]
+
+
+def even_answer(prompts, completions, answer, **_):
+    """Right exactly on every other row of build_dataset (answers 30, 38, 46, ...), whatever was written: rewards
+    known in advance."""
+    return [float(int(a) % 16 < 8) for a in answer]
+
+
+def _args(tmp_path, **kw):
+    return SelfDistillConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_completion_length=4,
+                             num_generations=2, temperature=1.0, **kw)
+
+
+def test_a_teacher_without_privileged_information_has_no_gap_and_no_signal(tmp_path, tokenizer):
+    model = build_model(tokenizer)
+    report = diagnose(model, tokenizer, build_dataset(6), BareProblem(), [even_answer], _args(tmp_path), prompts=6,
+                      samples=2, progress=False)
+    assert report["rollouts"] == 12 and report["prompts"] == 6
+    share = 0.5
+    assert report["student_reward"] == pytest.approx(share) and report["teacher_reward"] == pytest.approx(share)
+    assert report["signal"]["reverse_kl"] == pytest.approx(0.0, abs=1e-6)  # same context, same distribution
+    assert _verdict(report, "pi_gap") == "fails" and _verdict(report, "signal") == "fails"
+    assert report["student_lengths"]["max"] <= 4
+
+
+def test_a_reference_teacher_is_scored_on_the_student_tokens(tmp_path, tokenizer):
+    model = build_model(tokenizer)
+    report = diagnose(model, tokenizer, build_dataset(4), ReferenceSolution(column="solution"), [even_answer],
+                      _args(tmp_path), prompts=4, samples=2, progress=False)
+    assert report["signal"]["reverse_kl"] > 0 and report["signal"]["reference"]["tokens"] > 0
+    assert set(report["teacher"]["reference"]) >= {"reward", "lengths", "successes_too_long", "reward_unbounded"}
+    assert "rewards" not in report["teacher"]["reference"]
+
+
+def test_reviser_revision_rates_and_multiview_jsd(tmp_path, tokenizer):
+    model = build_model(tokenizer)
+    report = diagnose(model, tokenizer, build_dataset(6), Reviser(), [even_answer], _args(tmp_path), prompts=6,
+                      samples=2, progress=False)
+    # even_answer fixes each row's verdict: a wrong row's revision stays wrong, a right one stays right
+    assert report["revision"]["wrong_to_right"] == 0.0 and report["revision"]["right_kept_right"] == 1.0
+    assert report["revision"]["wrong"] + report["revision"]["right"] == 12
+    views = MultiView(views=["full_solution", "answer_only"], column="solution", answer_column="answer")
+    report = diagnose(model, tokenizer, build_dataset(4), views, [even_answer], _args(tmp_path), prompts=4,
+                      samples=2, progress=False)
+    assert set(report["multiview"]) == {"full_solution", "answer_only"}
+    assert report["signal"]["pairwise_jsd"]["full_solution|answer_only"] > 0
+    assert any(v["premise"] == "views" for v in report["verdicts"])
+
+
+def test_skills_without_a_bank_are_unknown_and_a_seeded_bank_is_measured(tmp_path, tokenizer):
+    model = build_model(tokenizer)
+    data = build_dataset(4)
+    empty = diagnose(model, tokenizer, data, Skills(summaries_per_step=0), [even_answer], _args(tmp_path),
+                     prompts=4, samples=2, progress=False)
+    assert _verdict(empty, "skills") == "unknown"
+    seeded = diagnose(model, tokenizer, data, Skills(summaries_per_step=0, seed_skills=["Add the tens, then the ones."]),
+                      [even_answer], _args(tmp_path), prompts=4, samples=2, progress=False)
+    assert seeded["skills"]["shown"] and seeded["skills"]["teacher_reward_with_skills"] is not None
+
+
+def test_cli_diagnose_writes_diagnosis_json(tmp_path, tokenizer, capsys):
+    model_dir = tmp_path / "tiny"
+    build_model(tokenizer, max_position_embeddings=1024).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    recipe = {
+        "method": "opsd", "model": str(model_dir),
+        "data": {"task": "arithmetic", "n_train": 16, "n_test": 4, "digits": 1},
+        "source": {"type": "reference", "column": "solution"},
+        "rewards": ["arithmetic"],
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "per_device_train_batch_size": 4,
+                     "num_generations": 2, "max_completion_length": 4, "use_cpu": True, "save_strategy": "no"},
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["diagnose", str(path), "--prompts", "4", "--samples", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "pi_gap:" in out and "signal:" in out and "room:" in out
+    written = json.loads((tmp_path / "out" / "diagnosis.json").read_text())
+    assert {"student_reward", "teacher_reward", "signal", "verdicts", "thresholds"} <= set(written)
+    assert written["rollouts"] == 8
+    assert main(["diagnose", str(path), "--prompts", "0"]) == 2
+    assert main(["diagnose", str(path), "--skills", str(tmp_path / "none.json")]) == 2  # not a Skill-SD source
