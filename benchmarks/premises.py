@@ -59,6 +59,26 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
                                           f"training.distill_weight={w}"])
            for w in ("0.1", "0.3", "3.0")},
     }),
+    # SD-Zero on two-option addition, where "this response is wrong" leaves one option; its SRT stage alone is read
+    # from the same run (eval_after_srt, recorded as method "srt"), GRPO has the same binary reward.
+    "choice_sdzero": ("arithmetic_choice", {
+        "sdzero": ("recipes/sdzero_choice.yaml", []),
+        "grpo": ("recipes/sdzero_choice.yaml", ["srt.enabled=false", "training.distill_weight=0",
+                                                "training.grpo_weight=1", "training.num_generations=4"]),
+    }),
+    # AVSD over three independent references, each wrong on 30% of rows: against OPSD on each reference alone and
+    # OPSD shown all three in one context; at the recipe's setting (whole vocabulary, scale clip tau 4) and at the
+    # paper's (union of each view's top-64 plus the sampled token, per-entry clip 0.05, uniform weights).
+    "noisy_references_avsd": ("arithmetic_noisy_references", {
+        "avsd": ("recipes/avsd_noisy_references.yaml", []),
+        "avsd_paper": ("recipes/avsd_noisy_references.yaml", ["source.top_k=64", "training.clip=entry",
+                                                              "training.clip_tau=0.05"]),
+        **{f"opsd_view_reference_{k}": ("recipes/avsd_noisy_references.yaml", [
+            "source={type: reference, column: reference_%d}" % k]) for k in (1, 2, 3)},
+        "opsd_all_views": ("recipes/avsd_noisy_references.yaml", [
+            "source={type: reference, column: references_all, template: \"{problem}\\n\\nHere are three reference "
+            "solutions (some may be wrong):\\n{solution}\\n\\nUnderstand them, then answer in your own words.\"}"]),
+    }),
 }
 
 
@@ -192,6 +212,10 @@ def main() -> None:
                         continue
                     runs = record(args.results, {**row(task, name, seed, result, args.comparison),
                                                  "cpu": info.get("cpu")})
+                    if result.get("eval_after_srt"):  # SD-Zero's first stage alone, from the same run
+                        srt = {**result, "eval_after": result["eval_after_srt"], "generated_tokens": 0}
+                        runs = record(args.results, {**row(task, "srt", seed, srt, args.comparison),
+                                                     "cpu": info.get("cpu")})
                     print(table([r for r in runs if r["task"] == task]), flush=True)
     runs = load(args.results)
     print(table(runs))

@@ -59,6 +59,9 @@ def load_splits(spec: DataSpec) -> tuple[Dataset, Dataset | None]:
             seed=spec.seed,
             digits=spec.digits,
             ops=spec.ops,
+            choices=spec.choices,
+            references=spec.references,
+            reference_error=spec.reference_error,
         )
         return dd["train"], dd["test"]
     if spec.train_files:

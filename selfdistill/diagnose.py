@@ -108,8 +108,8 @@ class Diagnosis:
     def __init__(self, model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], source: PrivilegedSource,
                  reward_funcs: Sequence[Callable], *, max_completion_length: int, temperature: float = 1.0,
                  top_p: float = 1.0, samples: int = 4, threshold: float = 0.5, teacher_rollouts: int = 128,
-                 max_teacher_length: int | None = None, env_factory: Callable | None = None, max_turns: int | None = None,
-                 batch_size: int = 64, progress: bool = True):
+                 max_teacher_length: int | None = None, env_factory: Callable | None = None,
+                 max_turns: int | None = None, batch_size: int = 64, progress: bool = True):
         self.model, self.tokenizer, self.rows, self.source = model, tokenizer, list(rows), source
         self.reward_funcs = list(reward_funcs)
         self.limit, self.temperature, self.top_p = max_completion_length, temperature, top_p

@@ -41,6 +41,9 @@ class DataSpec:
     n_test: int | None = None  # built-in task: 200; files/hub: all rows
     digits: Any = 2
     ops: Any = ("add",)
+    choices: int = 0  # built-in task: options listed in the prompt (make_arithmetic_dataset)
+    references: int = 0  # built-in task: independent noisy references reference_1..k and references_all
+    reference_error: float = 0.0  # built-in task: the chance that each reference is wrong
     seed: int = 0
     train_files: Any = None
     test_files: Any = None
@@ -257,11 +260,12 @@ def _check_module(where: str, target: str, module: str, allow: Sequence[str]) ->
 def check_code(rewards: list[str], source: SourceSpec, training: dict[str, Any], allow: Sequence[str]) -> None:
     """Refuse, before anything is imported, a recipe that would run code the user has not allowed: a dotted-path
     reward or view outside the allowed modules, or a model loaded with ``trust_remote_code``."""
-    from selfdistill.methods.avsd.source import BUILTIN_VIEWS
+    from selfdistill.methods.avsd.source import BUILTIN_VIEWS, COLUMN_VIEW
 
     refs = [("rewards", r) for r in rewards if r not in BUILTIN_REWARDS]
     views = source.args.get("views") or []
-    refs += [("source.views", v) for v in views if isinstance(v, str) and v not in BUILTIN_VIEWS and v not in SOURCES]
+    refs += [("source.views", v) for v in views if isinstance(v, str) and v not in BUILTIN_VIEWS and v not in SOURCES
+             and not v.startswith(COLUMN_VIEW)]
     for where, target in refs:
         module, _ = split_dotted(target)
         if not module:  # not a dotted path: no code to import (an unknown view is named by the source itself)

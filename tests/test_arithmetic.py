@@ -204,3 +204,37 @@ def test_reward_accepts_int_and_formatted_answers_and_extra_columns():
 def test_reward_length_mismatch_is_an_error():
     with pytest.raises(ValueError, match="2 completions but 1 answers"):
         arithmetic_reward(prompts=["p", "p"], completions=["1", "2"], answer=["1"])
+
+
+def test_choices_list_the_answer_among_slips_and_are_seeded():
+    from selfdistill.tasks.arithmetic import make_arithmetic_dataset
+
+    first = make_arithmetic_dataset(40, 10, seed=3, choices=3)
+    assert first["train"].to_list() == make_arithmetic_dataset(40, 10, seed=3, choices=3)["train"].to_list()
+    for row in first["train"].to_list() + first["test"].to_list():
+        options = [int(x) for x in row["options"].split(", ")]
+        answer = int(row["answer"])
+        assert len(set(options)) == 3 and answer in options
+        assert all(abs(o - answer) in (0, 1, 10) for o in options)  # each distractor one slip away
+        assert "The answer is one of:" in row["prompt"][0]["content"]
+    with pytest.raises(ValueError, match="choices"):
+        make_arithmetic_dataset(4, 1, choices=1)
+
+
+def test_noisy_references_are_wrong_at_the_given_rate_and_only_in_their_answer():
+    from selfdistill.tasks.arithmetic import make_arithmetic_dataset
+
+    rows = make_arithmetic_dataset(600, 0, seed=0, references=3, reference_error=0.3)["train"].to_list()
+    wrong = 0
+    for row in rows:
+        for k in (1, 2, 3):
+            ref, ok = row[f"reference_{k}"], row[f"reference_{k}_correct"]
+            assert (ref == row["solution"]) == ok
+            assert ref.endswith(f"The answer is {row['answer']}.") == ok
+            wrong += not ok
+            assert f"Reference {k}: {ref}" in row["references_all"]
+    assert 0.25 < wrong / (3 * len(rows)) < 0.35
+    clean = make_arithmetic_dataset(50, 0, seed=0, references=2)["train"].to_list()
+    assert all(r["reference_1"] == r["reference_2"] == r["solution"] for r in clean)
+    with pytest.raises(ValueError, match="reference_error"):
+        make_arithmetic_dataset(4, 1, references=2, reference_error=1.5)

@@ -170,3 +170,19 @@ def test_views_of_different_rollouts_must_match(tmp_path, tokenizer):
     trainer = _trainer(tmp_path, tokenizer, Odd(views=["full_solution"]), max_steps=1)
     with pytest.raises(ValueError, match="same views in the same order"):
         trainer.train()
+
+
+def test_column_views_show_each_column_and_require_it():
+    from selfdistill.methods.avsd.source import MultiView
+    from selfdistill.sources import Rollout
+
+    source = MultiView(views=["column:ref_a", "column:ref_b"])
+    assert source.names == ["ref_a", "ref_b"] and source.required_columns == ("ref_a", "ref_b")
+    row = {"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "ref_a": "2 + 2 = 4.", "ref_b": "2 + 2 = 5."}
+    [views] = source.views([Rollout(row=row, prompt=row["prompt"], completion="4", completion_ids=[1])])
+    assert [v.name for v in views] == ["ref_a", "ref_b"]
+    assert "2 + 2 = 4." in views[0].context[-1]["content"] and "2 + 2 = 5." in views[1].context[-1]["content"]
+    with pytest.raises(ValueError, match="empty 'ref_b'"):
+        source.views([Rollout(row={**row, "ref_b": " "}, prompt=row["prompt"], completion="4", completion_ids=[1])])
+    with pytest.raises(ValueError, match="names no column"):
+        MultiView(views=["column:"])

@@ -146,7 +146,8 @@ def test_skills_without_a_bank_are_unknown_and_a_seeded_bank_is_measured(tmp_pat
     empty = diagnose(model, tokenizer, data, Skills(summaries_per_step=0), [even_answer], _args(tmp_path),
                      prompts=4, samples=2, progress=False)
     assert _verdict(empty, "skills") == "unknown"
-    seeded = diagnose(model, tokenizer, data, Skills(summaries_per_step=0, seed_skills=["Add the tens, then the ones."]),
+    seeded_source = Skills(summaries_per_step=0, seed_skills=["Add the tens, then the ones."])
+    seeded = diagnose(model, tokenizer, data, seeded_source,
                       [even_answer], _args(tmp_path), prompts=4, samples=2, progress=False)
     assert seeded["skills"]["shown"] and seeded["skills"]["teacher_reward_with_skills"] is not None
 

@@ -517,7 +517,8 @@ def test_seeded_skills_serve_every_task_survive_the_cap_and_checkpoints(tmp_path
     texts = {s.text for s in source.bank.retrieve("any_task")}
     assert strategy in texts and "never repeat a guess you already made" in texts and len(source.bank) == 2
     [[view]] = Skills(summaries_per_step=0, seed_skills=[strategy]).views(
-        [Rollout(prompt=[{"role": "user", "content": "Guess."}], completion_ids=[1], completion="4", row={"task": "x"})])
+        [Rollout(prompt=[{"role": "user", "content": "Guess."}], completion_ids=[1], completion="4",
+                 row={"task": "x"})])
     assert strategy in view.context[-1]["content"]
     # through a checkpoint: the state holds it once, and loading it into a seeded source does not duplicate it
     state = json.loads(json.dumps(source.state_dict()))

@@ -185,14 +185,45 @@ def _solution(op: str, a: int, b: int) -> tuple[str, int]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _row(op: str, a: int, b: int, prompt_template: str) -> dict[str, Any]:
+#: Appended to the prompt when ``choices`` >= 2; ``{options}`` is e.g. ``"57 or 67"``.
+CHOICES_TEMPLATE = " The answer is one of: {options}."
+
+
+def _slip(result: int, rng: random.Random) -> int:
+    """A plausible wrong result: off by one in the ones or the tens place (a carry slip), never negative."""
+    wrong = result + rng.choice((-10, -1, 1, 10))
+    return wrong if wrong >= 0 and wrong != result else result + rng.choice((1, 10))
+
+
+def _wrong_solution(solution: str, result: int, wrong: int) -> str:
+    """The worked solution with its last step and its final answer changed to ``wrong``."""
+    head, _, _ = solution.rpartition(f"= {result}.")
+    return f"{head}= {wrong}. The answer is {wrong}."
+
+
+def _row(op: str, a: int, b: int, prompt_template: str, rng: random.Random | None = None, choices: int = 0,
+         references: int = 0, reference_error: float = 0.0) -> dict[str, Any]:
     question = f"{a} {OPERATIONS[op]} {b}"
     solution, result = _solution(op, a, b)
-    return {
-        "prompt": [{"role": "user", "content": prompt_template.format(question=question)}],
-        "solution": solution,
-        "answer": str(result),
-    }
+    content = prompt_template.format(question=question)
+    row: dict[str, Any] = {"solution": solution, "answer": str(result)}
+    if choices >= 2:
+        options = {result}
+        while len(options) < choices:
+            options.add(_slip(result, rng))
+        shown = sorted(options)
+        rng.shuffle(shown)
+        content += CHOICES_TEMPLATE.format(options=", ".join(map(str, shown[:-1])) + f" or {shown[-1]}")
+        row["options"] = ", ".join(map(str, shown))
+    if references:
+        texts = []
+        for k in range(1, references + 1):
+            wrong = rng.random() < reference_error
+            row[f"reference_{k}"] = _wrong_solution(solution, result, _slip(result, rng)) if wrong else solution
+            row[f"reference_{k}_correct"] = not wrong
+            texts.append(f"Reference {k}: {row[f'reference_{k}']}")
+        row["references_all"] = "\n".join(texts)
+    return {"prompt": [{"role": "user", "content": content}], **row}
 
 
 def make_arithmetic_dataset(
@@ -202,6 +233,9 @@ def make_arithmetic_dataset(
     digits: int | Sequence[int] = 2,
     ops: str | Sequence[str] = ("add",),
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+    choices: int = 0,
+    references: int = 0,
+    reference_error: float = 0.0,
 ) -> DatasetDict:
     """Build seeded arithmetic problems as a ``datasets.DatasetDict`` with ``train`` and ``test`` splits.
 
@@ -213,6 +247,13 @@ def make_arithmetic_dataset(
             One digit means 0-9, two digits 10-99, and so on.
         ops: operation(s) among ``"add"``, ``"sub"`` (``a >= b``, never negative) and ``"mul"``.
         prompt_template: user message with a ``{question}`` placeholder, e.g. ``"What is {question}?"``.
+        choices: when >= 2, the prompt lists this many options, the answer among plausible slips (off by one in the
+            ones or tens place), in random order (:data:`CHOICES_TEMPLATE`); column ``options``. A wrong choice then
+            narrows the answer: SD-Zero's reviser has something to correct towards.
+        references: when > 0, columns ``reference_1`` .. ``reference_<references>``: independent references, each
+            wrong (its last step and answer changed by such a slip) with probability ``reference_error``
+            (``reference_<k>_correct`` says which), and ``references_all`` holding all of them: several noisy views
+            of one solution, AVSD's premise.
 
     Each problem first picks an ``(op, digits)`` combination uniformly (among those not yet
     exhausted), then operands uniformly within it.
@@ -229,6 +270,12 @@ def make_arithmetic_dataset(
     for name, value in (("n_train", n_train), ("n_test", n_test)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if not isinstance(choices, int) or isinstance(choices, bool) or choices < 0 or choices == 1:
+        raise ValueError(f"choices must be 0 (no options) or an integer >= 2, got {choices!r}")
+    if not isinstance(references, int) or isinstance(references, bool) or references < 0:
+        raise ValueError(f"references must be a non-negative integer, got {references!r}")
+    if not 0.0 <= float(reference_error) <= 1.0:
+        raise ValueError(f"reference_error must be in [0, 1], got {reference_error!r}")
     if "{question}" not in prompt_template:
         raise ValueError(f"prompt_template must contain '{{question}}', got {prompt_template!r}")
     blocks = _blocks(ops, digits)
@@ -248,11 +295,13 @@ def make_arithmetic_dataset(
     test = [test_stream.draw() for _ in range(n_test)]
     train = [train_stream.draw() for _ in range(n_train)]
 
-    def to_dataset(problems: list[tuple[str, int, int, int]]) -> Dataset:
-        rows = [_row(op, a, b, prompt_template) for op, _, a, b in problems]
-        return Dataset.from_dict({k: [r[k] for r in rows] for k in ("prompt", "solution", "answer")})
+    def to_dataset(problems: list[tuple[str, int, int, int]], split: str) -> Dataset:
+        rng = random.Random(f"selfdistill-arithmetic-{split}-extras-{seed}")
+        rows = [_row(op, a, b, prompt_template, rng, choices, references, reference_error) for op, _, a, b in problems]
+        return Dataset.from_dict({k: [r[k] for r in rows] for k in rows[0]} if rows else
+                                 {k: [] for k in ("prompt", "solution", "answer")})
 
-    return DatasetDict({"train": to_dataset(train), "test": to_dataset(test)})
+    return DatasetDict({"train": to_dataset(train, "train"), "test": to_dataset(test, "test")})
 
 
 def with_reference_solution(

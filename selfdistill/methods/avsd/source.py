@@ -8,7 +8,9 @@ Built-in views (math-style reference solutions):
     full_solution     the whole reference solution;
     partial_solution  the first half of its steps (at least one), final answer removed, marked incomplete;
     answer_only       the final answer alone (``answer_column``, else a ``\\boxed{}`` or "answer is X" in the solution);
-    feedback          the student's own rollout with the verifier's verdict (needs reward functions).
+    feedback          the student's own rollout with the verifier's verdict (needs reward functions);
+    column:NAME       the text of dataset column NAME, shown as a reference solution (e.g. several independent
+                      references of one problem: ``column:reference_1``, ``column:reference_2``, ...).
 Views compose: a user function ``f(rollout) -> str | TeacherView`` (a string is the view's privileged text), or
 another source (an OPSD ``ReferenceSolution``, an SD-Zero ``Reviser``) whose views join the set.
 """
@@ -44,6 +46,7 @@ DEFAULT_TEMPLATES: dict[str, str] = {
     "feedback": "{problem}\n\n{pi}\n\nKeep what was right, fix what was wrong, and answer in your own words.",
 }
 GENERIC_TEMPLATE = "{problem}\n\n{pi}"
+COLUMN_VIEW = "column:"
 FEEDBACK = "A previous attempt:\n{attempt}\n\nA verifier judged this attempt {verdict}."
 BUILTIN_VIEWS = tuple(DEFAULT_TEMPLATES)
 
@@ -140,6 +143,7 @@ class MultiView(PrivilegedSource):
         self.view_spec = avsd_combine.ViewSpec(form=form, top_k=top_k, weights=weights)
         needs_solution = any(v in ("full_solution", "partial_solution", "answer_only") for v in self.views_spec)
         columns = [column] if needs_solution else []
+        columns += [v[len(COLUMN_VIEW):] for v in self.views_spec if isinstance(v, str) and v.startswith(COLUMN_VIEW)]
         if answer_column:
             columns.append(answer_column)
         for v in self.views_spec:
@@ -157,6 +161,10 @@ class MultiView(PrivilegedSource):
         if not isinstance(view, str):
             raise TypeError(f"a view is a name, a function or a source; got {type(view).__name__}")
         if view in BUILTIN_VIEWS:
+            return view
+        if view.startswith(COLUMN_VIEW):
+            if not view[len(COLUMN_VIEW):].strip():
+                raise ValueError(f"view {view!r} names no column; write column:<dataset column>, e.g. column:reference_1")
             return view
         if view in BUILTIN_SOURCES:
             return builtin_source(view)()
@@ -180,7 +188,7 @@ class MultiView(PrivilegedSource):
     @staticmethod
     def _name(view: Any) -> str:
         if isinstance(view, str):
-            return view
+            return view[len(COLUMN_VIEW):] if view.startswith(COLUMN_VIEW) else view
         if isinstance(view, PrivilegedSource):
             return type(view).__name__.lower()
         return getattr(view, "__name__", type(view).__name__)
@@ -205,6 +213,13 @@ class MultiView(PrivilegedSource):
             verdict = "unverified" if rollout.reward is None else (
                 "correct" if rollout.reward >= self.threshold else "wrong")
             return FEEDBACK.format(attempt=rollout.completion.strip() or "(empty)", verdict=verdict)
+        if name.startswith(COLUMN_VIEW):  # a column view: the column's text
+            name = name[len(COLUMN_VIEW):]
+            value = rollout.row.get(name)
+            if value is None or not str(value).strip():
+                raise ValueError(f"row {rollout.row!r:.200} has an empty {name!r}, which view column:{name} shows; "
+                                 "fill it in every row or drop the view")
+            return str(value)
         solution = self._solution(rollout)
         if name == "full_solution":
             return solution
@@ -236,7 +251,8 @@ class MultiView(PrivilegedSource):
                     pi = str(made)
                 else:
                     pi = self._pi(spec, rollout)
-                text = self.templates.get(name, GENERIC_TEMPLATE).format(problem=user_text(rollout.prompt), pi=pi)
+                default = GENERIC_TEMPLATE if callable(spec) else self.templates["full_solution"]
+                text = self.templates.get(name, default).format(problem=user_text(rollout.prompt), pi=pi)
                 slot.append(TeacherView(context=with_user_text(rollout.prompt, text), pi=pi, name=name))
         return out
 

@@ -187,8 +187,8 @@ def read_seed_skills(seed: Sequence[str] | str | None) -> list[str]:
         path = Path(seed)
         if not path.is_file():
             raise ValueError(
-                f"seed_skills={seed!r} is not a file; give a list of skill texts, or the path of a text file (one skill "
-                "per line) or of a JSON list of texts"
+                f"seed_skills={seed!r} is not a file; give a list of skill texts, or the path of a text file (one "
+                "skill per line) or of a JSON list of texts"
             )
         text = path.read_text()
         if path.suffix == ".json":
