@@ -164,7 +164,8 @@ class MultiView(PrivilegedSource):
             return view
         if view.startswith(COLUMN_VIEW):
             if not view[len(COLUMN_VIEW):].strip():
-                raise ValueError(f"view {view!r} names no column; write column:<dataset column>, e.g. column:reference_1")
+                raise ValueError(f"view {view!r} names no column; write column:<dataset column>, e.g. "
+                                 "column:reference_1")
             return view
         if view in BUILTIN_SOURCES:
             return builtin_source(view)()
