@@ -74,7 +74,7 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
         "avsd_paper": ("recipes/avsd_noisy_references.yaml", ["source.top_k=64", "training.clip=entry",
                                                               "training.clip_tau=0.05"]),
         **{f"opsd_view_reference_{k}": ("recipes/avsd_noisy_references.yaml", [
-            "source={type: reference, column: reference_%d}" % k]) for k in (1, 2, 3)},
+            f"source={{type: reference, column: reference_{k}}}"]) for k in (1, 2, 3)},
         "opsd_all_views": ("recipes/avsd_noisy_references.yaml", [
             "source={type: reference, column: references_all, template: \"{problem}\\n\\nHere are three reference "
             "solutions (some may be wrong):\\n{solution}\\n\\nUnderstand them, then answer in your own words.\"}"]),
