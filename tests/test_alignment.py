@@ -20,7 +20,7 @@ import torch
 from conftest import build_dataset, build_model
 from datasets import Dataset
 
-import selfdistill.combine as combine_module
+import selfdistill.methods.avsd.combine as combine_module
 import selfdistill.losses as losses_module
 from selfdistill import SelfDistillConfig, SelfDistillTrainer
 from selfdistill.envs import GuessNumber

@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_losses import brute_clip, brute_terms
 
-from selfdistill.combine import (
+from selfdistill.methods.avsd.combine import (
     ViewSpec,
     candidate_support,
     combine_views,

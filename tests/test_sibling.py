@@ -8,7 +8,7 @@ from conftest import build_model
 from selfdistill.cli import main
 from selfdistill.recipes import RecipeError, parse_recipe
 from selfdistill.sources import Rollout, TeacherView
-from selfdistill.sources.sibling import SiblingSolution
+from selfdistill.methods.sdpo import SiblingSolution
 
 PROMPT = [{"role": "user", "content": "What is 2 + 3?"}]
 
@@ -49,7 +49,7 @@ def test_a_source_by_dotted_path_needs_consent_and_a_privileged_source(monkeypat
     with pytest.raises(RecipeError, match="not a subclass of selfdistill.sources.PrivilegedSource"):
         parse_recipe({**base, "source": {"type": "json:JSONDecoder"}}, allow_code=["json"])
     with pytest.raises(RecipeError, match="unknown key source.treshold.*Did you mean 'threshold'"):
-        parse_recipe({**base, "source": {"type": "selfdistill.sources.sibling:SiblingSolution", "treshold": 1}})
+        parse_recipe({**base, "source": {"type": "selfdistill.methods.sdpo:SiblingSolution", "treshold": 1}})
     with pytest.raises(RecipeError, match="method='mine' is not available.*give its source.type"):
         parse_recipe({k: v for k, v in base.items()})
 

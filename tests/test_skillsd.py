@@ -16,9 +16,9 @@ from selfdistill.grpo import group_advantages, policy_gradient_losses
 from selfdistill.losses import LossSpec, token_losses
 from selfdistill.rollout import eos_ids
 from selfdistill.sequences import completion_logits, render_context, splice
-from selfdistill.skills import SkillBank
+from selfdistill.methods.skillsd.bank import SkillBank
 from selfdistill.sources import Rollout, Skills
-from selfdistill.sources.skills import clean_summary
+from selfdistill.methods.skillsd.source import clean_summary
 from selfdistill.trainer import SelfDistillTrainer
 
 
