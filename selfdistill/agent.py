@@ -23,8 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from selfdistill.envs.base import Environment
-from selfdistill.evaluation import take_rows
-from selfdistill.rollout import eos_ids, sample_completions
+from selfdistill.rollout import eos_ids, sample_completions, take_rows
 from selfdistill.sequences import render_context
 from selfdistill.sources.base import Prompt, append_user_text
 

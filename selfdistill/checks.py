@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -12,21 +11,6 @@ from datasets import IterableDataset
 if TYPE_CHECKING:
     from selfdistill.config import SelfDistillConfig
     from selfdistill.sources.base import PrivilegedSource
-
-
-def split_dotted(target: str) -> tuple[str, str]:
-    """``"pkg.mod:name"`` or ``"pkg.mod.name"`` -> ``("pkg.mod", "name")``; the module is ``""`` when not dotted."""
-    module, _, attr = target.partition(":") if ":" in target else target.rpartition(".")
-    return module, attr
-
-
-def import_dotted(target: str, what: str, error: type[Exception] = ValueError) -> Any:
-    """The object a dotted path names (rewards, views and sources given by path); ``error`` names what failed."""
-    module, attr = split_dotted(target)
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise error(f"{what} {target!r}: cannot import {attr!r} from {module!r} ({err})") from err
 
 
 def check_datasets(privileged: PrivilegedSource, args: SelfDistillConfig, train_dataset: Any,

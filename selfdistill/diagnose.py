@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from selfdistill.rollout import eos_ids, sample_completions, verify_completions
+from selfdistill.rollout import eos_ids, sample_completions, take_rows, verify_completions
 from selfdistill.sequences import completion_logits, render_context, splice, teacher_contexts
 from selfdistill.sources.base import PrivilegedSource, Rollout
 
@@ -432,7 +432,6 @@ def diagnose(model: Any, tokenizer: Any, dataset: Any, privileged: PrivilegedSou
     Returns the report: ``student_reward``, ``teacher_reward``, the per-premise sections and ``verdicts``;
     :func:`format_report` renders it.
     """
-    from selfdistill.evaluation import take_rows
 
     if args is None:
         from selfdistill.config import SelfDistillConfig

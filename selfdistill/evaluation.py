@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from selfdistill.rollout import eos_ids, sample_completions, verify_completions
+from selfdistill.rollout import eos_ids, sample_completions, take_rows, verify_completions
 from selfdistill.sequences import render_context
 
 
@@ -83,11 +83,6 @@ def evaluate(
     if pass_k:
         result[f"pass@{pass_k}"] = sum(passes) / max(len(passes), 1)
     return result
-
-
-def take_rows(dataset: Any, n: int | None) -> list[dict[str, Any]]:
-    """The first ``n`` rows of a dataset (all when ``n`` is None) as dicts."""
-    return dataset.to_list() if n is None else dataset.select(range(min(n, len(dataset)))).to_list()
 
 
 def _score(reward_fn, tokenizer, prompts, completion_ids, rows, timeout: float | None = 60.0) -> list[bool]:

@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from selfdistill.checks import import_dotted, split_dotted
 from selfdistill.config import SelfDistillConfig
+from selfdistill.dotted import import_dotted, split_dotted
 from selfdistill.methods.sdzero.srt import RevisionConfig
 from selfdistill.sources import SOURCES, PrivilegedSource
 

@@ -193,6 +193,11 @@ def sample_completions(
     return Generated(completions, truncated)
 
 
+def take_rows(dataset: Any, n: int | None) -> list[dict[str, Any]]:
+    """The first ``n`` rows of a dataset (all when ``n`` is None) as dicts."""
+    return dataset.to_list() if n is None else dataset.select(range(min(n, len(dataset)))).to_list()
+
+
 def reward_name(func: Callable) -> str:
     return getattr(func, "__name__", None) or type(func).__name__
 

@@ -12,9 +12,10 @@ from transformers import set_seed
 from trl.models.utils import unwrap_model_for_generation
 
 from selfdistill.agent import evaluate_env
-from selfdistill.checks import check_datasets, import_dotted, split_dotted
+from selfdistill.checks import check_datasets
 from selfdistill.data import load_splits
 from selfdistill.distributed import gathered, is_zero3_model, rank_report
+from selfdistill.dotted import import_dotted, split_dotted
 from selfdistill.evaluation import LearningCurve, evaluate
 from selfdistill.export import save_final_model
 from selfdistill.methods.sdzero.srt import self_revision_training

@@ -20,8 +20,8 @@ import torch
 from conftest import build_dataset, build_model
 from datasets import Dataset
 
-import selfdistill.methods.avsd.combine as combine_module
 import selfdistill.losses as losses_module
+import selfdistill.methods.avsd.combine as combine_module
 from selfdistill import SelfDistillConfig, SelfDistillTrainer
 from selfdistill.envs import GuessNumber
 from selfdistill.sources import MultiView, ReferenceSolution, Reviser, Skills

@@ -7,9 +7,9 @@ from conftest import build_dataset, build_model
 from test_trainer import exact_reward, make_args
 
 from selfdistill import SelfDistillTrainer
+from selfdistill.methods.avsd.source import DEFAULT_TEMPLATES, INCOMPLETE, final_answer, partial_solution
 from selfdistill.recipes import RecipeError, parse_recipe
 from selfdistill.sources import MultiView, ReferenceSolution, Reviser, Rollout, TeacherView
-from selfdistill.methods.avsd.source import DEFAULT_TEMPLATES, INCOMPLETE, final_answer, partial_solution
 
 PROMPT = [{"role": "user", "content": "What is 12 + 3?"}]
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from test_losses import brute_clip, brute_terms
 
+from selfdistill.losses import LossSpec, token_losses
 from selfdistill.methods.avsd.combine import (
     ViewSpec,
     candidate_support,
@@ -15,7 +16,6 @@ from selfdistill.methods.avsd.combine import (
     multiview_token_losses,
     view_weights,
 )
-from selfdistill.losses import LossSpec, token_losses
 
 N, V, TOP_K = 5, 11, 3
 EPS = 1e-6

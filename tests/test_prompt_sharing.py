@@ -27,7 +27,10 @@ def _assert_same_logits_and_gradients(model, batch, run):
     (plain, plain_grads), (other, other_grads) = results
     torch.testing.assert_close(other, plain, rtol=1e-5, atol=1e-5)
     for name, grad in plain_grads.items():
-        torch.testing.assert_close(other_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        # float32 sums in another order: the absolute tolerance scales with the tensor's largest entry (the embedding
+        # gradient reaches ~77, where one rounding step is ~1e-5; seen on an AMD EPYC)
+        scale = max(1.0, grad.abs().max().item())
+        torch.testing.assert_close(other_grads[name], grad, rtol=1e-4, atol=1e-6 * scale, msg=name)
 
 
 def test_student_gradients_through_a_shared_prefix_match_the_plain_pass(tokenizer):

@@ -13,8 +13,8 @@ from test_trainer import make_args
 from selfdistill import SelfDistillTrainer
 from selfdistill.cli import main
 from selfdistill.heatmap import TokenHeat, render_html, render_png
-from selfdistill.recipes import RecipeError, parse_recipe
 from selfdistill.methods.sdzero.srt import RevisionConfig, collect_revisions, self_revision_training
+from selfdistill.recipes import RecipeError, parse_recipe
 from selfdistill.rollout import RewardFunctionError, score_rollouts
 from selfdistill.sequences import completion_logits, fit_view, render_context, splice
 from selfdistill.sources import Reviser, Rollout

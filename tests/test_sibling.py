@@ -6,9 +6,9 @@ import yaml
 from conftest import build_model
 
 from selfdistill.cli import main
+from selfdistill.methods.sdpo import SiblingSolution
 from selfdistill.recipes import RecipeError, parse_recipe
 from selfdistill.sources import Rollout, TeacherView
-from selfdistill.methods.sdpo import SiblingSolution
 
 PROMPT = [{"role": "user", "content": "What is 2 + 3?"}]
 

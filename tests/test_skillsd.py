@@ -14,11 +14,11 @@ from selfdistill.envs import ENVIRONMENTS, GuessNumber, Sokoban
 from selfdistill.envs.sokoban import Level, generate_level, solve
 from selfdistill.grpo import group_advantages, policy_gradient_losses
 from selfdistill.losses import LossSpec, token_losses
+from selfdistill.methods.skillsd.bank import SkillBank
+from selfdistill.methods.skillsd.source import clean_summary
 from selfdistill.rollout import eos_ids
 from selfdistill.sequences import completion_logits, render_context, splice
-from selfdistill.methods.skillsd.bank import SkillBank
 from selfdistill.sources import Rollout, Skills
-from selfdistill.methods.skillsd.source import clean_summary
 from selfdistill.trainer import SelfDistillTrainer
 
 

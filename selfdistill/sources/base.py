@@ -180,6 +180,6 @@ BUILTIN_SOURCES: dict[str, str] = {
 
 def builtin_source(name: str) -> type[PrivilegedSource]:
     """The class of built-in source ``name`` (a key of :data:`BUILTIN_SOURCES`)."""
-    from selfdistill.checks import import_dotted
+    from selfdistill.dotted import import_dotted
 
     return import_dotted(BUILTIN_SOURCES[name], "source type")

@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from selfdistill.checks import import_dotted, split_dotted
+from selfdistill.dotted import import_dotted, split_dotted
 from selfdistill.methods.avsd import combine as avsd_combine
 from selfdistill.sources.base import (
     BUILTIN_SOURCES,
