@@ -1,16 +1,14 @@
-"""CPU probes behind docs/performance.md: skinny linears, bf16 autocast, teacher prefix sharing, static cache.
+"""CPU probes behind docs/performance.md: bf16 autocast, teacher prefix sharing, static cache, the allocator.
 
 Each probe times one piece of a training step on the embedded SmolLM2-135M-Instruct in float32, 2 threads, with
 the main job's prompts (8 two-digit additions) and the OPSD teacher wording:
 
-- ``skinny``: 8 rows through the 49152 x 576 output head and through 210 layer-shaped linears, ``F.linear`` vs
-  ``W @ x^T`` (the path of ``selfdistill.rollout.skinny_linears``).
 - ``bf16``: one student forward+backward over 8 x (prompt + 13) tokens, float32 vs bf16 autocast (on a CPU
   without AVX512-BF16/AMX, autocast emulates bfloat16).
 - ``bf16gen``: ``generate`` of 8 x 16 tokens under bf16 as the trainer runs it (accelerate's autocast around each
   forward, so every decoding step casts the weights again) vs inside one enclosing autocast region
-  (``selfdistill.sampling.generation_model``: one cast per call), float32 beside them, each with and without the
-  skinny path; greedy, so the tokens can be compared.
+  (``selfdistill.sampling.generation_model``: one cast per call), float32 beside them; greedy, so the tokens can be
+  compared.
 - ``teacher``: the 8 teacher rows scored plainly vs with shared prefixes (``shared_prefix_logits``).
 - ``cache``: ``generate`` of 8 x 16 tokens with the dynamic vs a static cache; ``--compile`` adds the static
   cache compiled by inductor (slow: minutes to compile).
@@ -21,8 +19,8 @@ the main job's prompts (8 two-digit additions) and the OPSD teacher wording:
   fused into single products, and through oneDNN's prepacked weights (plus the cost of prepacking them).
 - ``profile``: the figures docs/performance.md and docs/benchmarks.md quote from profiles: the student pass's share
   of time in ``aten::mm`` and that product rate; ``aten::add``/``aten::fill_`` in the two-pass vs packed student
-  backward at G = 4; ``generate`` at G = 4 with the skinny outputs as transposed views vs contiguous (and how
-  often attention took SDPA's math kernel); the G = 1 teacher rows packed into one row vs the two-pass layout.
+  backward at G = 4; ``generate`` at G = 4 (and how often attention took SDPA's math kernel); the G = 1 teacher
+  rows packed into one row vs the two-pass layout.
 - ``reuse``: sampling plus the student's forward+backward at G = 1 and G = 4, as the trainer runs them (a no-grad
   prefill inside sampling, then the packed student pass) vs reusing the prefill: the prompt (but its last token)
   runs with gradients before sampling, ``generate`` continues from a detached copy of its KV cache and the student
@@ -33,29 +31,24 @@ the main job's prompts (8 two-digit additions) and the OPSD teacher wording:
 - ``step``: one real G = 1 training step of ``benchmarks/train_step.py`` (selfdistill side, every lever on) under
   the profiler: its seconds in ``aten::mm`` (split into decoding products of at most 64 rows and the rest) against
   the step's other operators.
-- ``loop``: the fused decoding loop (``selfdistill.decode_loop``) against ``generate``, both with the decode
-  kernel: GB/s of one step's 30 ``decode_layer`` calls against the same products alone, then
-  ``sample_completions`` of 8 x 16 tokens both ways (seconds, and whether the draws are the same).
 - ``matmul``: float32 matrix-product rate (GFLOP/s) of a large square product and of the training passes' shapes,
   the ceiling a compute-bound pass runs into.
 - ``heap``: one optimizer step of the packed G = 1 student pass (forward, backward, fused AdamW), float32 and bf16
-  autocast, in two fresh processes: glibc's defaults (each large buffer a fresh ``mmap``) against the heap kept by
-  ``selfdistill.heap.reuse_freed_buffers`` (``reuse_cpu_buffers``); seconds and minor page faults per step, median
-  of 4 steps after one.
+  autocast, in two fresh processes: glibc's defaults (``GLIBC_TUNABLES`` removed from the child's environment:
+  each large buffer a fresh ``mmap``) against the launch scripts' setting, applied at process start through the
+  environment (``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647``: freed buffers
+  stay on the heap for the next step); seconds and minor page faults per step, median of 4 steps after one.
 - ``padding``: token positions each layout feeds the model (padding included) against its rows' real tokens:
   the padded rectangle (SDFT's layout), the two-pass shared prefix (the teacher pass), the packed rows (the student
   pass), at G = 1 and 4.
 - ``views``: ``teacher_batch_views``: AVSD's three views of 8 rollouts through the teacher pass in one forward, or
   one forward per view; seconds and token positions.
-- ``kernel``: the decode kernel (``selfdistill.cpu_decode``, ``decode_kernel``) against ``F.linear`` and the skinny
-  ``W @ x^T`` for one decoding step's products at 8 rows (GB/s of weights, 2 threads and 1), and ``sample_completions``
-  with and without it: seconds and whether the same tokens were drawn.
 - ``bandwidth``: GB/s of weights streamed by a decoding step's float32 products (8 rows and 1 row, and MKL's
   prepacked format with its packing cost) beside a plain sum and copy over 540 MB: how far decoding is from the
   memory bandwidth.
 
     python benchmarks/cpu_probes.py                     # every probe (~12 min on 2 cores)
-    python benchmarks/cpu_probes.py skinny teacher      # some probes only
+    python benchmarks/cpu_probes.py bf16 teacher        # some probes only
     python benchmarks/cpu_probes.py teacher --out F.json  # record in another file (e.g. another machine's run)
 
 Prints each figure and records it in benchmarks/results/cpu_probes.json (probes not run keep their entries).
@@ -67,11 +60,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -82,8 +75,10 @@ from recipe_runs import machine  # noqa: E402  (benchmarks/, the script's own fo
 
 RESULTS = ROOT / "benchmarks" / "results" / "cpu_probes.json"
 TEMPLATE = "{problem}\n\nHere is a reference solution:\n{solution}\n\nUnderstand it, then answer in your own words."
-PROBES = ("skinny", "bf16", "bf16gen", "teacher", "cache", "student", "decode", "profile", "reuse", "overlap", "step",
-          "matmul", "heap", "bandwidth", "padding", "views", "kernel", "loop")
+PROBES = ("bf16", "bf16gen", "teacher", "cache", "student", "decode", "profile", "reuse", "overlap", "step", "matmul",
+          "heap", "bandwidth", "padding", "views")
+# The allocator setting the launch scripts (scripts/main_job.sh, scripts/launch.sh) export before Python starts.
+TUNED_HEAP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
 LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
 
@@ -112,18 +107,6 @@ def setup():
     teacher = [render_context(tok, v[0].context) for v in views]
     completion = tok(" The answer is 12345.", add_special_tokens=False)["input_ids"][:12] + [tok.eos_token_id]
     return tok, model, prompts, teacher, [completion] * 8
-
-
-def probe_skinny(_ctx) -> dict:
-    head, x = torch.randn(49152, 576), torch.randn(8, 576)
-    layers = [torch.randn(o, i) * 0.02 for _ in range(30) for (o, i) in LAYER_SHAPES]
-    xs = {576: torch.randn(8, 576), 1536: torch.randn(8, 1536)}
-    return {
-        "head_F.linear_ms": 1e3 * timed(lambda: F.linear(x, head), 10),
-        "head_W@xT_ms": 1e3 * timed(lambda: head @ x.T, 10),
-        "layers_F.linear_ms": 1e3 * timed(lambda: [F.linear(xs[w.shape[1]], w) for w in layers], 5),
-        "layers_W@xT_ms": 1e3 * timed(lambda: [w @ xs[w.shape[1]].T for w in layers], 5),
-    }
 
 
 def probe_bf16(ctx) -> dict:
@@ -157,18 +140,16 @@ def probe_bf16gen(ctx) -> dict:
     out: dict = {}
     tokens = {}
 
-    def run(name, target, region, skinny):
+    def run(name, target, region):
         def call():
             with region() if region else contextlib.nullcontext(target) as m:
                 tokens[name] = sample_completions(m, prompts, pad_id=tok.pad_token_id, eos=[tok.eos_token_id],
-                                                  max_new_tokens=16, do_sample=False, skinny=skinny).completion_ids
+                                                  max_new_tokens=16, do_sample=False).completion_ids
         out[f"{name}_s"] = timed(call, 3)
 
-    for skinny in (True, False):
-        tag = "" if skinny else "_no_skinny"
-        run(f"float32{tag}", model, None, skinny)
-        run(f"bf16_autocast_per_forward{tag}", wrapped, None, skinny)
-        run(f"bf16_one_region{tag}", wrapped, lambda: generation_model(wrapped, accelerator), skinny)
+    run("float32", model, None)
+    run("bf16_autocast_per_forward", wrapped, None)
+    run("bf16_one_region", wrapped, lambda: generation_model(wrapped, accelerator))
     out["bf16_same_tokens"] = tokens["bf16_autocast_per_forward"] == tokens["bf16_one_region"]
     return out
 
@@ -307,29 +288,16 @@ def probe_profile(ctx) -> dict:
             model.zero_grad(set_to_none=True)
         out[f"student_G4_{name}_add_fill_s"] = _self_seconds(prof, {"aten::add", "aten::fill_"})
 
-    contiguous = rollout._skinny_linear
-
-    def transposed(self, x):
-        flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] > rollout.SKINNY_ROWS:
-            return F.linear(x, self.weight, self.bias)
-        return (self.weight @ flat.T).T.reshape(*x.shape[:-1], self.weight.shape[0])
-
     def generate():
         torch.manual_seed(0)
         return rollout.sample_completions(model, g4, pad_id=tok.pad_token_id, eos=[tok.eos_token_id],
                                           max_new_tokens=16, temperature=0.6)
 
-    try:
-        for name, fn in (("transposed", transposed), ("contiguous", contiguous)):
-            rollout._skinny_linear = fn
-            out[f"generate_G4_skinny_{name}_s"] = timed(generate, 2)
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                generate()
-            out[f"generate_G4_skinny_{name}_sdpa_math_calls"] = sum(
-                e.count for e in prof.key_averages() if e.key == "aten::_scaled_dot_product_attention_math")
-    finally:
-        rollout._skinny_linear = contiguous
+    out["generate_G4_s"] = timed(generate, 2)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        generate()
+    out["generate_G4_sdpa_math_calls"] = sum(
+        e.count for e in prof.key_averages() if e.key == "aten::_scaled_dot_product_attention_math")
 
     tbatch = splice(teacher, completions, tok.pad_token_id)
     with torch.no_grad():
@@ -394,7 +362,7 @@ def probe_reuse(ctx) -> dict:
                   position_ids=(mask.cumsum(-1) - 1).clamp_min(0)[:, shared.mask.shape[1]:])
             ids = torch.cat([ids, head_ids], 1)
         last = torch.tensor([[s[-1]] for s in shared.suffixes])
-        with torch.no_grad(), rollout.skinny_linears(model):
+        with torch.no_grad():
             out = model.generate(input_ids=torch.cat([ids, last], 1), pad_token_id=pad, eos_token_id=eos,
                                  attention_mask=torch.cat([mask, torch.ones_like(last)], 1), do_sample=True,
                                  max_new_tokens=16, temperature=0.6, top_k=0,
@@ -526,7 +494,7 @@ def probe_step(_ctx) -> dict:
             self.prof = None
             mm = [e for e in events if e.key == "aten::mm"]
 
-            def decoding(e):  # a skinny product: one side has at most 64 rows
+            def decoding(e):  # a decoding-sized product: one side has at most 64 rows
                 return any(shape and min(shape) <= 64 for shape in e.input_shapes[:2] if len(shape) == 2)
 
             out["ops_self_s"] = sum(e.self_cpu_time_total for e in events) / 1e6
@@ -552,17 +520,13 @@ def probe_matmul(_ctx) -> dict:
 
 
 def heap_worker(mode: str) -> dict:
-    """One optimizer step of the packed student pass (float32, then bf16 autocast), with or without the heap kept."""
+    """One optimizer step of the packed student pass (float32, then bf16 autocast), under whatever allocator setting
+    this process was started with (``GLIBC_TUNABLES`` in its environment, read by glibc at process start)."""
     import resource
     import statistics
 
     from selfdistill.sequences import packed_completion_logits, splice
 
-    if mode == "reuse":
-        from selfdistill.heap import reuse_freed_buffers
-
-        if not reuse_freed_buffers():
-            raise SystemExit("mallopt is not available here (needs Linux with glibc)")
     tok, model, prompts, _, completions = setup()
     batch = splice(prompts, completions, tok.pad_token_id)
     mask = batch.completion_mask.bool()
@@ -582,18 +546,21 @@ def heap_worker(mode: str) -> dict:
                 faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
         out[f"{mode}_{precision}_step_s"] = statistics.median(seconds)
         out[f"{mode}_{precision}_minor_faults"] = statistics.median(faults)
+    out[f"{mode}_GLIBC_TUNABLES"] = os.environ.get("GLIBC_TUNABLES", "")
     return out
 
 
 def probe_heap(_ctx) -> dict:
-    """reuse_cpu_buffers: the same student step in two fresh processes, glibc's defaults against the kept heap."""
+    """The launch scripts' ``GLIBC_TUNABLES`` setting: the same student step in two fresh processes, one with glibc's
+    defaults (``GLIBC_TUNABLES`` removed from its environment) and one started with ``TUNED_HEAP``."""
     out = {}
-    for mode in ("plain", "reuse"):
+    base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    for mode, env in (("plain", base), ("tuned", {**base, "GLIBC_TUNABLES": TUNED_HEAP})):
         done = subprocess.run([sys.executable, __file__, "--heap-worker", mode], capture_output=True, text=True,
-                              check=True)
+                              check=True, env=env)
         out |= json.loads(done.stdout.strip().splitlines()[-1])
     for precision in ("float32", "bf16"):
-        out[f"{precision}_speedup"] = out[f"plain_{precision}_step_s"] / out[f"reuse_{precision}_step_s"]
+        out[f"{precision}_speedup"] = out[f"plain_{precision}_step_s"] / out[f"tuned_{precision}_step_s"]
     return out
 
 
@@ -704,114 +671,12 @@ def probe_bandwidth(_ctx) -> dict:
     return out
 
 
-def on_and_off(sample) -> tuple[dict[bool, Any], dict[bool, float]]:
-    """``sample(False)`` and ``sample(True)``: what each returned in a warm-up round, and each one's median
-    seconds over 3 interleaved rounds after it."""
-    draws = {on: sample(on) for on in (False, True)}
-    seconds: dict[bool, list[float]] = {True: [], False: []}
-    for _ in range(3):
-        for on in (False, True):
-            start = time.perf_counter()
-            sample(on)
-            seconds[on].append(time.perf_counter() - start)
-    return draws, {on: sorted(values)[1] for on, values in seconds.items()}
-
-
-def probe_kernel(ctx) -> dict:
-    """The decode kernel (``selfdistill.cpu_decode``) against torch's products for one decoding step of 8 rows.
-
-    GB/s of float32 weights read by SmolLM2's 210 layer products plus the output head, through ``F.linear``, the
-    skinny ``W @ x^T`` and the kernel, on 2 threads and on 1 (torch's intra-op threads; the kernel uses the same
-    count); then ``sample_completions`` of the 8 main-job prompts, 16 tokens at temperature 0.6, with and without
-    the kernel (skinny path off in both): seconds (median of 3 interleaved rounds after a warm-up) and whether the
-    same tokens were drawn."""
-    from selfdistill import cpu_decode
-    from selfdistill.rollout import sample_completions
-
-    lib = cpu_decode.kernel()
-    if lib is None:
-        return {"kernel": "not available on this machine"}
-    weights = [torch.randn(o, i) * 0.02 for _ in range(30) for (o, i) in LAYER_SHAPES] + [torch.randn(49152, 576)]
-    total = sum(w.numel() * 4 for w in weights)
-    xs = {576: torch.randn(8, 576), 1536: torch.randn(8, 1536)}
-    ways = {"F.linear": lambda x, w: F.linear(x, w), "W@x^T": lambda x, w: (w @ x.T).T.contiguous(),
-            "kernel": lambda x, w: cpu_decode.rows_times_weight(x, w, lib)}
-    out: dict = {}
-    threads = torch.get_num_threads()
-    try:
-        for n in (threads, 1):
-            torch.set_num_threads(n)
-            for name, way in ways.items():
-                step = timed(lambda way=way: [way(xs[w.shape[1]], w) for w in weights], 5)
-                out[f"{name}_{n}_threads_GBps"] = total / step / 1e9
-    finally:
-        torch.set_num_threads(threads)
-    tok, model, prompts, _, _ = ctx
-    kwargs = dict(pad_id=tok.pad_token_id, eos=[tok.eos_token_id], max_new_tokens=16, temperature=0.6, skinny=False)
-
-    def sample(kernel: bool):
-        torch.manual_seed(0)
-        return sample_completions(model, prompts, kernel=kernel, loop=False, **kwargs).completion_ids
-
-    draws, seconds = on_and_off(sample)
-    out["generate_torch_s"], out["generate_kernel_s"] = seconds[False], seconds[True]
-    out["same_tokens"] = draws[True] == draws[False]
-    return out
-
-
-def probe_loop(ctx) -> dict:
-    """The fused decoding loop (``selfdistill.decode_loop``) against ``generate``, both with the decode kernel.
-
-    First one decoding step's 30 layers of SmolLM2 for 8 rows: GB/s of layer weights read by 30 ``decode_layer``
-    calls (norms, products, rotary, cache write, attention over 100 cached positions, SiLU) against the same 210
-    products through the kernel alone (``rows_times_weight``). Then ``sample_completions`` of the 8 main-job
-    prompts, 16 tokens at temperature 0.6, through the loop and through ``generate``: seconds (median of 3
-    interleaved rounds after a warm-up) and whether the same tokens were drawn."""
-    import ctypes
-
-    from selfdistill import cpu_decode, decode_loop
-    from selfdistill.rollout import sample_completions
-
-    lib = cpu_decode.kernel()
-    tok, model, prompts, _, _ = ctx
-    if lib is None or decode_loop.declines(model, len(prompts), 16):
-        return {"loop": "not available on this machine"}
-    # One decoder over 100 prompt positions of made-up tokens, then its layers called as a step would call them.
-    ids = torch.randint(0, model.config.vocab_size, (8, 100))
-    with torch.no_grad():
-        decoder = decode_loop.Decoder(model, ids, torch.ones_like(ids), None, max_new_tokens=1)
-    for args in decoder.plans:
-        args.pos = 100
-    decoder.valid[:, 100] = 1
-    layer_weights = [m.weight for layer in model.model.layers for m in layer.modules()
-                     if isinstance(m, torch.nn.Linear)]
-    total = sum(w.numel() * 4 for w in layer_weights)
-    xs = {576: torch.randn(8, 576), 1536: torch.randn(8, 1536)}
-    out = {
-        "decode_layer_GBps": total / timed(lambda: [lib.decode_layer(ctypes.byref(a)) for a in decoder.plans], 10)
-        / 1e9,
-        "products_only_GBps": total / timed(
-            lambda: [cpu_decode.rows_times_weight(xs[w.shape[1]], w, lib) for w in layer_weights], 10) / 1e9,
-    }
-    kwargs = dict(pad_id=tok.pad_token_id, eos=[tok.eos_token_id], max_new_tokens=16, temperature=0.6)
-
-    def sample(loop: bool):
-        torch.manual_seed(0)
-        return sample_completions(model, prompts, loop=loop, **kwargs).completion_ids
-
-    draws, seconds = on_and_off(sample)
-    out["generate_s"], out["loop_s"] = seconds[False], seconds[True]
-    out["same_tokens"] = draws[True] == draws[False]
-    out["new_tokens"] = sum(map(len, draws[True]))
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("probes", nargs="*", default=list(PROBES), help=f"some of {', '.join(PROBES)} (default: all)")
     parser.add_argument("--compile", action="store_true", help="also time the compiled static-cache decode")
     parser.add_argument("--out", type=Path, default=RESULTS, help="record here (default: %(default)s)")
-    parser.add_argument("--heap-worker", choices=("plain", "reuse"), help=argparse.SUPPRESS)
+    parser.add_argument("--heap-worker", choices=("plain", "tuned"), help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.heap_worker:
         print(json.dumps(heap_worker(opts.heap_worker)))
@@ -819,16 +684,16 @@ def main() -> None:
     unknown = sorted(set(opts.probes) - set(PROBES))
     if unknown:
         raise SystemExit(f"unknown probe(s) {unknown}; choose from {', '.join(PROBES)}")
-    ctx = setup() if set(opts.probes) - {"skinny", "decode", "matmul", "step", "heap", "bandwidth"} else None
+    ctx = setup() if set(opts.probes) - {"decode", "matmul", "step", "heap", "bandwidth"} else None
     # Probes run now replace their earlier entries; the others stay as recorded.
     results = json.loads(opts.out.read_text())["results"] if opts.out.exists() else {}
     for name in opts.probes:
         print(f"probe {name} ...", flush=True)
-        fn = {"skinny": probe_skinny, "bf16": probe_bf16, "bf16gen": probe_bf16gen, "teacher": probe_teacher,
+        fn = {"bf16": probe_bf16, "bf16gen": probe_bf16gen, "teacher": probe_teacher,
               "cache": lambda c: probe_cache(c, opts.compile), "student": probe_student, "decode": probe_decode,
               "profile": probe_profile, "reuse": probe_reuse, "overlap": probe_overlap, "step": probe_step,
               "matmul": probe_matmul, "heap": probe_heap, "bandwidth": probe_bandwidth,
-              "padding": probe_padding, "views": probe_views, "kernel": probe_kernel, "loop": probe_loop}[name]
+              "padding": probe_padding, "views": probe_views}[name]
         results[name] = fn(ctx)
         for key, value in results[name].items():
             print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}", flush=True)

@@ -93,20 +93,6 @@ DIFFERENCES = [
     "chat template's system prompt), in sampling's prefill and, with gradients, in the student pass "
     "(share_prompt_prefix). SDFT runs every full row. Same products, float rounding only; implementation "
     "differences measured here, not settings.",
-    "Skinny decode (skinny_decode): on CPU selfdistill computes the decoding loop's linear layers as weight @ x^T, "
-    "which this machine's BLAS runs faster for a few rows than x @ weight^T; SDFT decodes with the default path. "
-    "Float rounding only.",
-    "Decode kernel (decode_kernel): on CPUs with AVX-512 selfdistill computes the decoding loop's float32 products "
-    "of at most 8 rows with its own kernel (selfdistill.cpu_decode, built with the system C compiler), which reads "
-    "the weights faster than MKL does for so few rows; SDFT decodes with torch's products. Float rounding only.",
-    "Decoding loop (decode_loop): with the kernel, selfdistill runs each decoding step of the Llama model as one "
-    "kernel call per layer (norms, products, rotary embedding, a preallocated KV cache, attention, SiLU; "
-    "selfdistill.decode_loop) and then transformers' warpers and torch.multinomial as generate does; SDFT runs "
-    "transformers' generate. The same draws, float rounding only.",
-    "Freed buffers (reuse_cpu_buffers): selfdistill's trainer tells glibc (mallopt) to keep freed large blocks in "
-    "the process heap, so each step's embedding-sized buffers (the tied embedding's gradient, its fill, the bf16 "
-    "casts) are not faulted in page by page again; SDFT's process keeps glibc's defaults (a fresh mmap per large "
-    "block). Process-wide; changes no value.",
     "Teacher weights: selfdistill's 'initial' teacher keeps a copy of the trainable parameters and swaps storage "
     "handles with the student's for the teacher pass (one model module); SDFT's 'base' teacher (non-PEFT) is a "
     "second model loaded from the student's path, frozen in eval mode. Both are the frozen initial weights.",
@@ -124,13 +110,8 @@ DIFFERENCES = [
 #: selfdistill's speed levers (all on by default), switched off one at a time by --ablate.
 LEVERS = {
     "all": {},
-    "no-kernel": {"decode_kernel": False},  # the loop needs the kernel: both off
-    "no-loop": {"decode_loop": False},
-    "no-skinny": {"skinny_decode": False},
     "no-prompt-sharing": {"share_prompt_prefix": False},
-    "no-heap-reuse": {"reuse_cpu_buffers": False},
-    "none": {"decode_kernel": False, "decode_loop": False, "skinny_decode": False, "share_prompt_prefix": False,
-             "share_teacher_prefix": False, "reuse_cpu_buffers": False},
+    "none": {"share_prompt_prefix": False, "share_teacher_prefix": False},
 }
 
 
@@ -154,9 +135,6 @@ def selfdistill_kwargs(g: int, rollouts: int, steps: int, output_dir: str, lever
         "teacher_policy": "initial",
         "share_teacher_prefix": True,
         "share_prompt_prefix": True,
-        "skinny_decode": True,
-        "decode_kernel": True,
-        "decode_loop": True,
     } | LEVERS[levers]
 
 

@@ -47,11 +47,14 @@ case "$MODE" in
   fsdp2) CONFIG=recipes/accelerate/fsdp2.yaml ;;
   cpu-ddp)
     CONFIG=recipes/accelerate/multi_gpu.yaml
+    # freed large CPU buffers stay in each process's heap (glibc tunables; docs/performance.md)
+    export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647}
     export ACCELERATE_USE_CPU=1   # without it the processes train apart instead of together
     EXTRA=(--mixed_precision no)
     OVERRIDES=(training.use_cpu=true training.bf16=false) ;;
   cpu-zero3)
     CONFIG=recipes/accelerate/deepspeed_zero3.yaml
+    export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647}
     export DS_ACCELERATOR=cpu
     unset ACCELERATE_USE_CPU      # CPU mode would switch DeepSpeed off; gloo is named instead
     EXTRA=(--mixed_precision no)

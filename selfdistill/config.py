@@ -154,30 +154,6 @@ class SelfDistillConfig(TrainingArguments):
                   "forward, one backward). The student pass shares in one process without DeepSpeed or FSDP (packed "
                   "also under gradient checkpointing)."},
     )
-    skinny_decode: bool = field(
-        default=True,
-        metadata={"help": "On CPU, decode with linear layers computed as weight @ x^T (faster BLAS path for a few "
-                  "rows; same products, float rounding only)."},
-    )
-    decode_kernel: bool = field(
-        default=True,
-        metadata={"help": "On CPUs with AVX-512, decode float32 products of at most 8 rows through selfdistill's own "
-                  "kernel, compiled on first use with the system C compiler (selfdistill.cpu_decode; skipped, with a "
-                  "log line, where there is none). Same products, float rounding only."},
-    )
-    decode_loop: bool = field(
-        default=True,
-        metadata={"help": "With decode_kernel, sample from a plain float32 LlamaForCausalLM on the CPU through "
-                  "selfdistill's decoding loop, one kernel call per layer and step, instead of transformers' generate "
-                  "(selfdistill.decode_loop; generate runs, with a log line, where the loop does not apply). The same "
-                  "draws, float rounding only."},
-    )
-    reuse_cpu_buffers: bool = field(
-        default=True,
-        metadata={"help": "When training on the CPU under Linux (glibc), keep freed large buffers in the process heap "
-                  "(mallopt) instead of returning them to the system, so each step's embedding-sized gradients and "
-                  "casts are not faulted in page by page again (selfdistill.heap; process-wide, changes no value)."},
-    )
     teacher_batch_views: bool = field(
         default=True,
         metadata={"help": "Score all teacher views of a micro-batch in one forward (M x B sequences); False runs one "

@@ -193,6 +193,8 @@ class Diagnosis:
             views = self.source.views(rollouts)
             teacher = teacher_contexts(tok, self.source, rollouts, views, self.max_teacher_length, "truncate")
             names = teacher.names[0]
+            if len(names) == 1 and any(n != names for n in teacher.names):
+                names = ["teacher"]  # one view whose name varies by rollout (a reviser's verdict, a sibling or not)
             report: dict[str, Any] = {
                 "source": type(self.source).__name__, "prompts": len(rows), "rollouts": len(rollouts),
                 "samples_per_prompt": g, "max_completion_length": self.limit,

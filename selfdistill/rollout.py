@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import threading
-import types
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate.utils import is_compiled_module
 from trl.trainer.utils import RepeatSampler
 
-from selfdistill import cpu_decode, decode_loop
 from selfdistill.sequences import CACHE_KEY, MIN_SHARED_PREFIX, left_pad, run_shared_prefixes, splice
 
 logger = logging.getLogger(__name__)
@@ -52,69 +47,6 @@ def eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-#: Inputs with at most this many rows take the skinny path of :func:`decode_linears`.
-SKINNY_ROWS = 64
-
-
-def _decode_linear(self: torch.nn.Linear, x: torch.Tensor, skinny: bool = True, lib: Any = None) -> torch.Tensor:
-    flat = x.reshape(-1, x.shape[-1])
-    if lib is not None and cpu_decode.applies(flat, self.weight):
-        out = cpu_decode.rows_times_weight(flat, self.weight, lib)
-    elif skinny and flat.shape[0] <= SKINNY_ROWS:
-        # The same products as F.linear, in the order BLAS runs faster here; made contiguous again, because a
-        # transposed query sends attention to its slow math kernel (the flash kernel wants the last dimension
-        # contiguous).
-        out = (self.weight @ flat.T).T.contiguous()
-    else:
-        return torch.nn.functional.linear(x, self.weight, self.bias)
-    if self.bias is not None:
-        out = out + self.bias
-    return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
-@contextmanager
-def decode_linears(model: torch.nn.Module, skinny: bool = True, kernel: bool = True) -> Iterator[None]:
-    """While active, the model's CPU ``nn.Linear`` layers compute few-row inputs on a faster path for decoding.
-
-    A decoding step feeds each linear layer one row per sequence.
-
-    - ``kernel``: float32 inputs of at most :data:`selfdistill.cpu_decode.MAX_ROWS` rows go through
-      :mod:`selfdistill.cpu_decode`'s kernel where it is used (CPUs with AVX-512 and a C compiler).
-    - ``skinny``: other inputs of at most :data:`SKINNY_ROWS` rows are computed as ``weight @ x^T``. On the AMD
-      EPYC (AVX2) machine of docs/performance.md ``x @ weight^T`` is slow for such a skinny product and this order
-      runs faster: about 3x for the output head of a 49k vocabulary, 1.1-1.5x for the layers.
-
-    Both sum the same products as ``F.linear`` in another order, so the logits agree to float rounding (~1e-5).
-    Inputs with more rows (the prompt's prefill) keep the default path; layers off the CPU, layers whose forward is
-    already replaced on the instance, and subclasses of ``nn.Linear`` (PEFT's LoRA layers, whose base layer is
-    patched instead), are left alone.
-    """
-    lib = cpu_decode.kernel() if kernel else None
-    # A layer whose forward is already replaced on the instance (accelerate's offload hooks, another patch) keeps it.
-    patched = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
-               and "forward" not in m.__dict__]
-    if not patched or (not skinny and lib is None):
-        yield
-        return
-    for module in patched:
-        module.forward = types.MethodType(functools.partial(_decode_linear, skinny=skinny, lib=lib), module)
-    try:
-        yield
-    finally:
-        for module in patched:
-            module.__dict__.pop("forward", None)
-
-
-def skinny_linears(model: torch.nn.Module) -> Any:
-    """:func:`decode_linears` with the skinny path only (no kernel)."""
-    return decode_linears(model, skinny=True, kernel=False)
-
-
-#: Reasons the fused decoding loop was declined, each logged once.
-_LOGGED: set[str] = set()
-
-
-@torch.no_grad()
 def sample_completions(
     model: Any,
     prompt_ids: Sequence[Sequence[int]],
@@ -127,32 +59,17 @@ def sample_completions(
     top_p: float = 1.0,
     top_k: int | None = None,
     share_prefix: bool = True,
-    skinny: bool = True,
-    kernel: bool = True,
-    loop: bool = True,
 ) -> Generated:
     """Sample one completion per prompt (prompts repeated G times upstream) with left padding.
 
     ``share_prefix``: prompts that share a beginning (the G copies of one prompt; the chat template's system
-    prompt) prefill it once (:func:`selfdistill.sequences.run_shared_prefixes`) and decode from its cache rows.
-    ``skinny``, ``kernel``: decode through :func:`decode_linears`'s paths. ``loop`` (with ``kernel``): decode
-    through :func:`selfdistill.decode_loop.sample`, one kernel call per layer and step, where it applies (else
-    ``generate``, with a log line saying why). All four change only float rounding (~1e-5 in the logits); the
-    draws are ``generate``'s.
+    prompt) prefill it once (:func:`selfdistill.sequences.run_shared_prefixes`) and ``generate`` decodes from its
+    cache rows: float rounding only (~1e-5 in the logits), the same draws.
     """
     device = next(model.parameters()).device
     kwargs: dict[str, Any] = {"do_sample": do_sample, "max_new_tokens": max_new_tokens}
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k if top_k else 0)
-    fused = False
-    # Under torch.compile (TrainingArguments' torch_compile) the loop decodes with the module the compiled one wraps.
-    plain = model._orig_mod if is_compiled_module(model) else model
-    if loop and kernel:
-        reason = decode_loop.declines(plain, len(prompt_ids), max_new_tokens)
-        fused = reason is None
-        if reason is not None and reason not in _LOGGED:
-            _LOGGED.add(reason)
-            logger.info("fused decoding loop not used (%s): sampling runs transformers' generate", reason)
     shared = None
     if share_prefix:
         shared = run_shared_prefixes(model, prompt_ids, MIN_SHARED_PREFIX, device, keep_last=True, pad_id=pad_id)
@@ -168,13 +85,8 @@ def sample_completions(
                   CACHE_KEY: shared.cache}
         width = ids.shape[1]
     try:
-        with decode_linears(model, skinny=skinny, kernel=kernel):
-            if fused:
-                new = decode_loop.sample(plain, inputs["input_ids"], inputs["attention_mask"], inputs.get(CACHE_KEY),
-                                         eos=list(eos), pad_id=pad_id, **kwargs).tolist()
-            else:
-                out = model.generate(**inputs, pad_token_id=pad_id, eos_token_id=list(eos), **kwargs)
-                new = out[:, width:].tolist()
+        out = model.generate(**inputs, pad_token_id=pad_id, eos_token_id=list(eos), **kwargs)
+        new = out[:, width:].tolist()
     except RuntimeError as err:
         if "probability tensor contains" in str(err):
             message = f"the student produced NaN/inf logits while sampling rollouts; {NON_FINITE_FIX}"

@@ -75,8 +75,7 @@ class SamplingMixin:
                 sampled = Sampled(sample_completions(
                     unwrapped, prompt_ids, pad_id=self.pad_id, eos=self.eos, max_new_tokens=args.max_completion_length,
                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                    share_prefix=args.share_prompt_prefix, skinny=args.skinny_decode,
-                    kernel=args.decode_kernel, loop=args.decode_loop,
+                    share_prefix=args.share_prompt_prefix,
                 ))
         elapsed = time.perf_counter() - start
         self._clock += elapsed
@@ -105,9 +104,7 @@ class SamplingMixin:
         ids = [render_context(self.processing_class, p) for p in prompts]
         with generation_model(self.model_wrapped, self.accelerator) as unwrapped:
             out = sample_completions(unwrapped, ids, pad_id=self.pad_id, eos=self.eos, max_new_tokens=max_new_tokens,
-                                     do_sample=False, share_prefix=self.args.share_prompt_prefix,
-                                     skinny=self.args.skinny_decode, kernel=self.args.decode_kernel,
-                                     loop=self.args.decode_loop)
+                                     do_sample=False, share_prefix=self.args.share_prompt_prefix)
         elapsed = time.perf_counter() - start
         self._clock += elapsed
         self.recorder.record("train", "time/source_generation", elapsed, reduce="sum")

@@ -30,7 +30,6 @@ from selfdistill.distributed import (
 )
 from selfdistill.fused import fused_token_losses, output_head
 from selfdistill.grpo import rollout_advantages
-from selfdistill.heap import reuse_freed_buffers
 from selfdistill.heatmap import HeatmapCallback
 from selfdistill.loading import DataMixin, prepare_for_streams
 from selfdistill.losses import summarize
@@ -162,8 +161,6 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
             or self.accelerator.num_processes > 1
         )
         check_sharding(args, zero3, self.is_fsdp_enabled, self.teacher.keeps_copy)
-        on_cpu = self.accelerator.device.type == "cpu"
-        self.reuses_cpu_buffers = args.reuse_cpu_buffers and on_cpu and reuse_freed_buffers()
         self.vllm = None
         if args.use_vllm:
             from selfdistill.vllm_rollouts import VLLMRollouts
