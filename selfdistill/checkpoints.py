@@ -7,9 +7,11 @@ publishes the folder with one rename (:func:`publish_checkpoint`); docs/reliabil
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from typing import Any
 
@@ -31,6 +33,112 @@ STAGING_DIR = ".partial"  # checkpoints being written; never matched by transfor
 
 class CheckpointMismatch(RuntimeError):
     """A checkpoint that this run cannot resume (e.g. ZeRO partitions written by another number of processes)."""
+
+
+class CheckpointDamaged(RuntimeError):
+    """A checkpoint whose files differ from the sizes and checksums recorded when it was written."""
+
+
+def process_umask() -> int:
+    """The process umask, read without changing it (Linux: /proc/self/status), else by setting and restoring it."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(folder: str) -> None:
+    """Give every file and folder under ``folder`` the mode the process umask asks for. Some writers (safetensors'
+    atomic write in transformers) create files 0600 whatever the umask, which a shared cache or a container under
+    another uid then cannot read."""
+    mask = process_umask()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_records(folder: str) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file under ``folder`` but the record itself, by path relative to it."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if rel != CHECKPOINT_INFO:
+                out[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+    return out
+
+
+def damaged_files(checkpoint: str) -> list[str]:
+    """The recorded files of a checkpoint that are missing or whose size or checksum changed ([] when all match,
+    or when the checkpoint records none: one written before records existed, or by plain transformers)."""
+    recorded = checkpoint_info(checkpoint).get("files") or {}
+    bad = []
+    for rel, record in recorded.items():
+        path = os.path.join(checkpoint, rel)
+        if not os.path.isfile(path):
+            bad.append(f"{rel} (missing)")
+        elif os.path.getsize(path) != record["size"]:
+            bad.append(f"{rel} ({os.path.getsize(path)} bytes, {record['size']} written)")
+        elif _sha256(path) != record["sha256"]:
+            bad.append(f"{rel} (checksum differs: bytes changed since it was written)")
+    return bad
+
+
+def checkpoints_in(output_dir: str) -> list[str]:
+    """The published checkpoint-N folders of ``output_dir``, newest (highest N) first."""
+    if not os.path.isdir(output_dir):
+        return []
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := pattern.match(name))
+             and os.path.isdir(os.path.join(output_dir, name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(found, reverse=True)]
+
+
+def last_complete_checkpoint(output_dir: str) -> tuple[str | None, list[tuple[str, list[str]]]]:
+    """The newest checkpoint of ``output_dir`` whose files match their records, and the newer ones that did not."""
+    skipped = []
+    for checkpoint in checkpoints_in(output_dir):
+        bad = damaged_files(checkpoint)
+        if not bad:
+            return checkpoint, skipped
+        skipped.append((checkpoint, bad))
+    return None, skipped
+
+
+def verify_checkpoint(checkpoint: str) -> None:
+    """Raise :class:`CheckpointDamaged` naming the damaged files and the newest older checkpoint that is whole."""
+    bad = damaged_files(checkpoint)
+    if not bad:
+        return
+    parent = os.path.dirname(os.path.normpath(checkpoint))
+    older = [c for c in checkpoints_in(parent) if _step(c) < _step(checkpoint) and not damaged_files(c)]
+    fallback = (f"resume from {older[0]}, the newest complete one (training.resume_from_checkpoint={older[0]})"
+                if older else "no older complete checkpoint exists there: start afresh")
+    raise CheckpointDamaged(
+        f"checkpoint {checkpoint} is damaged: {'; '.join(bad)}. Its files no longer match what was written "
+        f"(a truncated copy, a full disk, a bit flip); {fallback}."
+    )
+
+
+def _step(checkpoint: str) -> int:
+    match = re.search(r"(\d+)$", os.path.normpath(checkpoint))
+    return int(match.group(1)) if match else -1
 
 
 def checkpoint_info(checkpoint: str) -> dict[str, Any]:
@@ -113,16 +221,22 @@ class CheckpointMixin:
                 # a resumed run would sample new ones and part from the uninterrupted run. One file per rank.
                 os.makedirs(staged, exist_ok=True)
                 torch.save(self._buffered, os.path.join(staged, BUFFER_STATE.format(self.accelerator.process_index)))
+            self.accelerator.wait_for_everyone()  # every rank's files are in the folder before they are recorded
             if self.args.should_save:
+                # The card goes with the weights and names the folder they will be published as.
+                write_model_card(self, staged, model_ref=final)
+                follow_umask(staged)
                 with open(os.path.join(staged, CHECKPOINT_INFO), "w") as f:
                     json.dump({"world_size": self.accelerator.num_processes, "deepspeed": self.is_deepspeed_enabled,
-                               "zero_stage": zero_stage(self.accelerator), "step": self.state.global_step}, f)
+                               "zero_stage": zero_stage(self.accelerator), "step": self.state.global_step,
+                               "files": file_records(staged)}, f, indent=1)
+                follow_umask(staged)
         finally:
             self._staging_root = None
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             publish_checkpoint(staged, final)
-            self.create_model_card()
+            logger.info("saved %s", final)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
         self.accelerator.wait_for_everyone()
@@ -162,6 +276,7 @@ class CheckpointMixin:
             checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
             if checkpoint is None:
                 return  # transformers names the problem: no checkpoint in output_dir
+        verify_checkpoint(str(checkpoint))
         info = checkpoint_info(str(checkpoint))
         saved, now = info.get("world_size"), self.accelerator.num_processes
         if info.get("deepspeed") and self.is_deepspeed_enabled and info.get("zero_stage", 0) > 0 and saved != now:

@@ -6,8 +6,12 @@ Runs unchanged under ``accelerate launch -m selfdistill train RECIPE``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shlex
+import signal
 import sys
+from typing import Any
 
 from selfdistill.modeling import ModelNotFound
 from selfdistill.recipes import RecipeError, list_recipes, load_recipe
@@ -20,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="path to a recipe YAML (see `selfdistill recipes`)")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. training.max_steps=10")
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    train.add_argument("--restart", action="store_true",
+                       help="start afresh even when output_dir holds checkpoints (they are moved aside, not deleted); "
+                            "without it the run resumes from the last complete checkpoint there")
     ev = sub.add_parser("eval", help="greedy accuracy and pass@k of a model on the recipe's held-out split")
     ev.add_argument("recipe")
     ev.add_argument("overrides", nargs="*")
@@ -45,6 +52,90 @@ def _parser() -> argparse.ArgumentParser:
     skills.add_argument("path", help="skills.json, a checkpoint's privileged_source.json, or a folder holding one")
     skills.add_argument("--task", help="only this task tag")
     return parser
+
+
+class _Stopped(Exception):
+    """Ctrl-C (SIGINT) or SIGTERM during a run: the exit code the shell expects (130 / 143)."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Turn SIGINT and SIGTERM into :class:`_Stopped` for the length of a run (the command is the process's entry
+    point; the library itself installs no handler), then put the previous handlers back."""
+
+    def stop(signum, _frame):
+        raise _Stopped(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except KeyboardInterrupt as err:  # a SIGINT that arrived while another handler was in place
+        raise _Stopped(130) from err
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def argv_text(args: argparse.Namespace) -> str:
+    parts = ["selfdistill", "train", args.recipe, *args.overrides]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _interrupted_line(recipe: Any, command: str) -> str:
+    from selfdistill.checkpoints import last_complete_checkpoint
+    from selfdistill.run import ACTIVE
+
+    trainer = ACTIVE.get("trainer")
+    step = trainer.state.global_step if trainer is not None else 0
+    out = recipe.training.get("output_dir", "")
+    last, _ = last_complete_checkpoint(out) if out else (None, [])
+    if last is None:
+        return (f"selfdistill: stopped at step {step}; no complete checkpoint in {out} (set training.save_steps to "
+                f"keep progress), so `{command}` starts afresh")
+    return f"selfdistill: stopped at step {step}; last complete checkpoint {last}; resume with: {command}"
+
+
+def resume_or_restart(recipe: Any, restart: bool) -> Any:
+    """``selfdistill train``'s default: resume from the last complete checkpoint in output_dir, saying so (a newer
+    damaged one is named and skipped); ``--restart`` moves the checkpoints aside and starts afresh."""
+    import os
+    import shutil
+    import time
+
+    from selfdistill.checkpoints import STAGING_DIR, checkpoints_in, last_complete_checkpoint
+
+    training = recipe.training
+    out = str(training.get("output_dir", ""))
+    if training.get("resume_from_checkpoint") not in (None, False) or not out or not os.path.isdir(out):
+        return recipe
+    found = checkpoints_in(out)
+    if restart:
+        if int(os.environ.get("RANK", "0")) != 0:  # several processes: the first one moves, the others start afresh
+            return recipe
+        if found or os.path.isdir(os.path.join(out, STAGING_DIR)):
+            aside = os.path.join(out, time.strftime("restarted-%Y%m%d-%H%M%S"))
+            os.makedirs(aside)
+            for path in [*found, os.path.join(out, STAGING_DIR)]:
+                if os.path.exists(path):
+                    shutil.move(path, os.path.join(aside, os.path.basename(path)))
+            print(f"selfdistill: --restart: moved {len(found)} checkpoint(s) of {out} to {aside}; starting at step 0",
+                  file=sys.stderr)
+        return recipe
+    if not found:
+        return recipe
+    last, skipped = last_complete_checkpoint(out)
+    for checkpoint, bad in skipped:
+        print(f"selfdistill: WARNING: skipping damaged checkpoint {checkpoint} ({'; '.join(bad)})", file=sys.stderr)
+    if last is None:
+        raise RecipeError(f"{out} holds checkpoints but none is complete; move them aside with --restart")
+    step = last.rsplit("-", 1)[-1]
+    print(f"selfdistill: resuming from {last} (step {step}); --restart starts afresh instead", file=sys.stderr)
+    training["resume_from_checkpoint"] = last
+    return recipe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +180,13 @@ def main(argv: list[str] | None = None) -> int:
 
             from selfdistill.distributed import leave_process_group
 
-            run_train(recipe, progress=not args.no_progress)
+            recipe = resume_or_restart(recipe, args.restart)
+            try:
+                with _stop_on_signals():
+                    run_train(recipe, progress=not args.no_progress)
+            except _Stopped as stop:
+                print(_interrupted_line(recipe, argv_text(args)), file=sys.stderr)
+                return stop.code
             leave_process_group(PartialState())
             return 0
         result = run_eval(recipe, args.model, progress=not args.no_progress)

@@ -8,6 +8,7 @@ the gathered weights and the merge runs on the main process from the saved adapt
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,10 @@ def save_final_model(trainer: Any, folder: str | Path, merged: bool = False) -> 
     if hasattr(trainer, "create_model_card"):
         trainer.create_model_card(output_dir=str(folder))
     trainer.accelerator.wait_for_everyone()
+    if trainer.accelerator.is_main_process:
+        from selfdistill.checkpoints import follow_umask
+
+        follow_umask(str(folder))
     model = trainer.accelerator.unwrap_model(trainer.model)
     out: dict[str, Any] = {"path": str(folder), "adapter": is_peft_model(model), "merged_path": None}
     if not merged:
@@ -49,13 +54,16 @@ def save_final_model(trainer: Any, folder: str | Path, merged: bool = False) -> 
         base.save_pretrained(str(target))
         if trainer.processing_class is not None:
             trainer.processing_class.save_pretrained(str(target))
+        from selfdistill.checkpoints import follow_umask
+
+        follow_umask(str(target))
     trainer.accelerator.wait_for_everyone()
     out["merged_path"] = str(target)
     return out
 
 
 def write_model_card(trainer: Any, folder: str, model_name: str | None = None, dataset_name: str | None = None,
-                     tags: str | list[str] | None = None) -> None:
+                     tags: str | list[str] | None = None, model_ref: str | None = None) -> None:
     """A README.md model card in ``folder``: the base model, the method and its paper, the source, teacher policy
     and loss, the run's size and the library versions (template: selfdistill/templates/model_card.md)."""
     from importlib.metadata import version
@@ -67,7 +75,7 @@ def write_model_card(trainer: Any, folder: str, model_name: str | None = None, d
     base = getattr(getattr(model, "config", None), "_name_or_path", None)
     base = base if base and not os.path.isdir(base) else None
     paper = getattr(trainer.privileged, "paper", {}) or {}
-    name = model_name or os.path.basename(os.path.normpath(folder))
+    name = model_name or os.path.basename(os.path.normpath(model_ref or folder))
     tags = [tags] if isinstance(tags, str) else list(tags or [])
     tags += [t for t in ("selfdistill", "on-policy-distillation", paper.get("name")) if t and t not in tags]
     method = paper.get("name", type(trainer.privileged).__name__)
@@ -77,7 +85,8 @@ def write_model_card(trainer: Any, folder: str, model_name: str | None = None, d
     card = ModelCard.from_template(
         ModelCardData(base_model=base, datasets=dataset_name, library_name="transformers", model_name=name, tags=tags),
         template_path=str(files("selfdistill") / "templates" / "model_card.md"),
-        model_name=name, base_model=base, model_ref=trainer.hub_model_id or folder, method_line=method,
+        model_name=name, base_model=base, model_ref=trainer.hub_model_id or model_ref or folder, method_line=method,
+        example_prompt=json.dumps(example_prompt(trainer)),
         dataset_name=dataset_name, source=type(trainer.privileged).__name__, teacher_policy=a.teacher_policy,
         loss=f"{a.divergence}, support {a.support}, clip {a.clip} (tau {a.clip_tau})",
         steps=trainer.state.global_step, rollouts_per_step=a.per_device_train_batch_size * a.world_size,
@@ -86,3 +95,17 @@ def write_model_card(trainer: Any, folder: str, model_name: str | None = None, d
         transformers_version=version("transformers"), pytorch_version=version("torch"),
     )
     card.save(os.path.join(folder, "README.md"))
+
+
+def example_prompt(trainer: Any) -> list[dict[str, str]]:
+    """The model card's example: the first prompt of the user's training data (as chat messages)."""
+    rows = getattr(trainer, "train_dataset", None)
+    try:
+        first = next(iter(rows))["prompt"] if rows is not None else None
+    except (StopIteration, KeyError, TypeError):
+        first = None
+    if isinstance(first, str):
+        return [{"role": "user", "content": first}]
+    if isinstance(first, list) and first and all(isinstance(m, dict) and "content" in m for m in first):
+        return [{"role": str(m.get("role", "user")), "content": str(m["content"])} for m in first]
+    return [{"role": "user", "content": "Hello!"}]

@@ -20,9 +20,16 @@ def resolve(name_or_path: str) -> str:
 
 
 def _load(loader: Any, name_or_path: str, what: str, **kwargs: Any) -> Any:
-    if name_or_path.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(name_or_path)):
+    folder = os.path.expanduser(name_or_path)
+    if name_or_path.startswith(("/", "./", "../", "~")) and not os.path.isdir(folder):
         raise ModelNotFound(f"model {name_or_path!r} is a path, and no folder exists there; give the folder a "
                             "model was saved to (save_pretrained), or an embedded model's name")
+    if os.path.isdir(folder) and not os.path.exists(os.path.join(folder, "config.json")):
+        inside = sorted(os.listdir(folder))[:8]
+        raise ModelNotFound(
+            f"folder {name_or_path!r} holds no model (no config.json; it has: {', '.join(inside) or 'nothing'}). Give "
+            "the folder save_pretrained wrote: a training run's <output_dir>/final, or one of its checkpoint-N folders"
+        )
     try:
         return loader.from_pretrained(resolve(name_or_path), **kwargs)
     except OSError as err:

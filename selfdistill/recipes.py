@@ -498,17 +498,53 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (the plain loader keeps the last silently)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise RecipeError(f"key {key!r} is given twice, on lines {seen[key]} and {line}; keep one (the plain YAML "
+                              "reading would silently take the last)")
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_recipe_yaml(path: Path) -> Any:
+    """A recipe file's YAML document, every failure a :class:`RecipeError` that names the file and the fix."""
+    if not path.exists():
+        raise RecipeError(f"recipe {path} does not exist; `selfdistill recipes` lists the shipped ones")
+    if path.is_dir():
+        raise RecipeError(f"recipe {path} is a folder; give a recipe YAML file in it (`selfdistill recipes` lists the "
+                          "shipped ones)")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"recipe {path} cannot be read ({type(err).__name__}: {err}); check its permissions and "
+                          "that it is a UTF-8 text file") from err
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except RecipeError as err:
+        raise RecipeError(f"{path}: {err}") from err
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path} is not valid YAML: {err}") from err
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None, hardware_checks: bool = True,
                 allow_code: Sequence[str] = ()) -> Recipe:
     path = Path(path)
-    if not path.exists():
-        raise RecipeError(f"recipe {path} does not exist; `selfdistill recipes` lists the shipped ones")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path} is not valid YAML: {err}") from err
+    raw = read_recipe_yaml(path)
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
+        raise RecipeError(f"{path}: a recipe is a YAML mapping of sections (model, data, source, training, ...), got "
+                          f"a {type(raw).__name__}")
     return parse_recipe(apply_overrides(raw, overrides or []), str(path), hardware_checks, allow_code)
 
 

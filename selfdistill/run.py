@@ -12,6 +12,7 @@ from transformers import set_seed
 from trl.models.utils import unwrap_model_for_generation
 
 from selfdistill.agent import evaluate_env
+from selfdistill.checkpoints import checkpoints_in
 from selfdistill.checks import check_datasets
 from selfdistill.data import load_splits
 from selfdistill.distributed import gathered, is_zero3_model, rank_report
@@ -69,9 +70,16 @@ def _is_main(args: Any) -> bool:
     return args.process_index == 0
 
 
+#: The trainer of the run in progress in this process (the CLI reads its step when the run is interrupted).
+ACTIVE: dict[str, Any] = {}
+
+
 def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     """The whole job of ``selfdistill train``; returns the results written to results.json."""
     args = recipe.config()
+    if args.resume_from_checkpoint is True and not checkpoints_in(args.output_dir):
+        raise RecipeError(f"training.resume_from_checkpoint=true, but {args.output_dir} holds no checkpoint yet; drop "
+                          "it to start afresh (the selfdistill command resumes by itself when there is one)")
     set_seed(args.seed)
     main = _is_main(args)
     out_dir = Path(args.output_dir)
@@ -130,6 +138,7 @@ def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     trainer = SelfDistillTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                                  privileged=source, reward_funcs=rewards, peft_config=peft_config,
                                  environment_factory=env_factory)
+    ACTIVE["trainer"] = trainer
     curve = None
     if ev.every_steps and can_eval:
         curve = LearningCurve(trainer, test, verifier, every=ev.every_steps, n=ev.curve_n, evaluate_fn=evaluate_fn,

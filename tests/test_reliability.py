@@ -5,6 +5,7 @@ at random, then resumes them in a new process and compares the end state with an
 configuration: every teacher policy, with and without LoRA, and Skill-SD with its skill bank and credits.
 """
 
+import functools
 import json
 import os
 import random
@@ -241,3 +242,101 @@ def test_the_best_checkpoint_is_the_published_one(tmp_path, tokenizer, greater_i
     kept = {best.name, "checkpoint-4"} if best_step != 4 else {"checkpoint-3", "checkpoint-4"}
     assert sorted(p.name for p in out.glob("checkpoint-*")) == sorted(kept)
     assert best_step < 4 or not greater_is_better
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_checkpoint_is_named_with_the_previous_complete_one(tmp_path, tokenizer, damage):
+    from test_trainer import make_trainer
+
+    from selfdistill.checkpoints import CheckpointDamaged, checkpoint_info, last_complete_checkpoint
+
+    trainer = make_trainer(tmp_path, tokenizer, max_steps=2, save_strategy="steps", save_steps=1)
+    trainer.train()
+    out = tmp_path / "out"
+    recorded = checkpoint_info(str(out / "checkpoint-2"))["files"]
+    assert {"model.safetensors", "optimizer.pt", "trainer_state.json"} <= set(recorded)
+    assert last_complete_checkpoint(str(out)) == (str(out / "checkpoint-2"), [])
+    weights = out / "checkpoint-2" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if damage == "truncate":
+        weights.write_bytes(bytes(data[: len(data) // 2]))
+    else:  # the same size, one byte changed
+        data[len(data) // 2] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    fresh = make_trainer(tmp_path, tokenizer, max_steps=3, save_strategy="steps", save_steps=1)
+    with pytest.raises(CheckpointDamaged, match=r"model\.safetensors.*checkpoint-1") as err:
+        fresh.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert ("bytes" in str(err.value)) if damage == "truncate" else ("checksum" in str(err.value))
+    last, skipped = last_complete_checkpoint(str(out))
+    assert last == str(out / "checkpoint-1") and skipped[0][0] == str(out / "checkpoint-2")
+    with pytest.raises(CheckpointDamaged):  # resume_from_checkpoint=True takes the last one, checked the same way
+        make_trainer(tmp_path, tokenizer, max_steps=3).train(resume_from_checkpoint=True)
+
+
+def _tiny_recipe(tmp_path, tokenizer, steps=200):
+    import yaml
+    from conftest import build_model
+
+    model_dir = tmp_path / "tiny"
+    if not model_dir.exists():
+        build_model(tokenizer, max_position_embeddings=1024).save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    recipe = {
+        "model": str(model_dir), "method": "opsd",
+        "data": {"task": "arithmetic", "n_train": 64, "n_test": 4, "digits": 1},
+        "source": {"type": "reference", "column": "solution"}, "rewards": ["arithmetic"],
+        "eval": {"before": False, "after": False},
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": steps, "per_device_train_batch_size": 2,
+                     "num_generations": 1, "max_completion_length": 4, "use_cpu": True, "save_strategy": "steps",
+                     "save_steps": 1, "logging_steps": 1, "disable_tqdm": True, "report_to": "none"},
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_ends_the_run_in_one_line_and_the_rerun_resumes(tmp_path, tokenizer, sig, code):
+    recipe = _tiny_recipe(tmp_path, tokenizer)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "selfdistill", "train", str(recipe), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.time() + 120
+    while not (out / "checkpoint-2").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    assert "Traceback" not in err
+    line = [x for x in err.splitlines() if x.startswith("selfdistill: stopped at step")]
+    assert len(line) == 1 and "last complete checkpoint" in line[0] and f"selfdistill train {recipe}" in line[0]
+    assert not (out / ".partial").exists() or not any((out / ".partial").iterdir())  # no half checkpoint promoted
+    last = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    # rerunning the same command resumes from the last complete checkpoint and says so
+    done = subprocess.run([*cmd[:4], str(recipe), f"training.max_steps={last + 1}", "--no-progress"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming from {out / f'checkpoint-{last}'} (step {last})" in done.stderr
+    assert (out / f"checkpoint-{last + 1}").exists()
+
+
+def test_restart_moves_checkpoints_aside_and_a_damaged_last_one_is_skipped(tmp_path, tokenizer):
+    recipe = _tiny_recipe(tmp_path, tokenizer, steps=2)
+    out = tmp_path / "out"
+    run = functools.partial(subprocess.run, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    first = run([sys.executable, "-m", "selfdistill", "train", str(recipe), "--no-progress"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    weights = out / "checkpoint-2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    again = run([sys.executable, "-m", "selfdistill", "train", str(recipe), "training.max_steps=3", "--no-progress"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "skipping damaged checkpoint" in again.stderr and "model.safetensors" in again.stderr
+    assert f"resuming from {out / 'checkpoint-1'} (step 1)" in again.stderr
+    fresh = run([sys.executable, "-m", "selfdistill", "train", str(recipe), "--restart", "--no-progress"])
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "--restart: moved" in fresh.stderr and "resuming" not in fresh.stderr
+    [aside] = list(out.glob("restarted-*"))
+    assert (aside / "checkpoint-1").exists() and (out / "checkpoint-2").exists()
+    none = run([sys.executable, "-m", "selfdistill", "train", str(recipe), "training.resume_from_checkpoint=true",
+                f"training.output_dir={tmp_path / 'empty'}"])
+    assert none.returncode == 2 and "holds no checkpoint yet" in none.stderr and "Traceback" not in none.stderr

@@ -1,5 +1,6 @@
 """SelfDistillTrainer end to end on a tiny model: steps, metrics, resume, LoRA, bad input."""
 
+import json
 import math
 
 import pytest
@@ -327,11 +328,36 @@ def test_checkpoints_and_the_final_model_carry_a_model_card(tmp_path, tokenizer)
 
     trainer = make_trainer(tmp_path, tokenizer, max_steps=1, save_strategy="steps", save_steps=1)
     trainer.train()
-    card = (tmp_path / "out" / "README.md").read_text()
+    # The card sits with the weights and names their folder; the run folder (no model in it) gets none.
+    assert not (tmp_path / "out" / "README.md").exists()
+    card = (tmp_path / "out" / "checkpoint-1" / "README.md").read_text()
     assert "selfdistill" in card and "OPSD" in card and "2601.18734" in card
+    assert f'model="{tmp_path / "out" / "checkpoint-1"}"' in card and ".partial" not in card
+    first = trainer.train_dataset[0]["prompt"][0]["content"]
+    assert json.dumps(first) in card and "27 + 58" not in card  # the user's own first prompt
     save_final_model(trainer, tmp_path / "out" / "final")
     final = (tmp_path / "out" / "final" / "README.md").read_text()
     assert "library_name: transformers" in final and "on-policy-distillation" in final
+    assert f'model="{tmp_path / "out" / "final"}"' in final
+
+
+def test_saved_files_follow_the_umask(tmp_path, tokenizer):
+    import os
+    import stat
+
+    from selfdistill.export import save_final_model
+
+    old = os.umask(0o022)
+    try:
+        trainer = make_trainer(tmp_path, tokenizer, max_steps=1, save_strategy="steps", save_steps=1)
+        trainer.train()
+        save_final_model(trainer, tmp_path / "out" / "final")
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "out" / "checkpoint-1", tmp_path / "out" / "final"):
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir() if p.is_file()}
+        assert modes["model.safetensors"] == 0o644, modes  # transformers alone writes it 0600
+        assert set(modes.values()) == {0o644}, modes
 
 
 def test_bf16_generation_casts_each_weight_once_per_call_and_samples_the_same_tokens(tmp_path, tokenizer):
