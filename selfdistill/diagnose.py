@@ -107,7 +107,7 @@ class Diagnosis:
 
     def __init__(self, model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], source: PrivilegedSource,
                  reward_funcs: Sequence[Callable], *, max_completion_length: int, temperature: float = 1.0,
-                 top_p: float = 1.0, samples: int = 4, threshold: float = 0.5, teacher_rollouts: int = 128,
+                 top_p: float = 1.0, samples: int = 4, threshold: float = 0.5, teacher_rollouts: int = 64,
                  max_teacher_length: int | None = None, env_factory: Callable | None = None,
                  max_turns: int | None = None, batch_size: int = 64, progress: bool = True):
         self.model, self.tokenizer, self.rows, self.source = model, tokenizer, list(rows), source
@@ -224,8 +224,8 @@ class Diagnosis:
         return report
 
     def _teacher_generation(self, rollouts: list[Rollout], teacher: Any, names: list[str]) -> dict[str, Any]:
-        """Each view's teacher generating under its own context: reward within the rollout limit, and how long its
-        successful answers are when allowed four times that."""
+        """Each view's teacher generating under its own context (the first ``teacher_rollouts`` rollouts' contexts):
+        reward within the rollout limit, and how long its successful answers are when allowed twice that."""
         n = min(len(rollouts), self.teacher_rollouts)
         idx = list(range(n))
         out = {}
@@ -242,7 +242,7 @@ class Diagnosis:
                              "lengths": _lengths(played.completion_ids, played.truncated), "fits_share": None}
                 continue
             long = self._generate(rows, [rollouts[i].prompt for i in idx], contexts, greedy=False,
-                                  max_new_tokens=4 * self.limit)
+                                  max_new_tokens=2 * self.limit)
             within = [ids[: self.limit] for ids in long.completion_ids]
             verified = verify_completions(self.tokenizer, self.reward_funcs, [1.0] * len(self.reward_funcs),
                                           long.prompts, within, rows)

@@ -146,14 +146,26 @@ class RewardFunctionError(RuntimeError):
     """A reward function failed on every rollout of a batch: a broken verifier, not a malformed completion."""
 
 
-def _values(func: Callable, timeout: float | None, kwargs: dict[str, Any], n: int) -> list[float]:
+class _BadShape(Exception):
+    """A reward function's return that no retry can fix: not a list, or a list of the wrong length."""
+
+
+def _values(func: Callable, timeout: float | None, kwargs: dict[str, Any], n: int) -> tuple[list[float], int]:
+    """The function's rewards (None, TRL's "no reward for this one", and returned NaN/inf as NaN) and how many it
+    returned non-finite; a bad shape raises :class:`_BadShape`."""
     values = _call(func, timeout, kwargs)
-    if values is None or isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise TypeError(f"returned {values!r} instead of a list with one float (or None) per completion")
-    values = [math.nan if v is None else float(v) for v in values]
+    if values is None or isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+        shown = "None" if values is None else f"{type(values).__name__} {str(values)[:80]!r}"
+        raise _BadShape(f"returned {shown} instead of a list with one float (or None) per completion")
+    values = list(values)
     if len(values) != n:
-        raise ValueError(f"returned {len(values)} rewards for {n} completions")
-    return values
+        raise _BadShape(f"returned {len(values)} rewards for {n} completions")
+    try:
+        floats = [None if v is None else float(v) for v in values]
+    except (TypeError, ValueError) as err:
+        raise _BadShape(f"returned a value that is not a number ({err})") from err
+    nonfinite = sum(v is not None and not math.isfinite(v) for v in floats)
+    return [v if v is not None and math.isfinite(v) else math.nan for v in floats], nonfinite
 
 
 def score_rollouts(
@@ -170,9 +182,11 @@ def score_rollouts(
     Functions follow TRL's convention ``f(prompts, completions, completion_ids, **columns) -> list[float | None]``.
     A verifier must never kill a long run: when a batch call raises, each rollout is retried alone, so one
     malformed completion costs only its own reward; a call that raises or exceeds ``timeout`` seconds gives NaN
-    for the rollouts it covered and each of them is counted as a failure. A function that fails on *every* rollout
-    of the batch (raises, hangs, returns None) is broken: :class:`RewardFunctionError` names it and the fix. NaN or
-    None rewards are left out of the weighted sum (a rollout with no finite reward gets NaN).
+    for the rollouts it covered and each of them is counted as a failure, as is a NaN or inf it returns (with a
+    warning). A function that fails on *every* rollout of the batch (raises, hangs, returns NaN) is broken, and so is
+    one whose return has the wrong shape (not a list, the wrong length): :class:`RewardFunctionError` names it and the
+    fix. None (TRL: no reward from this function for this rollout) and failed values are left out of the weighted sum
+    (a rollout with no finite reward gets NaN).
     """
     columns = {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
     columns.pop("prompt", None)
@@ -184,9 +198,16 @@ def score_rollouts(
         if name in per_func:  # two functions with one name (lambdas, partials) keep separate metrics
             name = f"{name}_{index}"
         kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-        failed, first_error = 0, None
+        failed, first_error, nonfinite = 0, None, 0
         try:
-            values = _values(func, timeout, kwargs, n)
+            values, nonfinite = _values(func, timeout, kwargs, n)
+        except _BadShape as err:
+            # Not a malformed completion but a broken function: retrying rollout by rollout would hide it (a function
+            # that always returns one value passes every one-rollout call).
+            raise RewardFunctionError(
+                f"reward function {name!r} {err}. It is called as f(prompts, completions, completion_ids, "
+                "**dataset_columns) and must return a list with one float (or None) per completion."
+            ) from err
         except VerifierTimeout as err:
             # Retrying item by item could cost n timeouts; the whole batch is given up instead.
             failed, first_error = n, err
@@ -198,14 +219,21 @@ def score_rollouts(
             for i in range(n):
                 one = {key: value[i : i + 1] for key, value in kwargs.items()}
                 try:
-                    values.extend(_values(func, timeout, one, 1))
+                    one_value, one_nonfinite = _values(func, timeout, one, 1)
+                    values.extend(one_value)
+                    nonfinite += one_nonfinite
                 except Exception as item_err:
                     failed += 1
                     first_error = first_error or item_err
                     logger.warning("reward function %s failed on rollout %d (%s: %s); counted as a failure", name,
                                    i, type(item_err).__name__, item_err)
                     values.append(math.nan)
-        if n and failed == n:
+        if nonfinite:
+            failed += nonfinite
+            first_error = first_error or FloatingPointError(f"it returned NaN or inf for {nonfinite} of {n}")
+            logger.warning("reward function %s returned %d non-finite reward(s) (NaN/inf) in a batch of %d; counted "
+                           "as failures and left out of the reward", name, nonfinite, n)
+        if n and failed >= n:
             # One malformed completion costs its own reward; a function that fails on all of them is broken, and
             # training on without its rewards would be silent garbage.
             raise RewardFunctionError(

@@ -288,3 +288,64 @@ def test_the_python_api_names_bad_input_before_it_loads_a_model(tmp_path, monkey
 
         SelfDistillTrainer(model="smollm2-135m-instruct", args=make_args(tmp_path), train_dataset=build_dataset(),
                            privileged=Reviser())
+
+
+def test_recipe_files_that_cannot_be_read_are_named(tmp_path, capsys, no_model_load):
+    from selfdistill.cli import main
+
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("method: opsd\nmodel: x\nmethod: sdzero\n")
+    for command in (["train"], ["check"], ["diagnose"]):
+        assert main([*command, str(dup)]) == 2
+        err = capsys.readouterr().err
+        assert "recipe error" in err and "'method' is given twice, on lines 1 and 3" in err, err
+    dup.write_text("model: x\ntraining:\n  max_steps: 2\n  max_steps: 3\n")  # inside a section too
+    assert main(["check", str(dup)]) == 2
+    assert "'max_steps' is given twice, on lines 3 and 4" in capsys.readouterr().err
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00model")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- method: opsd\n")
+    for path, message in [(folder, "is a folder"), (binary, "cannot be read"), (listed, "got a list")]:
+        assert main(["train", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "recipe error" in err and message in err and "Traceback" not in err, err
+
+
+def test_eval_on_a_folder_without_a_model_is_named(tmp_path, capsys):
+    from selfdistill.cli import main
+
+    empty = tmp_path / "nothing_here"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    assert main(["eval", str(_write(tmp_path, BASE)), "--model", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert "holds no model (no config.json; it has: notes.txt)" in err and "checkpoint-N" in err
+
+
+def test_a_wrong_length_or_non_list_reward_is_a_broken_function_not_a_retry():
+    from selfdistill.rollout import score_rollouts
+
+    args = (["p"] * 3, ["a", "b", "c"], [[1], [2], [3]], [{"prompt": "p"}] * 3)
+    one_value = lambda prompts, completions, **kw: [1.0]  # noqa: E731 - passes every one-rollout retry
+    with pytest.raises(RewardFunctionError, match="returned 1 rewards for 3 completions"):
+        score_rollouts([one_value], [1.0], *args)
+    with pytest.raises(RewardFunctionError, match="returned float .1.0. instead of a list"):
+        score_rollouts([lambda prompts, completions, **kw: 1.0], [1.0], *args)
+
+
+def test_non_finite_rewards_are_counted_failures_and_a_whole_batch_of_them_stops(caplog):
+    from selfdistill.rollout import score_rollouts
+
+    args = (["p"] * 3, ["a", "b", "c"], [[1], [2], [3]], [{"prompt": "p"}] * 3)
+    some = lambda prompts, completions, **kw: [1.0, math.nan, math.inf]  # noqa: E731
+    with caplog.at_level("WARNING"):
+        totals, per_func, failures = score_rollouts([some], [1.0], *args)
+    assert failures == 2 and totals[0] == 1.0 and math.isnan(totals[1]) and math.isnan(totals[2])
+    assert "returned 2 non-finite reward(s)" in caplog.text
+    nothing = lambda prompts, completions, **kw: [None, None, None]  # noqa: E731 - TRL's "not mine": no failure
+    assert score_rollouts([nothing], [1.0], *args)[2] == 0
+    with pytest.raises(RewardFunctionError, match="failed on all 3 rollouts"):
+        score_rollouts([lambda prompts, completions, **kw: [math.nan] * 3], [1.0], *args)
