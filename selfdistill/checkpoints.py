@@ -229,6 +229,9 @@ class CheckpointMixin:
                 with open(os.path.join(staged, CHECKPOINT_INFO), "w") as f:
                     json.dump({"world_size": self.accelerator.num_processes, "deepspeed": self.is_deepspeed_enabled,
                                "zero_stage": zero_stage(self.accelerator), "step": self.state.global_step,
+                               # the whole run's counts so far, so a resumed run's totals cover all of it
+                               "rollouts": self.rollouts_generated * self.accelerator.num_processes,
+                               "generated_tokens": self.tokens_generated * self.accelerator.num_processes,
                                "files": file_records(staged)}, f, indent=1)
                 follow_umask(staged)
         finally:
@@ -306,6 +309,10 @@ class CheckpointMixin:
                 )
             self.teacher.load_state_dict(torch.load(teacher_file, map_location="cpu", weights_only=True),
                                          self.accelerator.unwrap_model(self.model))
+        info = checkpoint_info(resume_from_checkpoint)
+        ranks = self.accelerator.num_processes
+        self.rollouts_generated = int(info.get("rollouts", 0)) // ranks
+        self.tokens_generated = int(info.get("generated_tokens", 0)) // ranks
         source_file = os.path.join(resume_from_checkpoint, SOURCE_STATE)
         if os.path.exists(source_file):
             with open(source_file) as f:

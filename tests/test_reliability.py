@@ -340,3 +340,14 @@ def test_restart_moves_checkpoints_aside_and_a_damaged_last_one_is_skipped(tmp_p
     none = run([sys.executable, "-m", "selfdistill", "train", str(recipe), "training.resume_from_checkpoint=true",
                 f"training.output_dir={tmp_path / 'empty'}"])
     assert none.returncode == 2 and "holds no checkpoint yet" in none.stderr and "Traceback" not in none.stderr
+
+
+def test_a_resumed_run_counts_the_rollouts_and_tokens_of_the_whole_run(tmp_path, tokenizer):
+    whole = make_trainer(tmp_path / "whole", tokenizer, max_steps=3)
+    whole.train()
+    first = make_trainer(tmp_path / "cut", tokenizer, max_steps=3, save_strategy="steps", save_steps=1)
+    first.train()
+    resumed = make_trainer(tmp_path / "cut", tokenizer, max_steps=3)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "out" / "checkpoint-2"))
+    assert resumed.rollouts_generated == whole.rollouts_generated == 3 * whole.args.per_device_train_batch_size
+    assert resumed.tokens_generated == whole.tokens_generated
