@@ -31,9 +31,8 @@ def check_datasets(privileged: PrivilegedSource, args: SelfDistillConfig, train_
                     "with dataset.rename_column(old, 'prompt')"
                 )
             privileged.check_dataset(columns)
-            if hasattr(dataset, "__len__") and len(dataset):
-                for i, prompt in enumerate(dataset.select(range(min(len(dataset), 64)))["prompt"]):
-                    check_prompt(prompt, f"{split} row {i}")
+            if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__") and len(dataset):
+                check_rows(privileged, dataset, split)
     if train_dataset is not None and hasattr(train_dataset, "__len__"):
         per_batch = args.per_device_train_batch_size * args.steps_per_generation * args.world_size
         prompts = per_batch // args.num_generations
@@ -43,6 +42,68 @@ def check_datasets(privileged: PrivilegedSource, args: SelfDistillConfig, train_
                 f"prompts ({per_batch} rollouts / num_generations={args.num_generations}), so not one step could run. "
                 "Add rows, or lower per_device_train_batch_size or steps_per_generation"
             )
+
+
+def _which(rows: list[int], total: int) -> str:
+    shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+    return f"{len(rows)} of {total} rows (row{'s' if len(rows) > 1 else ''} {shown})"
+
+
+def _empty_prompt(prompt: Any) -> bool:
+    if isinstance(prompt, str):
+        return not prompt.strip()
+    return not any(m["content"].strip() for m in prompt)
+
+
+def check_rows(privileged: PrivilegedSource, dataset: Any, split: str) -> None:
+    """Every row of an in-memory dataset: a prompt of a known type with some text in it, and a value in every column
+    the source shows the teacher. One error per problem, with the count, the first row indices and the fix."""
+    prompts = dataset["prompt"]
+    total = len(prompts)
+    bad_type, empty = [], []
+    for i, prompt in enumerate(prompts):
+        try:
+            check_prompt(prompt, f"{split} row {i}")
+        except TypeError as err:
+            if not bad_type:
+                first = err
+            bad_type.append(i)
+            continue
+        if _empty_prompt(prompt):
+            empty.append(i)
+    if bad_type:
+        raise TypeError(f"{split}: {_which(bad_type, total)} have a prompt of an unknown type; {first}")
+    if empty:
+        raise ValueError(
+            f"{split}: {_which(empty, total)} have an empty prompt (no text in any message); every rollout needs a "
+            "task. Drop them first, e.g. dataset.filter(lambda row: bool(row['prompt']))"
+        )
+    for column in privileged.required_columns:
+        values = dataset[column]
+        missing = [i for i, v in enumerate(values) if v is None or (isinstance(v, str) and not v.strip())]
+        if missing:
+            raise ValueError(
+                f"{split}: column {column!r}, which {type(privileged).__name__} shows the teacher, is empty or None in "
+                f"{_which(missing, total)}. Fill it in, or drop those rows: dataset.filter(lambda row: "
+                f"row[{column!r}] is not None and str(row[{column!r}]).strip() != '')"
+            )
+
+
+def check_output_dir(output_dir: str) -> None:
+    """``output_dir`` is a folder this process can write (made when missing), checked before any model work."""
+    import os
+    import tempfile
+
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"output_dir={output_dir!r} is a file, not a folder; give a folder for checkpoints and "
+                         "results")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"output_dir={output_dir!r} cannot be written ({type(err).__name__}: {err.strerror or err}); "
+                         "give a folder you can write to, or fix its permissions") from err
 
 
 def check_prompt(prompt: Any, where: str) -> None:
@@ -109,6 +170,8 @@ def check_trainer_inputs(args: SelfDistillConfig, privileged: PrivilegedSource |
     if privileged.needs_rewards and not funcs:
         raise ValueError(f"{type(privileged).__name__} needs rewards; pass reward_funcs=[...] (a verifier)")
     check_datasets(privileged, args, train_dataset, eval_dataset)
+    if args.should_save:
+        check_output_dir(args.output_dir)
     if args.grpo_weight > 0 and not (funcs or environment_factory):
         raise ValueError("grpo_weight > 0 needs rewards: pass reward_funcs=[...] or an environment_factory")
     if args.fused_loss and privileged.combine != "identity":

@@ -13,7 +13,7 @@ from trl.models.utils import unwrap_model_for_generation
 
 from selfdistill.agent import evaluate_env
 from selfdistill.checkpoints import checkpoints_in
-from selfdistill.checks import check_datasets
+from selfdistill.checks import check_datasets, check_output_dir
 from selfdistill.data import load_splits
 from selfdistill.distributed import gathered, is_zero3_model, rank_report
 from selfdistill.dotted import import_dotted, split_dotted
@@ -95,6 +95,10 @@ def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         check_datasets(source, args, train)
     except (KeyError, TypeError, ValueError) as err:
         raise RecipeError(f"data: {err.args[0] if err.args else err}") from err
+    try:
+        check_output_dir(args.output_dir)
+    except ValueError as err:
+        raise RecipeError(f"training.{err}") from err
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model, args.model_init_kwargs)
     setup_seconds = time.perf_counter() - start

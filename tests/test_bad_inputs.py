@@ -349,3 +349,31 @@ def test_non_finite_rewards_are_counted_failures_and_a_whole_batch_of_them_stops
     assert score_rollouts([nothing], [1.0], *args)[2] == 0
     with pytest.raises(RewardFunctionError, match="failed on all 3 rollouts"):
         score_rollouts([lambda prompts, completions, **kw: [math.nan] * 3], [1.0], *args)
+
+
+def test_every_row_is_checked_before_the_model_loads(tmp_path, capsys, no_model_load):
+    rows = [{"prompt": f"What is {i} + 1?", "solution": f"{i + 1}", "answer": str(i + 1)} for i in range(100)]
+    rows[70]["prompt"], rows[90]["prompt"] = "   ", [{"role": "user", "content": ""}]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    recipe = {**BASE, "data": {"task": None, "train_files": str(data)}, "source": {"type": "reference"},
+              "training": {"use_cpu": True, "output_dir": str(tmp_path / "out")}}
+    err = _cli(tmp_path, capsys, recipe)
+    assert "2 of 100 rows (rows 70, 90) have an empty prompt" in err and "dataset.filter" in err, err
+    rows[70]["prompt"], rows[90]["prompt"] = "ok?", "ok?"
+    rows[80]["solution"] = None
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    err = _cli(tmp_path, capsys, recipe)
+    assert "column 'solution', which ReferenceSolution shows the teacher, is empty or None in 1 of 100 rows (row 80)" \
+        in err, err
+
+
+def test_an_output_dir_that_cannot_be_written_is_named_before_the_model_loads(tmp_path, capsys, no_model_load,
+                                                                               tokenizer):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out, message in [(a_file, "is a file, not a folder"), (a_file / "sub", "cannot be written")]:
+        err = _cli(tmp_path, capsys, {**BASE, "training": {"use_cpu": True, "output_dir": str(out)}})
+        assert "recipe error" in err and message in err, err
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        make_trainer(tmp_path, tokenizer, output_dir=str(a_file))
