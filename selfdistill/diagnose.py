@@ -202,7 +202,7 @@ class Diagnosis:
                 "student_success": _success(sampled.rewards, self.threshold),
                 "student_success_greedy": _success(greedy.rewards, self.threshold),
                 "student_lengths": _lengths(sampled.completion_ids, sampled.truncated),
-                "views": names, "truncated_pi": teacher.truncated_pi,
+                "views": names, "truncated_pi": teacher.truncated_pi, "episodes": self.env_factory is not None,
             }
             self.bar.update()
             self.bar.set_postfix_str("teacher generating")
@@ -238,7 +238,9 @@ class Diagnosis:
                                 completion_ids=[], reward=None) for i in idx]
                 ctx_prompts = [views[k].context for views in self.source.views(bare)]
                 played = self._episodes(rows, ctx_prompts, greedy=False)
+                greedy = self._episodes(rows, ctx_prompts, greedy=True)
                 out[name] = {"reward": _mean(played.rewards), "success": _success(played.rewards, self.threshold),
+                             "reward_greedy": _mean(greedy.rewards),
                              "lengths": _lengths(played.completion_ids, played.truncated), "fits_share": None}
                 continue
             long = self._generate(rows, [rollouts[i].prompt for i in idx], contexts, greedy=False,
@@ -246,12 +248,15 @@ class Diagnosis:
             within = [ids[: self.limit] for ids in long.completion_ids]
             verified = verify_completions(self.tokenizer, self.reward_funcs, [1.0] * len(self.reward_funcs),
                                           long.prompts, within, rows)
+            greedy = self._generate(rows, [rollouts[i].prompt for i in idx], contexts, greedy=True,
+                                    max_new_tokens=self.limit)
             good_long = [len(ids) for ids, r in zip(long.completion_ids, long.rewards)
                          if r is not None and r >= self.threshold]
             out[name] = {
                 "reward": _mean(verified.rewards),
                 "success": _success(verified.rewards, self.threshold),
                 "reward_unbounded": _mean(long.rewards),
+                "reward_greedy": _mean(greedy.rewards),
                 "lengths": _lengths(long.completion_ids, [len(x) > self.limit for x in long.completion_ids]),
                 "successes_too_long": (sum(n_ > self.limit for n_ in good_long) / len(good_long)) if good_long
                 else None,
@@ -349,8 +354,10 @@ def verdicts(report: dict[str, Any]) -> list[dict[str, str]]:
     view = report["teacher"][report["teacher_view"]]
     too_long, cut = view.get("successes_too_long"), report["student_lengths"].get("cut_share", 0.0)
     if too_long is None:
+        what = "student episodes with a reply" if report.get("episodes") else "student rollouts"
         add("room", cut <= th["student_cut"],
-            f"{cut:.0%} of student rollouts cut at max_completion_length={report['max_completion_length']}")
+            f"{cut:.0%} of {what} cut at max_completion_length={report['max_completion_length']} (needs <= "
+            f"{th['student_cut']:.0%})")
     else:
         ok = too_long <= th["teacher_cut"] and cut <= th["student_cut"]
         add("room", ok,
@@ -397,7 +404,8 @@ def format_report(report: dict[str, Any]) -> str:
              f"{'student reward, greedy':48} {pct(report['student_reward_greedy'])}",
              f"{'student reward, sampled':48} {pct(report['student_reward'])}"]
     for name, t in report["teacher"].items():
-        lines.append(f"{'teacher reward under its own context [' + name + ']':48} {pct(t['reward'])}")
+        lines.append(f"{'teacher reward under its own context [' + name + ']':48} {pct(t['reward'])} sampled, "
+                     f"{pct(t.get('reward_greedy'))} greedy")
     sig = report["signal"]
     lines.append(f"{'reverse KL student->teacher (nats/token)':48} {pct(sig.get('reverse_kl'))}")
     lines.append(f"{'share of tokens carrying 80% of it':48} {pct(sig.get('dense_share'))}")

@@ -121,7 +121,8 @@ def test_a_reference_teacher_is_scored_on_the_student_tokens(tmp_path, tokenizer
     report = diagnose(model, tokenizer, build_dataset(4), ReferenceSolution(column="solution"), [even_answer],
                       _args(tmp_path), prompts=4, samples=2, progress=False)
     assert report["signal"]["reverse_kl"] > 0 and report["signal"]["reference"]["tokens"] > 0
-    assert set(report["teacher"]["reference"]) >= {"reward", "lengths", "successes_too_long", "reward_unbounded"}
+    assert set(report["teacher"]["reference"]) >= {"reward", "reward_greedy", "lengths", "successes_too_long",
+                                                   "reward_unbounded"}
     assert "rewards" not in report["teacher"]["reference"]
 
 
