@@ -59,6 +59,7 @@ def load_splits(spec: DataSpec) -> tuple[Dataset, Dataset | None]:
             seed=spec.seed,
             digits=spec.digits,
             ops=spec.ops,
+            **({"prompt_template": spec.prompt_template} if spec.prompt_template else {}),
             choices=spec.choices,
             references=spec.references,
             reference_error=spec.reference_error,

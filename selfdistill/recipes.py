@@ -41,6 +41,7 @@ class DataSpec:
     n_test: int | None = None  # built-in task: 200; files/hub: all rows
     digits: Any = 2
     ops: Any = ("add",)
+    prompt_template: Any = None  # built-in task: one wording with {question}, or a list of them (one per problem)
     choices: int = 0  # built-in task: options listed in the prompt (make_arithmetic_dataset)
     references: int = 0  # built-in task: independent noisy references reference_1..k and references_all
     reference_error: float = 0.0  # built-in task: the chance that each reference is wrong

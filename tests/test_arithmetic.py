@@ -238,3 +238,16 @@ def test_noisy_references_are_wrong_at_the_given_rate_and_only_in_their_answer()
     assert all(r["reference_1"] == r["reference_2"] == r["solution"] for r in clean)
     with pytest.raises(ValueError, match="reference_error"):
         make_arithmetic_dataset(4, 1, references=2, reference_error=1.5)
+
+
+def test_several_wordings_are_drawn_per_problem_and_seeded():
+    from selfdistill.tasks.arithmetic import make_arithmetic_dataset
+
+    wordings = ["What is {question}?", "Please work out {question} for me.", "Compute {question}."]
+    first = make_arithmetic_dataset(90, 30, seed=1, prompt_template=wordings)
+    assert first["train"].to_list() == make_arithmetic_dataset(90, 30, seed=1, prompt_template=wordings)["train"].to_list()
+    used = {w for w in wordings for r in first["train"].to_list()
+            if r["prompt"][0]["content"].startswith(w.split("{")[0])}
+    assert used == set(wordings)
+    with pytest.raises(ValueError, match="question"):
+        make_arithmetic_dataset(4, 1, prompt_template=["What is it?"])

@@ -232,7 +232,7 @@ def make_arithmetic_dataset(
     seed: int = 0,
     digits: int | Sequence[int] = 2,
     ops: str | Sequence[str] = ("add",),
-    prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+    prompt_template: str | Sequence[str] = DEFAULT_PROMPT_TEMPLATE,
     choices: int = 0,
     references: int = 0,
     reference_error: float = 0.0,
@@ -246,7 +246,9 @@ def make_arithmetic_dataset(
         digits: operand digit count, or several (each problem picks one; both operands share it).
             One digit means 0-9, two digits 10-99, and so on.
         ops: operation(s) among ``"add"``, ``"sub"`` (``a >= b``, never negative) and ``"mul"``.
-        prompt_template: user message with a ``{question}`` placeholder, e.g. ``"What is {question}?"``.
+        prompt_template: user message with a ``{question}`` placeholder, e.g. ``"What is {question}?"``; or several
+            such wordings, each problem taking one at random (seeded), so that a model trained on them answers the sum
+            however it is asked.
         choices: when >= 2, the prompt lists this many options, the answer among plausible slips (off by one in the
             ones or tens place), in random order (:data:`CHOICES_TEMPLATE`); column ``options``. A wrong choice then
             narrows the answer: SD-Zero's reviser has something to correct towards.
@@ -276,8 +278,12 @@ def make_arithmetic_dataset(
         raise ValueError(f"references must be a non-negative integer, got {references!r}")
     if not 0.0 <= float(reference_error) <= 1.0:
         raise ValueError(f"reference_error must be in [0, 1], got {reference_error!r}")
-    if "{question}" not in prompt_template:
-        raise ValueError(f"prompt_template must contain '{{question}}', got {prompt_template!r}")
+    templates = [prompt_template] if isinstance(prompt_template, str) else list(prompt_template)
+    if not templates:
+        raise ValueError("prompt_template is an empty list; give one wording or several, each with '{question}'")
+    for template in templates:
+        if not isinstance(template, str) or "{question}" not in template:
+            raise ValueError(f"prompt_template must contain '{{question}}', got {template!r}")
     blocks = _blocks(ops, digits)
     available = sum(_block_size(op, d) for op, d in blocks)
     if n_train + n_test > available:
@@ -297,7 +303,9 @@ def make_arithmetic_dataset(
 
     def to_dataset(problems: list[tuple[str, int, int, int]], split: str) -> Dataset:
         rng = random.Random(f"selfdistill-arithmetic-{split}-extras-{seed}")
-        rows = [_row(op, a, b, prompt_template, rng, choices, references, reference_error) for op, _, a, b in problems]
+        wording = random.Random(f"selfdistill-arithmetic-{split}-wording-{seed}")
+        rows = [_row(op, a, b, templates[0] if len(templates) == 1 else wording.choice(templates), rng, choices,
+                     references, reference_error) for op, _, a, b in problems]
         return Dataset.from_dict({k: [r[k] for r in rows] for k in rows[0]} if rows else
                                  {k: [] for k in ("prompt", "solution", "answer")})
 
