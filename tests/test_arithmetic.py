@@ -245,7 +245,8 @@ def test_several_wordings_are_drawn_per_problem_and_seeded():
 
     wordings = ["What is {question}?", "Please work out {question} for me.", "Compute {question}."]
     first = make_arithmetic_dataset(90, 30, seed=1, prompt_template=wordings)
-    assert first["train"].to_list() == make_arithmetic_dataset(90, 30, seed=1, prompt_template=wordings)["train"].to_list()
+    again = make_arithmetic_dataset(90, 30, seed=1, prompt_template=wordings)
+    assert first["train"].to_list() == again["train"].to_list()
     used = {w for w in wordings for r in first["train"].to_list()
             if r["prompt"][0]["content"].startswith(w.split("{")[0])}
     assert used == set(wordings)
