@@ -6,6 +6,7 @@ clipped token-level reverse KL to the teacher on its own rollouts.
 """
 
 from selfdistill.config import SelfDistillConfig
+from selfdistill.premises import diagnose
 from selfdistill.losses import LossSpec, distillation_loss
 from selfdistill.sources import PrivilegedSource, ReferenceSolution, Rollout, TeacherView
 from selfdistill.trainer import SelfDistillTrainer
@@ -20,5 +21,6 @@ __all__ = [
     "SelfDistillConfig",
     "SelfDistillTrainer",
     "TeacherView",
+    "diagnose",
     "distillation_loss",
 ]

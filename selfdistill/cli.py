@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         from selfdistill.run import run_eval, run_train
 
         if args.command == "diagnose":
-            from selfdistill.diagnose import diagnose_recipe, format_report
+            from selfdistill.premises import diagnose_recipe, format_report
 
             if args.prompts < 1 or (args.samples is not None and args.samples < 1):
                 raise RecipeError("--prompts and --samples must be at least 1")
