@@ -6,8 +6,8 @@ clipped token-level reverse KL to the teacher on its own rollouts.
 """
 
 from selfdistill.config import SelfDistillConfig
-from selfdistill.premises import diagnose
 from selfdistill.losses import LossSpec, distillation_loss
+from selfdistill.premises import diagnose
 from selfdistill.sources import PrivilegedSource, ReferenceSolution, Rollout, TeacherView
 from selfdistill.trainer import SelfDistillTrainer
 

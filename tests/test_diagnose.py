@@ -10,10 +10,10 @@ from conftest import build_dataset, build_model
 
 from selfdistill.cli import main
 from selfdistill.config import SelfDistillConfig
-from selfdistill.premises import THRESHOLDS, dense_share, diagnose, jensen_shannon, reverse_kl, verdicts
 from selfdistill.methods.avsd.source import MultiView
 from selfdistill.methods.sdzero.source import Reviser
 from selfdistill.methods.skillsd.source import Skills
+from selfdistill.premises import THRESHOLDS, dense_share, diagnose, jensen_shannon, reverse_kl, verdicts
 from selfdistill.sources import PrivilegedSource, ReferenceSolution, TeacherView
 
 
