@@ -129,6 +129,23 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown(runs: list[dict]) -> str:
+    """The table of docs/results.md: per task and configuration, mean ± sd over the seeds run, and each seed."""
+    lines = ["| task | configuration | seeds | held-out accuracy, mean ± sd | per seed | generated tokens (mean) |",
+             "|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["task"], r["method"]), []).append(r)
+    for (task, method), rs in sorted(groups.items()):
+        acc = [r["accuracy"] for r in rs]
+        sd = f" ± {statistics.stdev(acc):.1%}" if len(acc) > 1 else ""
+        seeds = " / ".join(f"{r['accuracy']:.1%}" for r in rs)
+        tokens = statistics.mean(r["generated_tokens"] for r in rs)
+        lines.append(f"| {task} | {method} | {', '.join(str(r['seed']) for r in rs)} | {statistics.mean(acc):.1%}{sd} | "
+                     f"{seeds} | {tokens:,.0f} |")
+    return "\n".join(lines)
+
+
 def plot(runs: list[dict], path: Path) -> None:
     """One panel per task: each configuration's seeds as dots and its mean as a bar."""
     import matplotlib
@@ -172,6 +189,7 @@ def main() -> None:
     parser.add_argument("--out-root", type=Path, default=ROOT / "outputs" / "premises")
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--markdown", action="store_true", help="print the table as markdown (docs/results.md)")
     args = parser.parse_args()
     if args.list:
         for name, (task, configs) in COMPARISONS.items():
@@ -218,7 +236,7 @@ def main() -> None:
                                                      "cpu": info.get("cpu")})
                     print(table([r for r in runs if r["task"] == task]), flush=True)
     runs = load(args.results)
-    print(table(runs))
+    print(markdown(runs) if args.markdown else table(runs))
     plot(runs, PLOT)
     print(f"wrote {args.results} and {PLOT}")
 
