@@ -141,8 +141,8 @@ def markdown(runs: list[dict]) -> str:
         sd = f" ± {statistics.stdev(acc):.1%}" if len(acc) > 1 else ""
         seeds = " / ".join(f"{r['accuracy']:.1%}" for r in rs)
         tokens = statistics.mean(r["generated_tokens"] for r in rs)
-        lines.append(f"| {task} | {method} | {', '.join(str(r['seed']) for r in rs)} | {statistics.mean(acc):.1%}{sd} | "
-                     f"{seeds} | {tokens:,.0f} |")
+        ids = ", ".join(str(r["seed"]) for r in rs)
+        lines.append(f"| {task} | {method} | {ids} | {statistics.mean(acc):.1%}{sd} | {seeds} | {tokens:,.0f} |")
     return "\n".join(lines)
 
 
