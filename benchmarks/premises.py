@@ -31,6 +31,10 @@ PLOT = ROOT / "docs" / "img" / "premises.png"
 BINARY_SEARCH = ("Guess 4 first. If I say higher, guess 6; if I say lower, guess 2. Then guess the middle of the "
                  "numbers still possible. Reply with one number only.")
 
+# AVSD's full_solution view wording, for the single-view baselines (ReferenceSolution's {solution} is AVSD's {pi}).
+VIEW_TEMPLATE = ("{problem}\n\nHere is a reference solution:\n{solution}\n\nUnderstand it, then answer in your own "
+                 "words.")
+
 # The main job's settings for every arithmetic run (960 training rollouts of <= 16 tokens, lr 3e-5, bf16), as in
 # benchmarks/compare_methods.py, so its recorded GRPO runs can be reused.
 MAIN_BUDGET = ["training.per_device_train_batch_size=8", "training.max_steps=120"]
@@ -73,8 +77,12 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
         "avsd": ("recipes/avsd_noisy_references.yaml", []),
         "avsd_paper": ("recipes/avsd_noisy_references.yaml", ["source.top_k=64", "training.clip=entry",
                                                               "training.clip_tau=0.05"]),
+        # The same wording as AVSD's views (the full_solution template), so that only the combination differs. A
+        # first run with ReferenceSolution's default (the paper's long instruction) collapsed to 1% ("This is a
+        # reference to a reference ..."); it is kept in premises.json as opsd_view_reference_1_default_template.
         **{f"opsd_view_reference_{k}": ("recipes/avsd_noisy_references.yaml", [
-            f"source={{type: reference, column: reference_{k}}}"]) for k in (1, 2, 3)},
+            f"source={{type: reference, column: reference_{k}, template: {json.dumps(VIEW_TEMPLATE)}}}"])
+           for k in (1, 2, 3)},
         "opsd_all_views": ("recipes/avsd_noisy_references.yaml", [
             "source={type: reference, column: references_all, template: \"{problem}\\n\\nHere are three reference "
             "solutions (some may be wrong):\\n{solution}\\n\\nUnderstand them, then answer in your own words.\"}"]),
