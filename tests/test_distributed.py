@@ -144,7 +144,8 @@ def test_two_rank_ddp_run_then_resume_on_one_rank(tmp_path):
     single = json.loads((resumed / "rank0.json").read_text())
     assert single["world_size"] == 1 and single["steps"] == 3
     assert single["logged_steps"] == [1, 2, 3]  # steps 1-2 come from the checkpoint's log history
-    assert single["rollouts_generated"] == 4  # only step 3 ran here
+    # The whole run's rollouts: 16 from the two ranks' steps 1-2 (recorded in the checkpoint) and 4 from step 3 here
+    assert single["rollouts_generated"] == 20
     assert single["source_state"]["seen"] == 4
 
 
