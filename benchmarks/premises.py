@@ -122,18 +122,27 @@ def record(path: Path, entry: dict) -> list[dict]:
     return runs
 
 
-def table(runs: list[dict]) -> str:
-    head = f"{'task':14} {'method':28} {'seeds':>5} {'accuracy (mean ± sd)':>21} {'per seed':>24} {'gen. tokens':>11}"
-    lines = [head, "-" * len(head)]
+def summaries(runs: list[dict]) -> list[dict]:
+    """Per (task, configuration), in order: its runs, mean accuracy, the sd text (empty for one seed), mean tokens."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in runs:
         groups.setdefault((r["task"], r["method"]), []).append(r)
+    out = []
     for (task, method), rs in sorted(groups.items()):
         acc = [r["accuracy"] for r in rs]
-        sd = f" ± {statistics.stdev(acc):.1%}" if len(acc) > 1 else ""
-        per_seed = " ".join(f"s{r['seed']}:{r['accuracy']:.1%}" for r in rs)
-        lines.append(f"{task:14} {method:28} {len(rs):>5} {statistics.mean(acc):>13.1%}{sd:>8} {per_seed:>24} "
-                     f"{statistics.mean(r['generated_tokens'] for r in rs):>11.0f}")
+        out.append({"task": task, "method": method, "runs": rs, "mean": statistics.mean(acc),
+                    "sd": f" ± {statistics.stdev(acc):.1%}" if len(acc) > 1 else "",
+                    "tokens": statistics.mean(r["generated_tokens"] for r in rs)})
+    return out
+
+
+def table(runs: list[dict]) -> str:
+    head = f"{'task':14} {'method':28} {'seeds':>5} {'accuracy (mean ± sd)':>21} {'per seed':>24} {'gen. tokens':>11}"
+    lines = [head, "-" * len(head)]
+    for g in summaries(runs):
+        per_seed = " ".join(f"s{r['seed']}:{r['accuracy']:.1%}" for r in g["runs"])
+        lines.append(f"{g['task']:14} {g['method']:28} {len(g['runs']):>5} {g['mean']:>13.1%}{g['sd']:>8} "
+                     f"{per_seed:>24} {g['tokens']:>11.0f}")
     return "\n".join(lines)
 
 
@@ -141,16 +150,11 @@ def markdown(runs: list[dict]) -> str:
     """The table of docs/results.md: per task and configuration, mean ± sd over the seeds run, and each seed."""
     lines = ["| task | configuration | seeds | held-out accuracy, mean ± sd | per seed | generated tokens (mean) |",
              "|---|---|---|---|---|---|"]
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r["task"], r["method"]), []).append(r)
-    for (task, method), rs in sorted(groups.items()):
-        acc = [r["accuracy"] for r in rs]
-        sd = f" ± {statistics.stdev(acc):.1%}" if len(acc) > 1 else ""
-        seeds = " / ".join(f"{r['accuracy']:.1%}" for r in rs)
-        tokens = statistics.mean(r["generated_tokens"] for r in rs)
-        ids = ", ".join(str(r["seed"]) for r in rs)
-        lines.append(f"| {task} | {method} | {ids} | {statistics.mean(acc):.1%}{sd} | {seeds} | {tokens:,.0f} |")
+    for g in summaries(runs):
+        seeds = " / ".join(f"{r['accuracy']:.1%}" for r in g["runs"])
+        ids = ", ".join(str(r["seed"]) for r in g["runs"])
+        lines.append(f"| {g['task']} | {g['method']} | {ids} | {g['mean']:.1%}{g['sd']} | {seeds} | "
+                     f"{g['tokens']:,.0f} |")
     return "\n".join(lines)
 
 
