@@ -54,8 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Stopped(Exception):
-    """Ctrl-C (SIGINT) or SIGTERM during a run: the exit code the shell expects (130 / 143)."""
+class _Stopped(BaseException):
+    """Ctrl-C (SIGINT) or SIGTERM during a run: the exit code the shell expects (130 / 143). A BaseException, like
+    KeyboardInterrupt, so that no ``except Exception`` on the way (a verifier's retry, a library's cleanup) swallows
+    it: a first version derived from Exception, and a signal that arrived during a reward call was counted as a reward
+    failure while the run went on."""
 
     def __init__(self, code: int):
         super().__init__(code)
