@@ -127,8 +127,9 @@ def verify_checkpoint(checkpoint: str) -> None:
     if not bad:
         return
     parent = os.path.dirname(os.path.normpath(checkpoint))
-    older = [c for c in checkpoints_in(parent) if _step(c) < _step(checkpoint) and not damaged_files(c)]
-    fallback = (f"resume from {older[0]}, the newest complete one (training.resume_from_checkpoint={older[0]})"
+    # newest first, and only until one is whole: each check hashes a checkpoint's files
+    older = next((c for c in checkpoints_in(parent) if _step(c) < _step(checkpoint) and not damaged_files(c)), None)
+    fallback = (f"resume from {older}, the newest complete one (training.resume_from_checkpoint={older})"
                 if older else "no older complete checkpoint exists there: start afresh")
     raise CheckpointDamaged(
         f"checkpoint {checkpoint} is damaged: {'; '.join(bad)}. Its files no longer match what was written "
@@ -225,7 +226,6 @@ class CheckpointMixin:
             if self.args.should_save:
                 # The card goes with the weights and names the folder they will be published as.
                 write_model_card(self, staged, model_ref=final)
-                follow_umask(staged)
                 with open(os.path.join(staged, CHECKPOINT_INFO), "w") as f:
                     json.dump({"world_size": self.accelerator.num_processes, "deepspeed": self.is_deepspeed_enabled,
                                "zero_stage": zero_stage(self.accelerator), "step": self.state.global_step,
