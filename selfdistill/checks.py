@@ -44,7 +44,7 @@ def check_datasets(privileged: PrivilegedSource, args: SelfDistillConfig, train_
             )
 
 
-def _which(rows: list[int], total: int) -> str:
+def _which(rows: Sequence[int], total: int | str) -> str:
     shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
     return f"{len(rows)} of {total} rows (row{'s' if len(rows) > 1 else ''} {shown})"
 
@@ -59,9 +59,30 @@ def check_rows(privileged: PrivilegedSource, dataset: Any, split: str) -> None:
     """Every row of an in-memory dataset: a prompt of a known type with some text in it, and a value in every column
     the source shows the teacher. One error per problem, with the count, the first row indices and the fix."""
     prompts = dataset["prompt"]
-    total = len(prompts)
+    columns = {column: dataset[column] for column in privileged.required_columns}
+    check_row_values(privileged, prompts, columns, split, range(len(prompts)), len(prompts))
+
+
+def check_stream_rows(privileged: PrivilegedSource, rows: list[dict[str, Any]], split: str, first: int) -> None:
+    """The checks of :func:`check_rows` on rows of a streamed dataset as they are first read; ``first`` is the
+    number of rows read before ``rows[0]``, so an index counts rows in the order the trainer read them."""
+    prompts = [row.get("prompt") for row in rows]
+    columns = {column: [row.get(column) for row in rows] for column in privileged.required_columns}
+    try:
+        check_row_values(privileged, prompts, columns, split, range(first, first + len(rows)),
+                         f"the {len(rows)} streamed")
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{err} {STREAM_ORDER}") from None
+
+
+STREAM_ORDER = ("(A stream's rows are numbered in the order the trainer read them, after its shuffle buffer: row 0 is "
+                "the first row read.)")
+
+
+def check_row_values(privileged: PrivilegedSource, prompts: Sequence[Any], columns: dict[str, Sequence[Any]],
+                     split: str, indices: Sequence[int], total: int | str) -> None:
     bad_type, empty = [], []
-    for i, prompt in enumerate(prompts):
+    for i, prompt in zip(indices, prompts):
         try:
             check_prompt(prompt, f"{split} row {i}")
         except TypeError as err:
@@ -78,15 +99,44 @@ def check_rows(privileged: PrivilegedSource, dataset: Any, split: str) -> None:
             f"{split}: {_which(empty, total)} have an empty prompt (no text in any message); every rollout needs a "
             "task. Drop them first, e.g. dataset.filter(lambda row: bool(row['prompt']))"
         )
-    for column in privileged.required_columns:
-        values = dataset[column]
-        missing = [i for i, v in enumerate(values) if v is None or (isinstance(v, str) and not v.strip())]
+    for column, values in columns.items():
+        missing = [i for i, v in zip(indices, values) if v is None or (isinstance(v, str) and not v.strip())]
         if missing:
             raise ValueError(
                 f"{split}: column {column!r}, which {type(privileged).__name__} shows the teacher, is empty or None in "
                 f"{_which(missing, total)}. Fill it in, or drop those rows: dataset.filter(lambda row: "
                 f"row[{column!r}] is not None and str(row[{column!r}]).strip() != '')"
             )
+
+
+def check_prompt_lengths(split: str, indices: Sequence[int], lengths: Sequence[int], limit: int | None,
+                         total: int | str) -> None:
+    """Every rendered prompt fits ``max_prompt_length``: one error naming how many do not, which, and the fix."""
+    if limit is None:
+        return
+    long = [(i, n) for i, n in zip(indices, lengths) if n > limit]
+    if long:
+        row, longest = max(long, key=lambda item: item[1])
+        raise ValueError(
+            f"{split}: {_which([i for i, _ in long], total)} have a prompt longer than max_prompt_length={limit} "
+            f"tokens (the longest: {longest} tokens, row {row}; counted after the chat template). Raise "
+            f"max_prompt_length to {longest}, or drop the long rows first, e.g. dataset.filter(lambda row: "
+            f"len(tokenizer.apply_chat_template(row['prompt'], add_generation_prompt=True)) <= {limit})"
+        )
+
+
+def check_dataset_prompt_lengths(tokenizer: Any, dataset: Any, limit: int | None, split: str) -> None:
+    """:func:`check_prompt_lengths` over every row of an in-memory dataset, once the tokenizer is known (before the
+    first step); streamed rows are checked as they are read."""
+    if limit is None or dataset is None or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        return
+    from selfdistill.sequences import render_context
+
+    prompts = dataset["prompt"]
+    if not len(prompts):
+        return
+    lengths = [len(render_context(tokenizer, prompt)) for prompt in prompts]
+    check_prompt_lengths(split, range(len(prompts)), lengths, limit, len(prompts))
 
 
 def check_output_dir(output_dir: str) -> None:
@@ -118,16 +168,6 @@ def check_prompt(prompt: Any, where: str) -> None:
         f"{where}: the prompt is {type(prompt).__name__} {repr(prompt)[:80]}; a prompt is a string (plain text) or a "
         'list of messages like [{"role": "user", "content": "..."}] (conversational, rendered with the chat template)'
     )
-
-
-def check_prompt_lengths(rows: list[dict[str, Any]], prompt_ids: list[list[int]], limit: int | None) -> None:
-    """Every rendered prompt fits ``max_prompt_length``."""
-    for row, ids in zip(rows, prompt_ids):
-        if limit is not None and len(ids) > limit:
-            raise ValueError(
-                f"a prompt has {len(ids)} tokens > max_prompt_length={limit}: {str(row['prompt'])[:120]!r}...; "
-                "raise max_prompt_length or filter long prompts from the dataset"
-            )
 
 
 def check_sharding(args: SelfDistillConfig, zero3: bool, fsdp: bool, teacher_keeps_copy: bool) -> None:

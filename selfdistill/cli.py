@@ -141,8 +141,31 @@ def resume_or_restart(recipe: Any, restart: bool) -> Any:
     return recipe
 
 
+def _quiet_deepspeed_detection() -> None:
+    """accelerate imports DeepSpeed whenever it is installed (to unwrap a model), and DeepSpeed warns "Setting
+    accelerator to CPU" when it finds no GPU, though the run does not use it. Where a process starts (here, not in the
+    library) and no accelerator is present, name the CPU for it, as DeepSpeed's own DS_ACCELERATOR does; a value the
+    user set wins."""
+    import os
+
+    if "DS_ACCELERATOR" in os.environ:
+        return
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    if not (torch.cuda.is_available() or (mps is not None and mps.is_available())
+            or (xpu is not None and xpu.is_available())):
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _quiet_deepspeed_detection()
+    if getattr(args, "no_progress", False):  # transformers' own bars too (loading weights, writing shards)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         if args.command == "recipes":
             for path, description in list_recipes():

@@ -6,7 +6,8 @@ config is built, not at step 300.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
@@ -273,6 +274,7 @@ class SelfDistillConfig(TrainingArguments):
     heatmap_samples: int = field(default=4, metadata={"help": "Rollouts per divergence heatmap."})
 
     def __post_init__(self) -> None:
+        self._check_numbers()
         super().__post_init__()
         _choice("divergence", self.divergence, DIVERGENCES)
         _choice("support", self.support, SUPPORTS)
@@ -353,6 +355,47 @@ class SelfDistillConfig(TrainingArguments):
             raise ValueError("epsilon and epsilon_high must be > 0")
         self.loss_spec()  # validates the loss combination with the loss module's own messages
         self._check_vllm()
+
+    def _check_numbers(self) -> None:
+        """Numbers that no setting makes meaningful: NaN or infinite values, and lengths or counts out of range."""
+        for f in fields(self):
+            value = getattr(self, f.name, None)
+            values = value if f.name == "reward_weights" and isinstance(value, list) else [value]
+            for v in values:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ValueError(f"{f.name}={value} is not a finite number; give a finite value")
+        for name in ("max_prompt_length", "max_teacher_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be >= 1 token (or None for the model's context window)")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 or None samples from the whole vocabulary)")
+        if not 0 <= self.jsd_beta <= 1:
+            raise ValueError(f"jsd_beta={self.jsd_beta} must be in [0, 1] (the mixture weight of the generalised JSD)")
+        if self.support_top_k < 1:
+            raise ValueError(f"support_top_k={self.support_top_k} must be >= 1 token")
+        if self.learning_rate < 0:
+            raise ValueError(f"learning_rate={self.learning_rate} must be >= 0")
+
+    def check_context_window(self, window: int | None) -> None:
+        """The lengths against the model's context window (``max_position_embeddings``), once the model is known:
+        a student sequence is a prompt plus a completion; a teacher's context is capped at ``max_teacher_length``."""
+        if not window:
+            return
+        if self.max_prompt_length is not None and self.max_prompt_length + self.max_completion_length > window:
+            raise ValueError(
+                f"max_prompt_length={self.max_prompt_length} + max_completion_length={self.max_completion_length} = "
+                f"{self.max_prompt_length + self.max_completion_length} tokens exceeds the model's context window of "
+                f"{window} (max_position_embeddings); lower one of them so that their sum is <= {window}"
+            )
+        if self.max_completion_length >= window:
+            raise ValueError(f"max_completion_length={self.max_completion_length} leaves no room for a prompt in the "
+                             f"model's context window of {window} tokens; lower it")
+        if self.max_teacher_length is not None and self.max_teacher_length > window:
+            raise ValueError(
+                f"max_teacher_length={self.max_teacher_length} exceeds the model's context window of {window} tokens "
+                f"(max_position_embeddings); set it <= {window}, or None to use the window"
+            )
 
     def _check_vllm(self) -> None:
         _choice("vllm_mode", self.vllm_mode, VLLM_MODES)

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from transformers import set_seed
-from trl.models.utils import unwrap_model_for_generation
 
 from selfdistill.agent import evaluate_env
 from selfdistill.checkpoints import checkpoints_in
@@ -22,6 +21,7 @@ from selfdistill.export import save_final_model
 from selfdistill.methods.sdzero.srt import self_revision_training
 from selfdistill.modeling import load_model, load_tokenizer
 from selfdistill.recipes import BUILTIN_REWARDS, Recipe, RecipeError, build_env, build_source
+from selfdistill.sampling import unwrapped_for_generation
 
 
 def resolve_reward(name: str) -> Callable:
@@ -160,7 +160,7 @@ def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     if ev.after and can_eval:
         # Every rank enters: under ZeRO-3 the weights are gathered for generation and every rank generates in step.
-        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as unwrapped:
+        with unwrapped_for_generation(trainer.model_wrapped, trainer.accelerator) as unwrapped:
             if main or is_zero3_model(unwrapped):
                 after = evaluate_fn(unwrapped, tokenizer, test, verifier, n=ev.n, pass_k=ev.pass_k, desc="eval after",
                                  progress=progress, **eval_kwargs)

@@ -6,7 +6,9 @@ model, accelerator and recorder. Generation seconds are taken off the student's 
 
 from __future__ import annotations
 
+import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +39,32 @@ def without_embedding_noise(model: Any) -> Iterator[None]:
 
 
 @contextmanager
+def _quiet_deprecated_checkpointing_flag() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        yield
+
+
+@contextmanager
+def unwrapped_for_generation(model_wrapped: Any, accelerator: Any) -> Iterator[Any]:
+    """TRL's ``unwrap_model_for_generation``, quiet: TRL reads transformers' deprecated ``is_gradient_checkpointing``
+    (a ``FutureWarning`` on every run, from TRL's call, not the user's). Only that warning, and only while TRL's
+    context enters and exits, is silenced; the body (the user's generation) warns as usual."""
+    context = unwrap_model_for_generation(model_wrapped, accelerator)
+    with _quiet_deprecated_checkpointing_flag():
+        unwrapped = context.__enter__()
+    try:
+        yield unwrapped
+    except BaseException:
+        with _quiet_deprecated_checkpointing_flag():
+            if not context.__exit__(*sys.exc_info()):
+                raise
+    else:
+        with _quiet_deprecated_checkpointing_flag():
+            context.__exit__(None, None, None)
+
+
+@contextmanager
 def generation_model(model_wrapped: Any, accelerator: Any) -> Iterator[Any]:
     """The model to sample from (TRL's ``unwrap_model_for_generation``), inside one autocast region for the call.
 
@@ -46,7 +74,7 @@ def generation_model(model_wrapped: Any, accelerator: Any) -> Iterator[Any]:
     whole ``generate`` call; they are the same casts, so the tokens are the same. Without mixed precision this is
     ``unwrap_model_for_generation`` alone (and, under NEFTune, clean embeddings: :func:`without_embedding_noise`).
     """
-    with unwrap_model_for_generation(model_wrapped, accelerator) as unwrapped, accelerator.autocast(), \
+    with unwrapped_for_generation(model_wrapped, accelerator) as unwrapped, accelerator.autocast(), \
             without_embedding_noise(unwrapped):
         yield unwrapped
 

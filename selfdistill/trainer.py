@@ -18,10 +18,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from datasets import IterableDataset
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from selfdistill.checkpoints import CheckpointMixin
-from selfdistill.checks import check_prompt_lengths, check_sharding, check_trainer_inputs
+from selfdistill.checks import (
+    STREAM_ORDER,
+    check_dataset_prompt_lengths,
+    check_prompt_lengths,
+    check_sharding,
+    check_stream_rows,
+    check_trainer_inputs,
+)
 from selfdistill.config import SelfDistillConfig
 from selfdistill.distributed import (
     observe_everywhere,
@@ -117,6 +125,13 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
         if processing_class is None:
             processing_class = load_tokenizer(model.config._name_or_path)
         ensure_pad_token(processing_class)
+        # What needs the model's window and the tokenizer, checked before any step: the configured lengths, and every
+        # in-memory row's rendered prompt (streamed rows are checked as they are read, in _make_rollouts).
+        args.check_context_window(getattr(model.config, "max_position_embeddings", None))
+        evals = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval_dataset", eval_dataset)]
+        for split, dataset in [("train_dataset", train_dataset), *evals]:
+            check_dataset_prompt_lengths(processing_class, dataset, args.max_prompt_length, split)
+        self._stream_rows = {"train": 0, "eval": 0}  # rows of a streamed dataset read so far, per mode
         if peft_config is not None:
             from peft import get_peft_model
 
@@ -199,8 +214,19 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
         """Sample, score and build teacher contexts for a generation batch; split it into micro-batches."""
         tokenizer = self.processing_class
         prompts = [row["prompt"] for row in rows]
+        dataset = self.train_dataset if mode == "train" else self.eval_dataset
+        streamed = isinstance(dataset, (IterableDataset, torch.utils.data.IterableDataset))
+        if streamed:  # a stream's rows are checked as they are first read (each comes num_generations times in a row)
+            g, split, first = self.args.num_generations, f"{mode}_dataset", self._stream_rows[mode]
+            check_stream_rows(self.privileged, rows[::g], split, first)
         prompt_ids = [render_context(tokenizer, p) for p in prompts]
-        check_prompt_lengths(rows, prompt_ids, self.args.max_prompt_length)
+        if streamed:
+            try:
+                check_prompt_lengths(split, range(first, first + len(rows) // g), [len(p) for p in prompt_ids[::g]],
+                                     self.args.max_prompt_length, f"the {len(rows) // g} streamed")
+            except ValueError as err:
+                raise ValueError(f"{err} {STREAM_ORDER}") from None
+            self._stream_rows[mode] += len(rows) // g
 
         sampled = self._sample(rows, prompt_ids, mode)
         generated, episodes, sampler_logps = sampled.generated, sampled.episodes, sampled.sampler_logps

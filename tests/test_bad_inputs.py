@@ -377,3 +377,67 @@ def test_an_output_dir_that_cannot_be_written_is_named_before_the_model_loads(tm
         assert "recipe error" in err and message in err, err
     with pytest.raises(ValueError, match="is a file, not a folder"):
         make_trainer(tmp_path, tokenizer, output_dir=str(a_file))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("temperature", math.nan, "temperature=nan is not a finite number"),
+    ("learning_rate", math.inf, "learning_rate=inf is not a finite number"),
+    ("distill_weight", math.nan, "distill_weight=nan is not a finite number"),
+    ("reward_weights", [1.0, math.nan], "reward_weights=[1.0, nan] is not a finite number"),
+    ("learning_rate", -1e-3, "learning_rate=-0.001 must be >= 0"),
+    ("jsd_beta", 1.5, "jsd_beta=1.5 must be in [0, 1]"),
+    ("top_k", -1, "top_k=-1 must be >= 0"),
+    ("support_top_k", 0, "support_top_k=0 must be >= 1"),
+    ("max_prompt_length", 0, "max_prompt_length=0 must be >= 1"),
+    ("max_teacher_length", -5, "max_teacher_length=-5 must be >= 1"),
+])
+def test_numeric_config_fields_are_checked_at_construction(tmp_path, field, value, message):
+    with pytest.raises(ValueError) as err:
+        make_args(tmp_path, **{field: value})
+    assert message in str(err.value), err.value
+
+
+def test_lengths_beyond_the_models_context_window_are_named_before_the_first_step(tmp_path, tokenizer):
+    model = build_model(tokenizer, max_position_embeddings=128)
+    with pytest.raises(ValueError, match=r"100 \+ max_completion_length=64 = 164 tokens exceeds the model's context "
+                                         r"window of 128 \(max_position_embeddings\)"):
+        make_trainer(tmp_path, tokenizer, model=model, max_prompt_length=100, max_completion_length=64)
+    with pytest.raises(ValueError, match="max_teacher_length=512 exceeds the model's context window of 128"):
+        make_trainer(tmp_path, tokenizer, model=model, max_prompt_length=64, max_teacher_length=512)
+
+
+def test_every_prompt_length_is_checked_before_the_first_step(tmp_path, tokenizer, monkeypatch):
+    rows = build_dataset(8).to_list()
+    for i in (1, 4, 6):
+        rows[i]["prompt"] = [{"role": "user", "content": "What is " + " + ".join(["1"] * (10 + i)) + "?"}]
+    monkeypatch.setattr(SelfDistillTrainer, "_make_rollouts", lambda *a: pytest.fail("a step ran"))
+    with pytest.raises(ValueError) as err:
+        make_trainer(tmp_path, tokenizer, dataset=Dataset.from_list(rows), max_prompt_length=40)
+    message = str(err.value)
+    assert "train_dataset: 3 of 8 rows (rows 1, 4, 6) have a prompt longer than max_prompt_length=40" in message
+    assert "row 6; counted after the chat template). Raise max_prompt_length to" in message, message
+    make_trainer(tmp_path, tokenizer, dataset=Dataset.from_list(rows), max_prompt_length=None)  # no limit: fine
+
+
+def test_a_streamed_dataset_is_checked_as_its_rows_are_read(tmp_path, tokenizer):
+    """A stream cannot be read ahead: each row is checked when a step first reads it, with the in-memory message
+    and the row's position in the stream; the steps before it train."""
+    import re
+
+    for bad, message in [({"solution": None}, "column 'solution', which ReferenceSolution shows the teacher, is empty "
+                                              r"or None in 1 of the 2 streamed rows \(row (\d+)\)"),
+                         ({"prompt": [{"role": "user", "content": "  "}]},
+                          r"train_dataset: 1 of the 2 streamed rows \(row (\d+)\) have an empty prompt"),
+                         ({"prompt": [{"role": "user", "content": "What is " + "1 + " * 40 + "1?"}]},
+                          r"train_dataset: 1 of the 2 streamed rows \(row (\d+)\) have a prompt longer than "
+                          "max_prompt_length=40")]:
+        rows = build_dataset(8).to_list()
+        rows[5].update(bad)
+        trainer = make_trainer(tmp_path, tokenizer, dataset=Dataset.from_list(rows).to_iterable_dataset(),
+                               max_steps=4, max_prompt_length=40)
+        with pytest.raises(ValueError) as err:
+            trainer.train()
+        found = re.search(message, str(err.value))
+        assert found and "in the order the trainer read them" in str(err.value), err.value
+        # the steps before the one reading the bad row trained (2 prompts a step, read in the stream's shuffled order)
+        assert trainer.state.global_step == int(found.group(1)) // 2

@@ -354,3 +354,31 @@ def test_a_resumed_run_counts_the_rollouts_and_tokens_of_the_whole_run(tmp_path,
     resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "out" / "checkpoint-2"))
     assert resumed.rollouts_generated == whole.rollouts_generated == 3 * whole.args.per_device_train_batch_size
     assert resumed.tokens_generated == whole.tokens_generated
+
+
+def test_a_run_is_quiet_by_default(tmp_path, tokenizer):
+    """No warning from a library the run does not use (DeepSpeed's accelerator detection, reached through accelerate),
+    no deprecated call of ours or of the TRL helpers we call (activation checkpointing's old names), through the
+    SRT stage's SFT trainer too; one line per save."""
+    import yaml
+
+    path = _tiny_recipe(tmp_path, tokenizer, steps=2)
+    (tmp_path / "lenient.py").write_text("def every_other(prompts, completions, **kw):\n"
+                                         "    return [float(i % 2) for i in range(len(completions))]\n")
+    recipe = yaml.safe_load(path.read_text())
+    recipe.update(method="sdzero", rewards=["lenient.every_other"], source={"type": "reviser"},
+                  srt={"prompts": 4, "revisions": 1, "max_new_tokens": 4, "epochs": 1, "train_batch_size": 2,
+                       "keep_truncated": True})
+    recipe["training"].update(per_device_train_batch_size=2, num_generations=2)
+    path.write_text(yaml.safe_dump(recipe))
+    env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "PYTHONWARNINGS")}
+    done = subprocess.run([sys.executable, "-m", "selfdistill", "train", str(path), "--no-progress", "--allow-code",
+                           "lenient"], capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["srt"]["sft_steps"] >= 1  # SFT ran
+    noise = [x for x in (done.stderr + done.stdout).splitlines()
+             if "Warning" in x or "WARNING" in x or "deprecated" in x]
+    assert not noise, "\n".join(noise)
+    assert "it/s]" not in done.stderr  # --no-progress hides transformers' bars too
+    saves = [x for x in done.stderr.splitlines() + done.stdout.splitlines() if "checkpoint-" in x]
+    assert len(saves) <= 2, saves  # save_steps=1, max_steps=2: at most one line per save

@@ -170,7 +170,7 @@ def test_self_revision_training_fine_tunes_the_model(tmp_path, tokenizer):
     assert stats["examples"] > 0 and stats["sft_steps"] >= 1
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
     # SFTTrainer's own defaults (KV cache off, activation checkpointing on) must not leak into phase 2
-    assert model.config.use_cache and not model.is_gradient_checkpointing
+    assert model.config.use_cache and not model.is_activation_checkpointing
 
 
 def test_self_revision_with_nothing_accepted_skips_sft(tmp_path, tokenizer):

@@ -187,7 +187,8 @@ def self_revision_training(
         max_length=None,
         # TRL's SFTConfig turns activation checkpointing on by default; follow the phase-2 setting instead (it
         # would otherwise stay switched on in the model for phase 2 as well).
-        gradient_checkpointing=bool(getattr(training_args, "gradient_checkpointing", False)),
+        activation_checkpointing=bool(getattr(training_args, "activation_checkpointing", None)
+                                      or getattr(training_args, "gradient_checkpointing", False)),
         **({key: getattr(training_args, key) for key in ("use_cpu", "bf16", "fp16")} if training_args is not None
            else {"bf16": False}),  # SFTConfig defaults to bf16
     )
