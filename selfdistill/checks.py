@@ -219,4 +219,10 @@ def check_trainer_inputs(args: SelfDistillConfig, privileged: PrivilegedSource |
             f"fused_loss=True is not available with a multi-view source ({type(privileged).__name__}); the view "
             "combiner needs every view's logits. Set fused_loss=False"
         )
+    if args.rlsd_lambda > 0 and privileged.combine != "identity":
+        raise ValueError(
+            f"rlsd_lambda={args.rlsd_lambda} weights each token by one teacher view, but {type(privileged).__name__} "
+            f"gives several per rollout (combine={privileged.combine!r}); use a single-view source such as "
+            "ReferenceSolution"
+        )
     return funcs, [float(w) for w in weights]

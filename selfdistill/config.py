@@ -245,6 +245,16 @@ class SelfDistillConfig(TrainingArguments):
     epsilon_high: float | None = field(
         default=None, metadata={"help": "GRPO term: upper clip 1 + epsilon_high (default: epsilon; as GRPOConfig)."}
     )
+    rlsd_lambda: float = field(
+        default=0.0,
+        metadata={"help": "RLSD (selfdistill.methods.rlsd): each token's GRPO advantage becomes A * ((1 - lambda) + "
+                  "lambda * w_t), w_t = clip(exp(sign(A) (log pi_T - log pi_S)), 1 - rlsd_epsilon, 1 + rlsd_epsilon) "
+                  "from the teacher's view of the sampled token. Needs grpo_weight > 0 and a single-view source. "
+                  "0: off."},
+    )
+    rlsd_epsilon: float = field(
+        default=0.2, metadata={"help": "RLSD: the weights w_t are clipped to [1 - rlsd_epsilon, 1 + rlsd_epsilon]."}
+    )
     reward_weights: list[float] | None = field(
         default=None,
         metadata={"help": "One weight per reward function (default 1.0 each), as GRPOConfig; the trainer's "
@@ -351,6 +361,14 @@ class SelfDistillConfig(TrainingArguments):
         if self.grpo_weight > 0 and self.fused_loss:
             raise ValueError("grpo_weight > 0 needs the student's token log-probs, which the fused loss does not form; "
                              "set fused_loss=False")
+        if not 0 <= self.rlsd_lambda <= 1:
+            raise ValueError(f"rlsd_lambda={self.rlsd_lambda} must be in [0, 1] (0 switches RLSD off)")
+        if not 0 < self.rlsd_epsilon < 1:
+            raise ValueError(f"rlsd_epsilon={self.rlsd_epsilon} must be in (0, 1): RLSD's weights lie in "
+                             "[1 - rlsd_epsilon, 1 + rlsd_epsilon]")
+        if self.rlsd_lambda > 0 and self.grpo_weight == 0:
+            raise ValueError(f"rlsd_lambda={self.rlsd_lambda} reshapes the GRPO term's advantages, but grpo_weight=0; "
+                             "set grpo_weight=1 (and distill_weight=0 for RLSD as published)")
         if self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0):
             raise ValueError("epsilon and epsilon_high must be > 0")
         self.loss_spec()  # validates the loss combination with the loss module's own messages

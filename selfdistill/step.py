@@ -15,7 +15,7 @@ None of them knows a method: the privileged source has already produced the teac
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,34 +27,43 @@ from selfdistill.rollout import NON_FINITE_FIX, NonFiniteLogits
 from selfdistill.sequences import completion_logits, score_completions, splice
 
 
-def micro_batches(fields: dict[str, list[Any] | None], lengths: Sequence[int], n_micro: int) -> list[dict[str, Any]]:
+def micro_batches(fields: dict[str, list[Any] | None], lengths: Sequence[int], n_micro: int,
+                  distill_lengths: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Split per-rollout ``fields`` (``None`` stays ``None``) into ``n_micro`` consecutive micro-batches; each
-    also counts its loss tokens (``lengths``) under ``"tokens"``."""
+    also counts its loss tokens (``lengths``) under ``"tokens"``, and those of the distillation loss
+    (``distill_lengths``: 0 for a rollout no view trains; default ``lengths``) under ``"distill_tokens"``."""
     size = math.ceil(len(lengths) / n_micro)
+    distill_lengths = lengths if distill_lengths is None else distill_lengths
     micro = []
     for k in range(n_micro):
         sl = slice(k * size, (k + 1) * size)
         batch = {key: None if values is None else values[sl] for key, values in fields.items()}
         batch["tokens"] = sum(lengths[sl])
+        batch["distill_tokens"] = sum(distill_lengths[sl])
         micro.append(batch)
     return micro
 
 
 def set_normalizers(micro: list[dict[str, Any]], window: int, accelerator: Any) -> None:
     """Each micro-batch's loss is divided by the completion-token count of its whole optimizer step (``window``
-    micro-batches), summed over ranks; DDP averages gradients over ranks, so each rank divides by its share."""
-    counts = [sum(m["tokens"] for m in micro[start : start + window]) for start in range(0, len(micro), window)]
+    micro-batches), summed over ranks; DDP averages gradients over ranks, so each rank divides by its share. The
+    distillation term has its own count (``distill_normalizer``): the tokens of the rollouts a view trains, the same
+    count unless a source marks views ``trains=False``."""
+    counts = [[sum(m[key] for m in micro[start : start + window]) for start in range(0, len(micro), window)]
+              for key in ("tokens", "distill_tokens")]
     global_counts = torch.tensor(counts, dtype=torch.float64, device=accelerator.device)
     if accelerator.num_processes > 1:
         global_counts = accelerator.gather(global_counts[None]).sum(0)
     for i, m in enumerate(micro):
-        total = float(global_counts[i // window])
+        total, distill = float(global_counts[0, i // window]), float(global_counts[1, i // window])
         if total == 0:
             raise ValueError(
                 "every rollout of this optimizer step has zero completion tokens; check max_completion_length "
                 "and that the EOS token is not forced at the first position"
             )
         m["normalizer"] = total / accelerator.num_processes
+        # no rollout of the step has a training view: its distillation term is zero (any positive divisor)
+        m["distill_normalizer"] = (distill or 1.0) / accelerator.num_processes
 
 
 def check_finite(logits: torch.Tensor, side: str) -> None:
@@ -109,18 +118,24 @@ def sampling_logps(model: torch.nn.Module, prompt_ids: list[list[int]], completi
 
 def policy_gradient_term(student_logits: torch.Tensor, tokens: torch.Tensor, advantages: list[float] | None,
                          counts: list[int], old_logps: torch.Tensor | None, epsilon: float,
-                         epsilon_high: float | None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Per-token GRPO losses of the scored tokens (each rollout's advantage repeated over its ``counts`` tokens)."""
+                         epsilon_high: float | None, shape: Callable | None = None
+                         ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-token GRPO losses of the scored tokens (each rollout's advantage repeated over its ``counts`` tokens).
+    ``shape(advantages [N], student_logp [N]) -> (advantages [N], metrics)`` reshapes the per-token advantages
+    first (RLSD: selfdistill.methods.rlsd)."""
     device = student_logits.device
-    logp = selective_log_softmax(student_logits.float(), tokens)
+    logp = selective_log_softmax(student_logits.to(torch.promote_types(student_logits.dtype, torch.float32)), tokens)
     # No rollout of the batch was scored (every verifier failed): no policy-gradient signal.
     adv = torch.tensor(advantages or [0.0] * len(counts), dtype=logp.dtype, device=device)
     adv = adv.repeat_interleave(torch.tensor(counts, device=device))
+    shaped_metrics: dict[str, float] = {}
+    if shape is not None:
+        adv, shaped_metrics = shape(adv, logp)
     pg, clipped = policy_gradient_losses(logp, adv, old_logps, epsilon, epsilon_high)
     metrics = {}
     if pg.numel():
         metrics = {"grpo/loss": pg.detach().mean().item(), "grpo/clip_fraction": clipped.mean().item(),
-                   "grpo/advantage_abs": adv.abs().mean().item()}
+                   "grpo/advantage_abs": adv.abs().mean().item(), **shaped_metrics}
     return pg, metrics
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from datasets import IterableDataset
 from transformers import PreTrainedModel, Trainer, TrainerCallback
+from trl.trainer.utils import selective_log_softmax
 
 from selfdistill.checkpoints import CheckpointMixin
 from selfdistill.checks import (
@@ -266,6 +267,7 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
         # The loss covers the model's own tokens: all of a single-turn completion, the replies of an episode.
         loss_masks = [e.env_mask for e in episodes] if episodes is not None else None
         lengths = [sum(m) for m in loss_masks] if loss_masks else [len(c) for c in generated.completion_ids]
+        distills = [any(v.trains for v in vs) for vs in views]  # a rollout no view trains leaves the distillation
         n = len(rows)
         if mode == "train":
             self.rollouts_generated += n
@@ -297,7 +299,8 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
             "prompt_ids": prompt_ids, "completion_ids": generated.completion_ids, "teacher_ids": teacher.ids,
             "teacher_completion_ids": teacher.scored, "old_logps": old_logps, "rewards": rewards,
             "view_names": teacher.names, "view_tags": teacher.tags, "loss_masks": loss_masks, "advantages": advantages,
-        }, lengths, n_micro)
+            "distills": distills,
+        }, lengths, n_micro, [n if d else 0 for n, d in zip(lengths, distills)])
         self._set_normalizers(micro, mode)
         return micro
 
@@ -318,8 +321,9 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
         if inputs.get("loss_masks") is not None:
             keep = torch.tensor([m for row in inputs["loss_masks"] for m in row], dtype=torch.bool, device=device)
         distill = self.args.distill_weight > 0
+        rlsd = self.args.rlsd_lambda > 0  # the GRPO term's advantages weighted by the teacher's view (RLSD)
         teacher_out = teacher_head = None
-        if distill:
+        if distill or rlsd:
             start = time.perf_counter()
             teacher_out, teacher_head = self._teacher_pass(model, inputs, head)
             elapsed = time.perf_counter() - start
@@ -342,6 +346,7 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
             old = None if old is None else old[keep]
 
         per_token, metrics = None, {}
+        counts = scored_counts(inputs)
         total = torch.zeros((), device=device)
         if distill:
             if head is not None:
@@ -351,11 +356,25 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
             else:  # one view, or the source's combination of several (AVSD)
                 per_token, metrics = self.privileged.token_losses(student_out, teacher_out, tokens, self.loss_spec,
                                                                   inputs["view_names"][0], old_logps=old)
-            total = self.args.distill_weight * per_token.loss
-        counts = scored_counts(inputs)
+            loss_tokens = per_token.loss
+            distills = inputs.get("distills") or [True] * len(counts)
+            if not all(distills):  # rollouts whose views carry nothing leave the distillation term
+                trains = torch.tensor(distills, device=device).repeat_interleave(
+                    torch.tensor(counts, device=device))
+                loss_tokens = loss_tokens * trains
+            # its own divisor: the step's tokens of rollouts a view trains (the same count when every view does)
+            total = self.args.distill_weight * loss_tokens * (
+                inputs["normalizer"] / inputs.get("distill_normalizer", inputs["normalizer"]))
         if self.args.grpo_weight > 0:
+            shape = None
+            if rlsd:
+                from selfdistill.methods.rlsd import rlsd_advantages
+
+                teacher_logp = selective_log_softmax(teacher_out[0].float(), tokens)
+                shape = lambda adv, logp: rlsd_advantages(adv, teacher_logp, logp,  # noqa: E731
+                                                          self.args.rlsd_lambda, self.args.rlsd_epsilon)
             pg, pg_metrics = policy_gradient_term(student_out, tokens, inputs["advantages"], counts, old,
-                                                  self.args.epsilon, self.args.epsilon_high)
+                                                  self.args.epsilon, self.args.epsilon_high, shape)
             total = total + self.args.grpo_weight * pg
             metrics.update(pg_metrics)
         # Normalised by the completion-token count of the whole optimizer step (see _set_normalizers).

@@ -26,7 +26,11 @@ def test_each_rollout_sees_another_accepted_rollout_of_its_prompt():
     assert shown[:4] == ["attempt 2", "attempt 0", "attempt 0", "attempt 0"]
     # Group 1: the failures see attempt 6; attempt 6 is its group's only success and sees the bare problem.
     assert shown[4:] == ["attempt 6", "attempt 6", None, "attempt 6"]
-    assert views[6][0] == TeacherView(context=PROMPT, pi=None, name="no_sibling")
+    # ... and, as in the paper, leaves the distillation loss (fallback="skip", the default)
+    assert views[6][0] == TeacherView(context=PROMPT, pi=None, name="no_sibling", trains=False)
+    assert all(v[0].trains for i, v in enumerate(views) if i != 6)
+    bare = SiblingSolution(fallback="problem").views(_rollouts([0.0, 1.0], [0, 0]))
+    assert bare[1][0] == TeacherView(context=PROMPT, pi=None, name="no_sibling", trains=True)
     assert "another attempt:\nattempt 2" in views[0][0].context[-1]["content"]
     assert source.metrics() == {"sibling/shown_fraction": 7 / 8}
     # fallback="self": a lone success is shown its own text.

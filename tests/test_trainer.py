@@ -548,3 +548,34 @@ def test_a_stream_without_declared_columns_is_checked_on_its_first_row(tmp_path,
     rows = [{k: v for k, v in r.items() if k != "solution"} for r in build_dataset()]
     with pytest.raises(KeyError, match="column 'solution' missing from the dataset"):
         make_trainer(tmp_path, tokenizer, dataset=IterableDataset.from_generator(lambda: iter(rows)))
+
+
+def test_a_rollout_no_view_trains_leaves_the_distillation_loss_and_its_count(tmp_path, tokenizer):
+    """TeacherView(trains=False) (SDPO without a successful sibling): the rollout's tokens leave the distillation
+    term and its divisor, which counts the tokens of the rollouts that do train."""
+    import dataclasses
+
+    class HalfSilent(ReferenceSolution):
+        def views(self, rollouts):
+            return [[dataclasses.replace(v[0], trains=i % 2 == 0)] for i, v in enumerate(super().views(rollouts))]
+
+    trainer = make_trainer(tmp_path, tokenizer, privileged=HalfSilent(column="solution"))
+    rows = [row for row in build_dataset(2).to_list() for _ in range(2)]
+    inputs = trainer._make_rollouts(rows, "train", 1)[0]
+    assert inputs["distills"] == [True, False, True, False]
+    counts = [len(c) for c in inputs["completion_ids"]]
+    assert inputs["normalizer"] == sum(counts) and inputs["distill_normalizer"] == counts[0] + counts[2]
+    seen = []
+    real = trainer.privileged.token_losses
+
+    def spy(*args, **kwargs):
+        per_token, metrics = real(*args, **kwargs)
+        seen.append(per_token.loss.detach())
+        return per_token, metrics
+
+    trainer.privileged.token_losses = spy
+    loss = trainer.compute_loss(trainer.model, inputs)
+    per = torch.split(seen[0], counts)
+    expected = (per[0].sum() + per[2].sum()) / (counts[0] + counts[2])
+    torch.testing.assert_close(loss.detach(), expected)
+    assert (seen[0].sum() / sum(counts) - expected).abs() > 1e-9  # the silent rollouts did carry a loss to drop

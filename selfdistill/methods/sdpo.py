@@ -4,9 +4,11 @@ the ``SOURCES`` registry, and ``recipes/sdpo_arithmetic.yaml`` names it by its d
 
 Each prompt is rolled out ``num_generations`` times. For every rollout the teacher sees the problem plus the text of
 another rollout of the same prompt that the verifier accepted; the student learns where its own attempt parts from
-what the model writes once it has seen a correct one. A rollout whose group has no other accepted sibling gets the
-bare problem as its teacher context (``fallback="problem"``): with an EMA or initial teacher that is a pull towards
-the slower-moving teacher on the same context, with a live teacher no signal at all.
+what the model writes once it has seen a correct one. A rollout whose group has no other accepted sibling has no
+demonstration: as in the paper it leaves the distillation loss and its token count (``fallback="skip"``, the default;
+its view is marked ``trains=False``). ``fallback="problem"`` (the earlier default) gave it the bare problem instead:
+with an EMA teacher that pulled the student back towards the teacher's older weights on every such rollout, 55% of
+them on the arithmetic recipe (docs/methods/new-method.md).
 """
 
 from __future__ import annotations
@@ -27,19 +29,20 @@ class SiblingSolution(PrivilegedSource):
     Args:
         threshold: a sibling counts as successful when its reward is at least this.
         template: format string with ``{problem}`` and ``{sibling}``.
-        fallback: ``"problem"`` (the bare problem when no other sibling succeeded) or ``"self"`` (also the rollout's
-            own text when it is the group's only success).
+        fallback: when no other sibling succeeded: ``"skip"`` (the rollout leaves the distillation loss, as in the
+            paper), ``"problem"`` (the teacher sees the bare problem) or ``"self"`` (the rollout's own text when it is
+            the group's only success, else skipped).
     """
 
     paper = {"name": "SDPO", "title": "SDPO", "id": "2601.20802"}
     needs_rewards = True
 
-    def __init__(self, threshold: float = 0.5, template: str = DEFAULT_TEMPLATE, fallback: str = "problem"):
+    def __init__(self, threshold: float = 0.5, template: str = DEFAULT_TEMPLATE, fallback: str = "skip"):
         for key in ("{problem}", "{sibling}"):
             if key not in template:
                 raise ValueError(f"the sibling template lacks the {key} placeholder")
-        if fallback not in ("problem", "self"):
-            raise ValueError(f"fallback={fallback!r}; use 'problem' or 'self'")
+        if fallback not in ("skip", "problem", "self"):
+            raise ValueError(f"fallback={fallback!r}; use 'skip', 'problem' or 'self'")
         self.threshold = threshold
         self.template = template
         self.fallback = fallback
@@ -57,8 +60,9 @@ class SiblingSolution(PrivilegedSource):
                 others = [i]
             problem = user_text(rollout.prompt)
             self.shown[1] += 1
-            if not others:
-                out.append([TeacherView(context=rollout.prompt, pi=None, name="no_sibling")])
+            if not others:  # nothing to show: no signal ("skip"), or the bare problem ("problem")
+                out.append([TeacherView(context=rollout.prompt, pi=None, name="no_sibling",
+                                        trains=self.fallback == "problem")])
                 continue
             self.shown[0] += 1
             sibling = rollouts[others[0]].completion  # the first accepted sibling: deterministic

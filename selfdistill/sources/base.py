@@ -38,6 +38,10 @@ class TeacherView:
             (e.g. a cue). Empty for a plain prompt-plus-PI view.
         tag: opaque to the trainer and handed back to :meth:`PrivilegedSource.feedback` with the view's outcome
             (e.g. the ids of the skills it showed).
+        trains: ``False`` when the view carries no privileged information for this rollout (SDPO's rollout without
+            a successful sibling): a rollout none of whose views trains leaves the distillation loss and its
+            token count (the normaliser), as a row without a demonstration leaves the paper's loss. The GRPO term,
+            when on, still covers it.
     """
 
     context: Prompt
@@ -46,6 +50,7 @@ class TeacherView:
     completion_ids: list[int] | None = None
     continuation: list[list[int] | str] = field(default_factory=list)
     tag: Any = None
+    trains: bool = True
 
 
 @dataclass
