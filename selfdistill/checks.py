@@ -219,6 +219,11 @@ def check_trainer_inputs(args: SelfDistillConfig, privileged: PrivilegedSource |
             f"fused_loss=True is not available with a multi-view source ({type(privileged).__name__}); the view "
             "combiner needs every view's logits. Set fused_loss=False"
         )
+    if privileged.shapes_advantages and args.grpo_weight == 0:
+        raise ValueError(
+            f"{type(privileged).__name__} reshapes the GRPO term's per-token advantages, but grpo_weight=0; set "
+            "grpo_weight=1 (and distill_weight=0, as published)"
+        )
     if args.rlsd_lambda > 0 and privileged.combine != "identity":
         raise ValueError(
             f"rlsd_lambda={args.rlsd_lambda} weights each token by one teacher view, but {type(privileged).__name__} "

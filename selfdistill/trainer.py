@@ -267,7 +267,8 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
         # The loss covers the model's own tokens: all of a single-turn completion, the replies of an episode.
         loss_masks = [e.env_mask for e in episodes] if episodes is not None else None
         lengths = [sum(m) for m in loss_masks] if loss_masks else [len(c) for c in generated.completion_ids]
-        distills = [any(v.trains for v in vs) for vs in views]  # a rollout no view trains leaves the distillation
+        view_trains = [[v.trains for v in vs] for vs in views]
+        distills = [any(t) for t in view_trains]  # a rollout no view trains leaves the distillation
         n = len(rows)
         if mode == "train":
             self.rollouts_generated += n
@@ -299,7 +300,7 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
             "prompt_ids": prompt_ids, "completion_ids": generated.completion_ids, "teacher_ids": teacher.ids,
             "teacher_completion_ids": teacher.scored, "old_logps": old_logps, "rewards": rewards,
             "view_names": teacher.names, "view_tags": teacher.tags, "loss_masks": loss_masks, "advantages": advantages,
-            "distills": distills,
+            "distills": distills, "view_trains": view_trains,
         }, lengths, n_micro, [n if d else 0 for n, d in zip(lengths, distills)])
         self._set_normalizers(micro, mode)
         return micro
@@ -322,8 +323,9 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
             keep = torch.tensor([m for row in inputs["loss_masks"] for m in row], dtype=torch.bool, device=device)
         distill = self.args.distill_weight > 0
         rlsd = self.args.rlsd_lambda > 0  # the GRPO term's advantages weighted by the teacher's view (RLSD)
+        shaping = self.privileged.shapes_advantages and self.args.grpo_weight > 0  # ... or by the source's (RLCSD)
         teacher_out = teacher_head = None
-        if distill or rlsd:
+        if distill or rlsd or shaping:
             start = time.perf_counter()
             teacher_out, teacher_head = self._teacher_pass(model, inputs, head)
             elapsed = time.perf_counter() - start
@@ -366,15 +368,26 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
             total = self.args.distill_weight * loss_tokens * (
                 inputs["normalizer"] / inputs.get("distill_normalizer", inputs["normalizer"]))
         if self.args.grpo_weight > 0:
-            shape = None
+            shape, scale = None, None
             if rlsd:
                 from selfdistill.methods.rlsd import rlsd_advantages
 
                 teacher_logp = selective_log_softmax(teacher_out[0].float(), tokens)
                 shape = lambda adv, logp: rlsd_advantages(adv, teacher_logp, logp,  # noqa: E731
                                                           self.args.rlsd_lambda, self.args.rlsd_epsilon)
+            elif shaping:
+                view_logp = torch.stack([selective_log_softmax(v.float(), tokens) for v in teacher_out])
+                repeat = torch.tensor(counts, device=device)
+                view_trains = torch.tensor(inputs["view_trains"], device=device).T.repeat_interleave(repeat, dim=1)
+                token_adv = torch.tensor(inputs["advantages"] or [0.0] * len(counts), dtype=view_logp.dtype,
+                                         device=device).repeat_interleave(repeat)
+                contrast = self.privileged.shape_advantages(token_adv, view_logp, view_trains)
+                shape = lambda adv, logp: (contrast.advantages, contrast.metrics)  # noqa: E731
+                scale = contrast.scale
             pg, pg_metrics = policy_gradient_term(student_out, tokens, inputs["advantages"], counts, old,
                                                   self.args.epsilon, self.args.epsilon_high, shape)
+            if scale is not None:
+                pg = pg * scale.to(pg.dtype)
             total = total + self.args.grpo_weight * pg
             metrics.update(pg_metrics)
         # Normalised by the completion-token count of the whole optimizer step (see _set_normalizers).

@@ -101,6 +101,17 @@ class PrivilegedSource(ABC):
         """Numbers about the source's state, logged after each generation batch."""
         return {}
 
+    #: ``True`` for a source whose teacher views reshape the GRPO term's per-token advantages (RLCSD) through
+    #: :meth:`shape_advantages`; the trainer then runs the teacher pass even with ``distill_weight=0``.
+    shapes_advantages: bool = False
+
+    def shape_advantages(self, advantages: Any, view_logp: Any, view_trains: Any) -> Any:
+        """Per-token advantages from the teacher's log-probs of the sampled tokens (``view_logp`` ``[M, N]``, no
+        grad) and each token's rollout advantage (``advantages`` ``[N]``); ``view_trains`` ``[M, N]`` marks the views
+        that are real for each token's rollout. Returns an object with ``advantages`` ``[N]``, ``scale`` ``[N]`` (each
+        token's loss weight) and ``metrics`` (see selfdistill.methods.rlcsd.Contrast)."""
+        raise NotImplementedError(f"{type(self).__name__} sets shapes_advantages but has no shape_advantages")
+
     def token_losses(self, student_logits: Any, view_logits: Any, tokens: Any, spec: Any, view_names: Sequence[str],
                      old_logps: Any = None) -> tuple[Any, dict[str, float]]:
         """The per-token distillation loss of a micro-batch and its metrics: ``student_logits`` ``[N, V]`` (with
@@ -180,6 +191,7 @@ BUILTIN_SOURCES: dict[str, str] = {
     "reviser": "selfdistill.methods.sdzero.source.Reviser",
     "multiview": "selfdistill.methods.avsd.source.MultiView",
     "skills": "selfdistill.methods.skillsd.source.Skills",
+    "contrastive": "selfdistill.methods.rlcsd.ContrastiveHints",
 }
 
 
