@@ -46,6 +46,8 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
     # SDPO (a successful sibling as the teacher's PI) against GRPO with the same binary reward and rollouts.
     "arithmetic_sdpo": ("arithmetic", {
         "sdpo": ("recipes/sdpo_arithmetic.yaml", []),
+        # the recipe before the audit: rollouts without a successful sibling distilled towards the bare problem
+        "sdpo_fallback_problem": ("recipes/sdpo_arithmetic.yaml", ["source.fallback=problem"]),
         "grpo": ("recipes/opsd_arithmetic.yaml", GRPO_ARITHMETIC),
     }),
     # Skill-SD with a bank holding a correct strategy, against GRPO alone and Skill-SD with learned skills, at the

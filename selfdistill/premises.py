@@ -248,8 +248,14 @@ class Diagnosis:
             within = [ids[: self.limit] for ids in long.completion_ids]
             verified = verify_completions(self.tokenizer, self.reward_funcs, [1.0] * len(self.reward_funcs),
                                           long.prompts, within, rows)
-            greedy = self._generate(rows, [rollouts[i].prompt for i in idx], contexts, greedy=True,
-                                    max_new_tokens=self.limit)
+            # Greedy decoding is deterministic: once per distinct context (the G rollouts of a prompt share one for
+            # every source whose context does not depend on the rollout), so a view's greedy reward costs 1/G.
+            first: dict[tuple[int, ...], int] = {}
+            for j, context in enumerate(contexts):
+                first.setdefault(tuple(context), j)
+            distinct = list(first.values())
+            greedy = self._generate([rows[j] for j in distinct], [rollouts[idx[j]].prompt for j in distinct],
+                                    [contexts[j] for j in distinct], greedy=True, max_new_tokens=self.limit)
             good_long = [len(ids) for ids, r in zip(long.completion_ids, long.rewards)
                          if r is not None and r >= self.threshold]
             out[name] = {
