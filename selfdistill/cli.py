@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                                            "writes <output_dir>/diagnosis.json")
     diag.add_argument("recipe")
     diag.add_argument("overrides", nargs="*")
-    diag.add_argument("--prompts", type=int, default=64, help="training rows to roll out (default 64)")
+    diag.add_argument("--prompts", type=int, default=None,
+                      help="training rows to roll out (default 64; max(8, 80 // max_turns) under an environment)")
     diag.add_argument("--samples", type=int, help="rollouts per prompt (default: max(num_generations, 4))")
     diag.add_argument("--skills", help="Skill-SD: a skill bank to measure (skills.json, or a run's folder)")
     diag.add_argument("--no-progress", action="store_true")
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "diagnose":
             from selfdistill.premises import diagnose_recipe, format_report
 
-            if args.prompts < 1 or (args.samples is not None and args.samples < 1):
+            if (args.prompts is not None and args.prompts < 1) or (args.samples is not None and args.samples < 1):
                 raise RecipeError("--prompts and --samples must be at least 1")
             report = diagnose_recipe(recipe, prompts=args.prompts, samples=args.samples, skills=args.skills,
                                      progress=not args.no_progress)

@@ -206,8 +206,9 @@ class Diagnosis:
             }
             self.bar.update()
             self.bar.set_postfix_str("teacher generating")
-            report["teacher"] = self._teacher_generation(rollouts, teacher, names)
-            best = max(names, key=lambda n: report["teacher"][n]["reward"] or -math.inf)
+            generating = names[: self.source.diagnosed_views or len(names)]
+            report["teacher"] = self._teacher_generation(rollouts, teacher, generating)
+            best = max(generating, key=lambda n: report["teacher"][n]["reward"] or -math.inf)
             report["teacher_reward"] = report["teacher"][best]["reward"]
             report["teacher_view"] = best
             self.bar.update()
@@ -238,7 +239,12 @@ class Diagnosis:
                                 completion_ids=[], reward=None) for i in idx]
                 ctx_prompts = [views[k].context for views in self.source.views(bare)]
                 played = self._episodes(rows, ctx_prompts, greedy=False)
-                greedy = self._episodes(rows, ctx_prompts, greedy=True)
+                # greedy episodes are deterministic: once per task (the G rollouts of a prompt share it)
+                once: dict[int, int] = {}
+                for j, i in enumerate(idx):
+                    once.setdefault(rollouts[i].group, j)
+                greedy = self._episodes([rows[j] for j in once.values()], [ctx_prompts[j] for j in once.values()],
+                                        greedy=True)
                 out[name] = {"reward": _mean(played.rewards), "success": _success(played.rewards, self.threshold),
                              "reward_greedy": _mean(greedy.rewards),
                              "lengths": _lengths(played.completion_ids, played.truncated), "fits_share": None}
@@ -439,11 +445,16 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def diagnose(model: Any, tokenizer: Any, dataset: Any, privileged: PrivilegedSource,
-             reward_funcs: Sequence[Callable] = (), args: Any = None, *, prompts: int = 64, samples: int | None = None,
-             environment_factory: Callable | None = None, progress: bool = True) -> dict[str, Any]:
+             reward_funcs: Sequence[Callable] = (), args: Any = None, *, prompts: int | None = None,
+             samples: int | None = None, environment_factory: Callable | None = None,
+             progress: bool = True) -> dict[str, Any]:
     """Measure ``privileged``'s premises on ``prompts`` rows of ``dataset`` before training (the Python form of
     ``selfdistill diagnose``): the same arguments as :class:`~selfdistill.SelfDistillTrainer` (``args`` a
     :class:`~selfdistill.SelfDistillConfig`, for the completion limit, temperature and generations).
+
+    ``prompts`` defaults to 64 rows, ``max(8, 80 // max_turns)`` under an environment (an episode is several
+    replies: 20 for guess-the-number's 4 turns, 10 for Sokoban's 8), so that a shipped
+    recipe is diagnosed within 3 minutes on 2 CPU cores (benchmarks/diagnose_recipes.py).
 
     Returns the report: ``student_reward``, ``teacher_reward``, the per-premise sections and ``verdicts``;
     :func:`format_report` renders it.
@@ -453,6 +464,9 @@ def diagnose(model: Any, tokenizer: Any, dataset: Any, privileged: PrivilegedSou
         from selfdistill.config import SelfDistillConfig
 
         args = SelfDistillConfig(output_dir="diagnose", use_cpu=True, report_to="none")
+    if prompts is None:  # an episode costs about its turns' worth of replies
+        turns = getattr(args, "max_turns", None) or 4
+        prompts = max(8, 80 // turns) if environment_factory is not None else 64
     rows = take_rows(dataset, prompts)
     if not rows:
         raise ValueError("the dataset is empty: diagnose needs at least one row")
@@ -460,10 +474,11 @@ def diagnose(model: Any, tokenizer: Any, dataset: Any, privileged: PrivilegedSou
     return Diagnosis(model, tokenizer, rows, privileged, reward_funcs, max_completion_length=args.max_completion_length,
                      temperature=args.temperature, top_p=args.top_p, samples=g,
                      max_teacher_length=args.max_teacher_length, env_factory=environment_factory,
-                     max_turns=getattr(args, "max_turns", None), progress=progress).run()
+                     max_turns=getattr(args, "max_turns", None), progress=progress,
+                     teacher_rollouts=min(64, len(rows) * g // 2)).run()
 
 
-def diagnose_recipe(recipe: Any, prompts: int = 64, samples: int | None = None, skills: str | None = None,
+def diagnose_recipe(recipe: Any, prompts: int | None = None, samples: int | None = None, skills: str | None = None,
                     progress: bool = True) -> dict[str, Any]:
     """``selfdistill diagnose``: the recipe's model, data, source and verifier, measured before any training; writes
     ``<output_dir>/diagnosis.json`` and returns the report."""

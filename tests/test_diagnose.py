@@ -175,3 +175,27 @@ def test_cli_diagnose_writes_diagnosis_json(tmp_path, tokenizer, capsys):
     assert written["rollouts"] == 8
     assert main(["diagnose", str(path), "--prompts", "0"]) == 2
     assert main(["diagnose", str(path), "--skills", str(tmp_path / "none.json")]) == 2  # not a Skill-SD source
+
+
+def test_contrastive_hints_generate_under_the_correct_hint_only_and_greedy_once_per_context(tmp_path, tokenizer,
+                                                                                            monkeypatch):
+    """RLCSD's wrong hints are scored (the contrast) but not generated under; a teacher's greedy answer is decoded
+    once per distinct context, not once per rollout (the G rollouts of a prompt share it)."""
+    import selfdistill.premises as premises
+    from selfdistill.methods.rlcsd import ContrastiveHints
+
+    calls = []
+    real = premises.sample_completions
+
+    def spy(model, prompt_ids, **kwargs):
+        calls.append((kwargs["do_sample"], len(prompt_ids)))
+        return real(model, prompt_ids, **kwargs)
+
+    monkeypatch.setattr(premises, "sample_completions", spy)
+    report = diagnose(build_model(tokenizer), tokenizer, build_dataset(4), ContrastiveHints(), [even_answer],
+                      _args(tmp_path), prompts=4, samples=2, progress=False)
+    assert report["views"] == ["correct_hint", "wrong_hint_1"] and list(report["teacher"]) == ["correct_hint"]
+    assert "correct_hint|wrong_hint_1" in report["signal"]["pairwise_jsd"]
+    # student greedy (4 prompts), student sampled (8), teacher sampled on the first 4 rollouts (2 prompts x 2),
+    # teacher greedy once per distinct context (2)
+    assert calls == [(False, 4), (True, 8), (True, 4), (False, 2)]

@@ -102,6 +102,7 @@ class ContrastiveHints(PrivilegedSource):
     needs_rewards = True
     combine = "contrastive"
     shapes_advantages = True
+    diagnosed_views = 1  # diagnose measures the teacher generating under the correct hint only
 
     def __init__(self, column: str = "solution", template: str = DEFAULT_TEMPLATE, wrong_hints: int = 4,
                  threshold: float = 0.5, lam: float = 0.5, tau: float = 0.02, delta: float = 0.02, eta: float = 1.0):

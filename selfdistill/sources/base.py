@@ -101,6 +101,10 @@ class PrivilegedSource(ABC):
         """Numbers about the source's state, logged after each generation batch."""
         return {}
 
+    #: How many of a rollout's views (the first ones) are contexts the teacher should be measured generating under
+    #: (``selfdistill diagnose``); ``None``: all. RLCSD's wrong hints are not: only its correct hint is.
+    diagnosed_views: int | None = None
+
     #: ``True`` for a source whose teacher views reshape the GRPO term's per-token advantages (RLCSD) through
     #: :meth:`shape_advantages`; the trainer then runs the teacher pass even with ``distill_weight=0``.
     shapes_advantages: bool = False
