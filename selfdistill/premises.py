@@ -227,7 +227,8 @@ class Diagnosis:
     def _teacher_generation(self, rollouts: list[Rollout], teacher: Any, names: list[str]) -> dict[str, Any]:
         """Each view's teacher generating under its own context (the first ``teacher_rollouts`` rollouts' contexts):
         reward within the rollout limit, and how long its successful answers are when allowed twice that."""
-        n = min(len(rollouts), self.teacher_rollouts)
+        # several views share the budget: each gets at least 32 contexts (64 for one or two views, 42 for three)
+        n = min(len(rollouts), self.teacher_rollouts, max(32, 2 * self.teacher_rollouts // max(len(names), 1)))
         idx = list(range(n))
         out = {}
         for k, name in enumerate(names):
@@ -278,12 +279,15 @@ class Diagnosis:
 
     def _signal(self, sampled: _Batch, teacher: Any, names: list[str]) -> dict[str, Any]:
         """Reverse KL student -> teacher per student token (full vocabulary), its density, and the views' JSDs."""
-        student = self._logprobs(sampled.prompt_ids, sampled.completion_ids)
-        masks = sampled.masks or [[1] * len(c) for c in sampled.completion_ids]
+        # Three or more views share the budget: the first max(128, 512 // views) rollouts (all of them for one or two
+        # views; each view's full-vocabulary log-probs are held for the pairwise JSD).
+        m = len(sampled.completion_ids) if len(names) <= 2 else max(128, 512 // len(names))
+        student = self._logprobs(sampled.prompt_ids[:m], sampled.completion_ids[:m])
+        masks = (sampled.masks or [[1] * len(c) for c in sampled.completion_ids])[:m]
         per_view: dict[str, list[torch.Tensor]] = {}
         view_logps: list[list[torch.Tensor]] = []
         for k, name in enumerate(names):
-            t_logp = self._logprobs([ids[k] for ids in teacher.ids], [s[k] for s in teacher.scored])
+            t_logp = self._logprobs([ids[k] for ids in teacher.ids[:m]], [s[k] for s in teacher.scored[:m]])
             view_logps.append(t_logp)
             per_view[name] = [reverse_kl(s, t)[torch.tensor(m, dtype=torch.bool)]
                               for s, t, m in zip(student, t_logp, masks)]
@@ -475,7 +479,8 @@ def diagnose(model: Any, tokenizer: Any, dataset: Any, privileged: PrivilegedSou
                      temperature=args.temperature, top_p=args.top_p, samples=g,
                      max_teacher_length=args.max_teacher_length, env_factory=environment_factory,
                      max_turns=getattr(args, "max_turns", None), progress=progress,
-                     teacher_rollouts=min(64, len(rows) * g // 2)).run()
+                     # episodes: the teacher plays half as many as the student (each costs several replies)
+                     teacher_rollouts=64 if environment_factory is None else min(64, len(rows) * g // 2)).run()
 
 
 def diagnose_recipe(recipe: Any, prompts: int | None = None, samples: int | None = None, skills: str | None = None,

@@ -196,6 +196,6 @@ def test_contrastive_hints_generate_under_the_correct_hint_only_and_greedy_once_
                       _args(tmp_path), prompts=4, samples=2, progress=False)
     assert report["views"] == ["correct_hint", "wrong_hint_1"] and list(report["teacher"]) == ["correct_hint"]
     assert "correct_hint|wrong_hint_1" in report["signal"]["pairwise_jsd"]
-    # student greedy (4 prompts), student sampled (8), teacher sampled on the first 4 rollouts (2 prompts x 2),
-    # teacher greedy once per distinct context (2)
-    assert calls == [(False, 4), (True, 8), (True, 4), (False, 2)]
+    # student greedy (4 prompts), student sampled (8), teacher sampled on every rollout's context (8), teacher greedy
+    # once per distinct context (4 prompts)
+    assert calls == [(False, 4), (True, 8), (True, 8), (False, 4)]
