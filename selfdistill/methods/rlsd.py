@@ -34,7 +34,8 @@ def rlsd_weights(advantages: torch.Tensor, teacher_logp: torch.Tensor, student_l
 def rlsd_advantages(advantages: torch.Tensor, teacher_logp: torch.Tensor, student_logp: torch.Tensor,
                     lam: float, epsilon: float) -> tuple[torch.Tensor, dict[str, float]]:
     """Per-token advantages ``A_t = A * ((1 - lam) + lam * w_t)`` (``[N]``, each token's rollout advantage ``A``
-    repeated over its tokens) and metrics: the mean weight and the share of tokens at either clip bound."""
+    repeated over its tokens) and metrics over the tokens with ``A != 0``: the mean weight, its mean distance from
+    1, and the share at either clip bound (none when every advantage is 0)."""
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"rlsd_lambda={lam} must be in [0, 1]")
     if not 0.0 < epsilon < 1.0:
@@ -42,7 +43,10 @@ def rlsd_advantages(advantages: torch.Tensor, teacher_logp: torch.Tensor, studen
     weights = rlsd_weights(advantages, teacher_logp, student_logp, epsilon)
     shaped = advantages * ((1.0 - lam) + lam * weights.to(advantages.dtype))
     metrics = {}
-    if weights.numel():
-        at_bound = (weights <= 1.0 - epsilon) | (weights >= 1.0 + epsilon)
-        metrics = {"rlsd/weight_mean": weights.mean().item(), "rlsd/clipped_fraction": at_bound.float().mean().item()}
+    directed = advantages != 0  # a token with A = 0 has weight 1 and no update: left out of the statistics
+    if directed.any():
+        w = weights[directed]
+        at_bound = (w <= 1.0 - epsilon) | (w >= 1.0 + epsilon)
+        metrics = {"rlsd/weight_mean": w.mean().item(), "rlsd/clipped_fraction": at_bound.float().mean().item(),
+                   "rlsd/weight_abs_dev": (w - 1.0).abs().mean().item()}
     return shaped, metrics
