@@ -51,6 +51,7 @@ def main() -> None:
         entry: dict = {"wall_seconds": round(seconds, 1), "within_budget": seconds <= BUDGET_S, "cpu": info.get("cpu"),
                        "overrides": EXTRA.get(recipe.name, [])}
         if done.returncode:
+            entry["within_budget"] = None  # it did not run to the end: no time to judge
             entry["error"] = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
         else:
             report = json.loads((out / "diagnosis.json").read_text())
