@@ -49,8 +49,8 @@ def set_normalizers(micro: list[dict[str, Any]], window: int, accelerator: Any) 
     micro-batches), summed over ranks; DDP averages gradients over ranks, so each rank divides by its share. The
     distillation term has its own count (``distill_normalizer``): the tokens of the rollouts a view trains, the same
     count unless a source marks views ``trains=False``."""
-    counts = [[sum(m[key] for m in micro[start : start + window]) for start in range(0, len(micro), window)]
-              for key in ("tokens", "distill_tokens")]
+    counts = [[sum(m.get(key, m["tokens"]) for m in micro[start : start + window])
+               for start in range(0, len(micro), window)] for key in ("tokens", "distill_tokens")]
     global_counts = torch.tensor(counts, dtype=torch.float64, device=accelerator.device)
     if accelerator.num_processes > 1:
         global_counts = accelerator.gather(global_counts[None]).sum(0)

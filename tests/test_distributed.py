@@ -45,7 +45,7 @@ def _env(cpu_flag: bool = True) -> dict:
 
 def _save_tiny_model(folder: Path) -> None:
     tokenizer = build_tokenizer()
-    build_model(tokenizer, max_position_embeddings=512).save_pretrained(folder)
+    build_model(tokenizer, max_position_embeddings=1024).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 
