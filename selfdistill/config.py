@@ -255,6 +255,11 @@ class SelfDistillConfig(TrainingArguments):
     rlsd_epsilon: float = field(
         default=0.2, metadata={"help": "RLSD: the weights w_t are clipped to [1 - rlsd_epsilon, 1 + rlsd_epsilon]."}
     )
+    rlsd_decay_steps: int | None = field(
+        default=None,
+        metadata={"help": "RLSD: lambda falls linearly from rlsd_lambda to 0 over this many optimizer steps (the "
+                  "paper's text: 50), after which the run is GRPO. None: constant (the authors' shipped config)."},
+    )
     reward_weights: list[float] | None = field(
         default=None,
         metadata={"help": "One weight per reward function (default 1.0 each), as GRPOConfig; the trainer's "
@@ -366,6 +371,8 @@ class SelfDistillConfig(TrainingArguments):
         if not 0 < self.rlsd_epsilon < 1:
             raise ValueError(f"rlsd_epsilon={self.rlsd_epsilon} must be in (0, 1): RLSD's weights lie in "
                              "[1 - rlsd_epsilon, 1 + rlsd_epsilon]")
+        if self.rlsd_decay_steps is not None and self.rlsd_decay_steps < 1:
+            raise ValueError(f"rlsd_decay_steps={self.rlsd_decay_steps} must be >= 1 (or None for a constant lambda)")
         if self.rlsd_lambda > 0 and self.grpo_weight == 0:
             raise ValueError(f"rlsd_lambda={self.rlsd_lambda} reshapes the GRPO term's advantages, but grpo_weight=0; "
                              "set grpo_weight=1 (and distill_weight=0 for RLSD as published)")

@@ -370,11 +370,12 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
         if self.args.grpo_weight > 0:
             shape, scale = None, None
             if rlsd:
-                from selfdistill.methods.rlsd import rlsd_advantages
+                from selfdistill.methods.rlsd import rlsd_advantages, rlsd_lambda_at
 
                 teacher_logp = selective_log_softmax(teacher_out[0].float(), tokens)
-                shape = lambda adv, logp: rlsd_advantages(adv, teacher_logp, logp,  # noqa: E731
-                                                          self.args.rlsd_lambda, self.args.rlsd_epsilon)
+                lam = rlsd_lambda_at(self.args.rlsd_lambda, self.state.global_step, self.args.rlsd_decay_steps)
+                shape = lambda adv, logp: rlsd_advantages(adv, teacher_logp, logp, lam,  # noqa: E731
+                                                          self.args.rlsd_epsilon)
             elif shaping:
                 view_logp = torch.stack([selective_log_softmax(v.float(), tokens) for v in teacher_out])
                 repeat = torch.tensor(counts, device=device)

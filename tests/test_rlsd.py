@@ -111,3 +111,12 @@ def test_a_trainer_trains_with_rlsd_alone(tmp_path, tokenizer):
     assert len(logged) == 2 and all(0.8 <= h["rlsd/weight_mean"] <= 1.2 for h in logged)
     assert all("time/teacher" in h for h in logged) and "divergence" not in logged[0]
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_lambda_decays_to_grpo_when_asked():
+    from selfdistill.methods.rlsd import rlsd_lambda_at
+
+    assert [rlsd_lambda_at(0.5, s, None) for s in (0, 49, 500)] == [0.5, 0.5, 0.5]
+    assert [rlsd_lambda_at(0.5, s, 50) for s in (0, 25, 50, 80)] == [0.5, 0.25, 0.0, 0.0]
+    with pytest.raises(ValueError, match="rlsd_decay_steps=0 must be >= 1"):
+        SelfDistillConfig(output_dir="x", rlsd_decay_steps=0)

@@ -31,6 +31,13 @@ def rlsd_weights(advantages: torch.Tensor, teacher_logp: torch.Tensor, student_l
     return weights.clamp(1.0 - epsilon, 1.0 + epsilon)
 
 
+def rlsd_lambda_at(lam: float, step: int, decay_steps: int | None) -> float:
+    """lambda at optimizer step ``step`` (0-based): constant, or falling linearly to 0 over ``decay_steps``."""
+    if decay_steps is None:
+        return lam
+    return lam * max(0.0, 1.0 - step / decay_steps)
+
+
 def rlsd_advantages(advantages: torch.Tensor, teacher_logp: torch.Tensor, student_logp: torch.Tensor,
                     lam: float, epsilon: float) -> tuple[torch.Tensor, dict[str, float]]:
     """Per-token advantages ``A_t = A * ((1 - lam) + lam * w_t)`` (``[N]``, each token's rollout advantage ``A``
