@@ -79,6 +79,9 @@ def test_verdicts_follow_the_thresholds():
     views = {"a": {"teacher_reward": 1.0}, "b": {"teacher_reward": 0.6}}
     assert _verdict(_report(multiview=views), "views") == "fails"  # one view already says it all
     assert _verdict(_report(multiview={**views, "a": {"teacher_reward": 0.7}}), "views") == "holds"
+    # sufficient greedily: answer-only arithmetic's full solution (0.78 sampled, 1.00 greedy), where AVSD lost
+    greedy_sufficient = {"a": {"teacher_reward": 0.78, "teacher_reward_greedy": 1.0}, "b": {"teacher_reward": 0.8}}
+    assert _verdict(_report(multiview=greedy_sufficient), "views") == "fails"
     skills = {"bank_size": 1, "shown": True, "teacher_reward_with_skills": 0.5, "teacher_reward_without": 0.2}
     assert _verdict(_report(skills=skills), "skills") == "holds"
     assert _verdict(_report(skills={**skills, "teacher_reward_with_skills": 0.22}), "skills") == "fails"
