@@ -63,14 +63,18 @@ def check_rows(privileged: PrivilegedSource, dataset: Any, split: str) -> None:
     check_row_values(privileged, prompts, columns, split, range(len(prompts)), len(prompts))
 
 
-def check_stream_rows(privileged: PrivilegedSource, rows: list[dict[str, Any]], split: str, first: int) -> None:
-    """The checks of :func:`check_rows` on rows of a streamed dataset as they are first read; ``first`` is the
-    number of rows read before ``rows[0]``, so an index counts rows in the order the trainer read them."""
+def check_stream_rows(privileged: PrivilegedSource, rows: list[dict[str, Any]], split: str, first: int,
+                      render: Callable[[Any], list[int]], limit: int | None) -> None:
+    """The checks of :func:`check_rows`, then :func:`check_prompt_lengths` (``render``: a prompt's token ids), on rows
+    of a streamed dataset as they are first read; ``first`` is the number of rows read before ``rows[0]``, so an
+    index counts rows in the order the trainer read them."""
     prompts = [row.get("prompt") for row in rows]
     columns = {column: [row.get(column) for row in rows] for column in privileged.required_columns}
+    indices, total = range(first, first + len(rows)), f"the {len(rows)} streamed"
     try:
-        check_row_values(privileged, prompts, columns, split, range(first, first + len(rows)),
-                         f"the {len(rows)} streamed")
+        check_row_values(privileged, prompts, columns, split, indices, total)
+        if limit is not None:
+            check_prompt_lengths(split, indices, [len(render(p)) for p in prompts], limit, total)
     except (TypeError, ValueError) as err:
         raise type(err)(f"{err} {STREAM_ORDER}") from None
 

@@ -281,13 +281,13 @@ class Diagnosis:
         """Reverse KL student -> teacher per student token (full vocabulary), its density, and the views' JSDs."""
         # Three or more views share the budget: the first max(128, 512 // views) rollouts (all of them for one or two
         # views; each view's full-vocabulary log-probs are held for the pairwise JSD).
-        m = len(sampled.completion_ids) if len(names) <= 2 else max(128, 512 // len(names))
-        student = self._logprobs(sampled.prompt_ids[:m], sampled.completion_ids[:m])
-        masks = (sampled.masks or [[1] * len(c) for c in sampled.completion_ids])[:m]
+        scored = len(sampled.completion_ids) if len(names) <= 2 else max(128, 512 // len(names))
+        student = self._logprobs(sampled.prompt_ids[:scored], sampled.completion_ids[:scored])
+        masks = (sampled.masks or [[1] * len(c) for c in sampled.completion_ids])[:scored]
         per_view: dict[str, list[torch.Tensor]] = {}
         view_logps: list[list[torch.Tensor]] = []
         for k, name in enumerate(names):
-            t_logp = self._logprobs([ids[k] for ids in teacher.ids[:m]], [s[k] for s in teacher.scored[:m]])
+            t_logp = self._logprobs([ids[k] for ids in teacher.ids[:scored]], [s[k] for s in teacher.scored[:scored]])
             view_logps.append(t_logp)
             per_view[name] = [reverse_kl(s, t)[torch.tensor(m, dtype=torch.bool)]
                               for s, t, m in zip(student, t_logp, masks)]

@@ -116,18 +116,25 @@ def sampling_logps(model: torch.nn.Module, prompt_ids: list[list[int]], completi
     return out
 
 
+def repeat_per_token(values: Sequence[Any], counts: Sequence[int], device: torch.device,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-rollout ``values`` (numbers, bools, or equal-length rows) repeated over each rollout's ``counts`` tokens:
+    ``[N]``, or ``[N, M]`` for rows."""
+    repeats = torch.tensor(counts, device=device)
+    return torch.tensor(values, dtype=dtype, device=device).repeat_interleave(repeats, dim=0)
+
+
 def policy_gradient_term(student_logits: torch.Tensor, tokens: torch.Tensor, advantages: list[float] | None,
                          counts: list[int], old_logps: torch.Tensor | None, epsilon: float,
                          epsilon_high: float | None, shape: Callable | None = None
                          ) -> tuple[torch.Tensor, dict[str, float]]:
     """Per-token GRPO losses of the scored tokens (each rollout's advantage repeated over its ``counts`` tokens).
     ``shape(advantages [N], student_logp [N]) -> (advantages [N], metrics)`` reshapes the per-token advantages
-    first (RLSD: selfdistill.methods.rlsd)."""
+    first (RLSD: selfdistill.methods.rlsd; a source's ``shape_advantages``, RLCSD)."""
     device = student_logits.device
     logp = selective_log_softmax(student_logits.to(torch.promote_types(student_logits.dtype, torch.float32)), tokens)
     # No rollout of the batch was scored (every verifier failed): no policy-gradient signal.
-    adv = torch.tensor(advantages or [0.0] * len(counts), dtype=logp.dtype, device=device)
-    adv = adv.repeat_interleave(torch.tensor(counts, device=device))
+    adv = repeat_per_token(advantages or [0.0] * len(counts), counts, device, logp.dtype)
     shaped_metrics: dict[str, float] = {}
     if shape is not None:
         adv, shaped_metrics = shape(adv, logp)

@@ -23,14 +23,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from trl.trainer.utils import selective_log_softmax
 
 from selfdistill.checkpoints import CheckpointMixin
-from selfdistill.checks import (
-    STREAM_ORDER,
-    check_dataset_prompt_lengths,
-    check_prompt_lengths,
-    check_sharding,
-    check_stream_rows,
-    check_trainer_inputs,
-)
+from selfdistill.checks import check_dataset_prompt_lengths, check_sharding, check_stream_rows, check_trainer_inputs
 from selfdistill.config import SelfDistillConfig
 from selfdistill.distributed import (
     observe_everywhere,
@@ -56,6 +49,7 @@ from selfdistill.step import (
     check_finite,
     micro_batches,
     policy_gradient_term,
+    repeat_per_token,
     sampling_logps,
     scored_counts,
     set_normalizers,
@@ -216,18 +210,13 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
         tokenizer = self.processing_class
         prompts = [row["prompt"] for row in rows]
         dataset = self.train_dataset if mode == "train" else self.eval_dataset
-        streamed = isinstance(dataset, (IterableDataset, torch.utils.data.IterableDataset))
-        if streamed:  # a stream's rows are checked as they are first read (each comes num_generations times in a row)
-            g, split, first = self.args.num_generations, f"{mode}_dataset", self._stream_rows[mode]
-            check_stream_rows(self.privileged, rows[::g], split, first)
-        prompt_ids = [render_context(tokenizer, p) for p in prompts]
-        if streamed:
-            try:
-                check_prompt_lengths(split, range(first, first + len(rows) // g), [len(p) for p in prompt_ids[::g]],
-                                     self.args.max_prompt_length, f"the {len(rows) // g} streamed")
-            except ValueError as err:
-                raise ValueError(f"{err} {STREAM_ORDER}") from None
+        if isinstance(dataset, (IterableDataset, torch.utils.data.IterableDataset)):
+            # a stream's rows are checked as they are first read (each comes num_generations times in a row)
+            g = self.args.num_generations
+            check_stream_rows(self.privileged, rows[::g], f"{mode}_dataset", self._stream_rows[mode],
+                              lambda prompt: render_context(tokenizer, prompt), self.args.max_prompt_length)
             self._stream_rows[mode] += len(rows) // g
+        prompt_ids = [render_context(tokenizer, p) for p in prompts]
 
         sampled = self._sample(rows, prompt_ids, mode)
         generated, episodes, sampler_logps = sampled.generated, sampled.episodes, sampled.sampler_logps
@@ -361,14 +350,12 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
             loss_tokens = per_token.loss
             distills = inputs.get("distills") or [True] * len(counts)
             if not all(distills):  # rollouts whose views carry nothing leave the distillation term
-                trains = torch.tensor(distills, device=device).repeat_interleave(
-                    torch.tensor(counts, device=device))
-                loss_tokens = loss_tokens * trains
+                loss_tokens = loss_tokens * repeat_per_token(distills, counts, device)
             # its own divisor: the step's tokens of rollouts a view trains (the same count when every view does)
             total = self.args.distill_weight * loss_tokens * (
                 inputs["normalizer"] / inputs.get("distill_normalizer", inputs["normalizer"]))
         if self.args.grpo_weight > 0:
-            shape, scale = None, None
+            shape = None
             if rlsd:
                 from selfdistill.methods.rlsd import rlsd_advantages, rlsd_lambda_at
 
@@ -376,19 +363,19 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
                 lam = rlsd_lambda_at(self.args.rlsd_lambda, self.state.global_step, self.args.rlsd_decay_steps)
                 shape = lambda adv, logp: rlsd_advantages(adv, teacher_logp, logp, lam,  # noqa: E731
                                                           self.args.rlsd_epsilon)
-            elif shaping:
+            elif shaping:  # the source's own rule (RLCSD), with each token's loss weight (its two-path reduction)
                 view_logp = torch.stack([selective_log_softmax(v.float(), tokens) for v in teacher_out])
-                repeat = torch.tensor(counts, device=device)
-                view_trains = torch.tensor(inputs["view_trains"], device=device).T.repeat_interleave(repeat, dim=1)
-                token_adv = torch.tensor(inputs["advantages"] or [0.0] * len(counts), dtype=view_logp.dtype,
-                                         device=device).repeat_interleave(repeat)
-                contrast = self.privileged.shape_advantages(token_adv, view_logp, view_trains)
-                shape = lambda adv, logp: (contrast.advantages, contrast.metrics)  # noqa: E731
-                scale = contrast.scale
+                view_trains = repeat_per_token(inputs["view_trains"], counts, device).T
+                shaped: list[Any] = []
+
+                def shape(adv: torch.Tensor, logp: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+                    shaped.append(self.privileged.shape_advantages(adv, view_logp, view_trains))
+                    return shaped[0].advantages, shaped[0].metrics
+
             pg, pg_metrics = policy_gradient_term(student_out, tokens, inputs["advantages"], counts, old,
                                                   self.args.epsilon, self.args.epsilon_high, shape)
-            if scale is not None:
-                pg = pg * scale.to(pg.dtype)
+            if shape is not None and not rlsd:
+                pg = pg * shaped[0].scale.to(pg.dtype)
             total = total + self.args.grpo_weight * pg
             metrics.update(pg_metrics)
         # Normalised by the completion-token count of the whole optimizer step (see _set_normalizers).
