@@ -9,6 +9,7 @@ rate as a fraction), and the table and docs/img/premises.png are redrawn from th
     python benchmarks/premises.py --list                                   # the comparisons and their runs
     python benchmarks/premises.py guess_number_skillsd skillsd_seeded --seeds 0 1 2
     python benchmarks/premises.py arithmetic_sdpo --seeds 0                # every configuration of one comparison
+    python benchmarks/premises.py choice_sdpo sdpo --seeds 0 1 2           # its GRPO seeds are choice_sdzero's
     python benchmarks/premises.py arithmetic_sdpo grpo --reuse 0=benchmarks/results/all_methods.json:grpo@s0
         # record a run of the same configuration made by another benchmark (marked "reused_from")
     python benchmarks/premises.py --plot-only
@@ -69,6 +70,14 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
     # from the same run (eval_after_srt, recorded as method "srt"), GRPO has the same binary reward.
     "choice_sdzero": ("arithmetic_choice", {
         "sdzero": ("recipes/sdzero_choice.yaml", []),
+        "grpo": ("recipes/sdzero_choice.yaml", ["srt.enabled=false", "training.distill_weight=0",
+                                                "training.grpo_weight=1", "training.num_generations=4"]),
+    }),
+    # SDPO where its premise holds: on two-option addition the student's rollouts succeed about a quarter of the time,
+    # so with G = 4 most rollouts have a successful sibling (on open addition, 5-10%: most steps had none). Same
+    # rollouts (60 steps x 8), learning rate and sampling as choice_sdzero's GRPO, whose seeds it shares.
+    "choice_sdpo": ("arithmetic_choice", {
+        "sdpo": ("recipes/sdpo_arithmetic.yaml", ["data.choices=2", "training.max_steps=60"]),
         "grpo": ("recipes/sdzero_choice.yaml", ["srt.enabled=false", "training.distill_weight=0",
                                                 "training.grpo_weight=1", "training.num_generations=4"]),
     }),
