@@ -117,3 +117,63 @@ def test_a_trainer_trains_with_rlcsd(tmp_path, tokenizer):
     assert len(logged) == 2 and all(h["rlcsd/contrast_fraction"] == 1.0 for h in logged)
     assert any(h["rlcsd/selected_fraction"] > 0 for h in logged)
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_the_trainers_loss_is_the_two_path_reduction_of_its_own_tensors(tmp_path, tokenizer):
+    """compute_loss end to end: the loss equals grpo_weight * (mean over unselected tokens + eta * mean over selected
+    tokens of the clipped surrogate) * N / normalizer, recomputed in float64 from the teacher's log-probs and the
+    student's logits the trainer used, with the contrast, selection and sign-anchoring written out again here."""
+    from selfdistill import trainer as trainer_module
+
+    def reward(prompts, completions, answer, **kw):
+        return [float(i % 2) for i in range(len(completions))]  # a wrong sibling in every group
+
+    lam, tau, delta, eta, weight = 0.5, 0.01, 0.1, 2.0, 0.7  # the tiny model's |e_t| ~ 0.003
+    trainer = SelfDistillTrainer(
+        model=build_model(tokenizer), args=make_args(tmp_path, grpo_weight=weight, distill_weight=0, num_generations=4,
+                                                     per_device_train_batch_size=8),
+        train_dataset=build_dataset(), processing_class=tokenizer, reward_funcs=[reward],
+        privileged=ContrastiveHints(lam=lam, tau=tau, delta=delta, eta=eta))
+    rows = [row for row in build_dataset(2).to_list() for _ in range(4)]
+    inputs = trainer._make_rollouts(rows, "train", 1)[0]
+    seen = {}
+    real_shape, real_pg = trainer.privileged.shape_advantages, trainer_module.policy_gradient_term
+
+    def shape_spy(adv, view_logp, view_trains):
+        seen.update(view_logp=view_logp.detach().double(), real=view_trains[1:].clone())
+        return real_shape(adv, view_logp, view_trains)
+
+    def pg_spy(logits, tokens, advantages, counts, old, *args, **kwargs):
+        seen.update(logits=logits.detach().double(), tokens=tokens, advantages=advantages, counts=counts, old=old)
+        return real_pg(logits, tokens, advantages, counts, old, *args, **kwargs)
+
+    trainer.privileged.shape_advantages = shape_spy
+    trainer_module.policy_gradient_term = pg_spy
+    try:
+        loss = trainer.compute_loss(trainer.model, inputs)
+    finally:
+        trainer_module.policy_gradient_term = real_pg
+
+    n = len(seen["tokens"])
+    adv = torch.tensor(seen["advantages"], dtype=torch.float64).repeat_interleave(torch.tensor(seen["counts"]))
+    logp = torch.log_softmax(seen["logits"], -1).gather(-1, seen["tokens"][:, None])[:, 0]
+    old = logp if seen["old"] is None else seen["old"].double()
+    per_token, selected = [], []
+    for t in range(n):
+        lps = seen["view_logp"][:, t].tolist()
+        wrong = [math.exp(lp) for lp, ok in zip(lps[1:], seen["real"][:, t].tolist()) if ok]
+        e = lps[0] - math.log(sum(wrong) / len(wrong)) if wrong else 0.0
+        r = lam * math.tanh(e / tau)
+        a = float(adv[t])
+        if abs(r) > delta:
+            a = max(0.0, a + r) if adv[t] > 0 else min(0.0, a + r) if adv[t] < 0 else 0.0
+        selected.append(abs(r) > delta)
+        ratio = math.exp(float(logp[t] - old[t]))
+        per_token.append(-min(ratio * a, min(max(ratio, 0.8), 1.2) * a))
+    sel = [p for p, s in zip(per_token, selected) if s]
+    unsel = [p for p, s in zip(per_token, selected) if not s]
+    assert sel and unsel, "both paths must be exercised"
+    expected = weight * (sum(unsel) / len(unsel) + eta * sum(sel) / len(sel)) * n / inputs["normalizer"]
+    assert seen["real"].any()  # the contrast existed
+    torch.testing.assert_close(loss.detach().double(), torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-6)
