@@ -11,7 +11,7 @@ the main job's prompts (8 two-digit additions) and the OPSD teacher wording:
   compared.
 - ``teacher``: the 8 teacher rows scored plainly vs with shared prefixes (``shared_prefix_logits``).
 - ``cache``: ``generate`` of 8 x 16 tokens with the dynamic vs a static cache; ``--compile`` adds the static
-  cache compiled by inductor (slow: minutes to compile).
+  cache compiled by inductor (slow: minutes to compile); ``--bf16`` runs them in one bf16 autocast region.
 - ``student``: the student's forward+backward over 8 rollouts at G = 1 (8 prompts) and G = 4 (2 prompts x 4):
   plain, with shared prefixes as two passes (``shared_prefix_logits``), and packed into one pass
   (``packed_completion_logits``); median of 3 interleaved rounds after a warm-up round.
@@ -164,7 +164,8 @@ def probe_teacher(ctx) -> dict:
                 "teacher_shared_prefix_s": timed(lambda: shared_prefix_logits(model, batch, teacher))}
 
 
-def probe_cache(ctx, compile_too: bool) -> dict:
+def probe_cache(ctx, compile_too: bool, bf16: bool = False) -> dict:
+    """``--bf16``: every call inside one bf16 autocast region, as the trainer samples (one weight cast per call)."""
     from selfdistill.sequences import splice
 
     tok, model, prompts, _, _ = ctx
@@ -173,11 +174,11 @@ def probe_cache(ctx, compile_too: bool) -> dict:
     ids, mask = batch.input_ids[:, :width], batch.attention_mask[:, :width]
 
     def generate(**kw):
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.6, top_k=0,
                            max_new_tokens=16, min_new_tokens=16, pad_token_id=tok.pad_token_id, **kw)
 
-    out = {"generate_dynamic_cache_s": timed(generate),
+    out = {"precision": "bf16 autocast" if bf16 else "float32", "generate_dynamic_cache_s": timed(generate),
            "generate_static_cache_s": timed(lambda: generate(cache_implementation="static"))}
     if compile_too:
         from transformers import CompileConfig
@@ -675,6 +676,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("probes", nargs="*", default=list(PROBES), help=f"some of {', '.join(PROBES)} (default: all)")
     parser.add_argument("--compile", action="store_true", help="also time the compiled static-cache decode")
+    parser.add_argument("--bf16", action="store_true", help="the cache probe under bf16 autocast (one region a call)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="record here (default: %(default)s)")
     parser.add_argument("--heap-worker", choices=("plain", "tuned"), help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -690,7 +692,7 @@ def main() -> None:
     for name in opts.probes:
         print(f"probe {name} ...", flush=True)
         fn = {"bf16": probe_bf16, "bf16gen": probe_bf16gen, "teacher": probe_teacher,
-              "cache": lambda c: probe_cache(c, opts.compile), "student": probe_student, "decode": probe_decode,
+              "cache": lambda c: probe_cache(c, opts.compile, opts.bf16), "student": probe_student, "decode": probe_decode,
               "profile": probe_profile, "reuse": probe_reuse, "overlap": probe_overlap, "step": probe_step,
               "matmul": probe_matmul, "heap": probe_heap, "bandwidth": probe_bandwidth,
               "padding": probe_padding, "views": probe_views}[name]
