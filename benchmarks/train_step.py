@@ -17,8 +17,9 @@ and student passes, optimizer).
     python benchmarks/train_step.py --repeats 2      # each pair twice, in alternating order (AB then BA), pooled
     python benchmarks/train_step.py --ablate 1 4 8   # also selfdistill with each speed lever off (~25 min)
     python benchmarks/train_step.py --bf16 --out benchmarks/results/train_step_bf16.json   # both in bf16 autocast
+    python benchmarks/train_step.py --bf16 --heap tuned  # both workers started with the launch scripts' allocator
     python benchmarks/train_step.py --G 1 --compile  # both with torch_compile=True, 3 warm-up steps (~7 min a G)
-    python benchmarks/train_step.py --plot-only      # table and plot from the recorded results
+    python benchmarks/train_step.py --plot-only --out benchmarks/results/train_step_bf16_amd.json   # its table, plot
     python benchmarks/train_step.py --quick          # plumbing check: G = 1, 4 rollouts, 1 + 1 steps, 1 thread
     python benchmarks/train_step.py --worker trainer=sdft G=4 rollouts=8 steps=5 threads=0   # one worker alone
 
@@ -47,6 +48,7 @@ from recipe_runs import machine  # noqa: E402  (benchmarks/, the script's own fo
 RESULTS = ROOT / "benchmarks" / "results" / "train_step.json"
 QUICK_RESULTS = ROOT / "outputs" / "benchmarks_quick" / "train_step.json"
 MODEL = "smollm2-135m-instruct"
+TUNED_HEAP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"  # scripts/main_job.sh, launch.sh
 
 # The shared job (recipes/opsd_arithmetic.yaml's training settings, with the clip switched off: SDFT has none).
 MAX_NEW_TOKENS = 16
@@ -409,7 +411,6 @@ def launch(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------ report
-PLOT = ROOT / "benchmarks" / "results" / "train_step.png"
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -507,6 +508,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="run each (trainer, G) pair this many times, "
                         "alternating which goes first; a configuration's figure pools all its measured steps "
                         "(--ablate configurations run once)")
+    parser.add_argument("--heap", choices=("plain", "tuned"), default="plain",
+                        help="glibc's allocator in both workers: its defaults, or the launch scripts' GLIBC_TUNABLES "
+                             "(freed buffers stay in the heap; docs/performance.md)")
     parser.add_argument("--bf16", action="store_true", help="both trainers with bf16=True (autocast; TRL's "
                         "default), for a CPU with AVX512-BF16/AMX; float32 without it")
     parser.add_argument("--compile", action="store_true", help="both trainers with torch_compile=True "
@@ -524,10 +528,13 @@ def main() -> None:
     opts = parser.parse_args()
 
     if opts.plot_only:
-        report = json.loads(RESULTS.read_text())
+        source = opts.out or RESULTS
+        if not source.exists():
+            raise SystemExit(f"no recorded results at {source}: run the benchmark first, or name a file with --out")
+        report = json.loads(source.read_text())
         print(table(report["results"]))
-        plot(report, PLOT)
-        print(f"wrote {PLOT.relative_to(ROOT)}")
+        plot(report, source.with_suffix(".png"))
+        print(f"wrote {source.with_suffix('.png')}")
         return
 
     if opts.worker:
@@ -548,6 +555,10 @@ def main() -> None:
     if bad:
         raise SystemExit(f"--rollouts {opts.rollouts} is not divisible by G={bad}")
 
+    # The allocator is set where a process starts (glibc reads GLIBC_TUNABLES then): in the workers' environment.
+    os.environ.pop("GLIBC_TUNABLES", None)
+    if opts.heap == "tuned":
+        os.environ["GLIBC_TUNABLES"] = TUNED_HEAP
     print("checking that both trainers build the same student prompts and teacher contexts ...", flush=True)
     contexts = check_contexts()
     print(f"  student prompts identical: {contexts['student_prompt_ids_identical']}, teacher contexts identical: "
@@ -599,6 +610,7 @@ def main() -> None:
         "measured_steps": opts.steps,
         "repeats": opts.repeats,
         "torch_threads": opts.threads or "default",
+        "allocator": f"GLIBC_TUNABLES={TUNED_HEAP}" if opts.heap == "tuned" else "glibc defaults",
         "timing": "wall time from the end of the last warm-up step to the end of the last step, over the measured "
                   "steps",
         "peak_rss": "getrusage(RUSAGE_SELF).ru_maxrss at the end of each configuration's own worker process",
