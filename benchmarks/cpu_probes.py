@@ -692,7 +692,8 @@ def main() -> None:
     for name in opts.probes:
         print(f"probe {name} ...", flush=True)
         fn = {"bf16": probe_bf16, "bf16gen": probe_bf16gen, "teacher": probe_teacher,
-              "cache": lambda c: probe_cache(c, opts.compile, opts.bf16), "student": probe_student, "decode": probe_decode,
+              "cache": lambda c: probe_cache(c, opts.compile, opts.bf16), "student": probe_student,
+              "decode": probe_decode,
               "profile": probe_profile, "reuse": probe_reuse, "overlap": probe_overlap, "step": probe_step,
               "matmul": probe_matmul, "heap": probe_heap, "bandwidth": probe_bandwidth,
               "padding": probe_padding, "views": probe_views}[name]
