@@ -1,0 +1,172 @@
+"""The 2026 hybrids of RL and self-distillation against their baselines on the main job's task and budget.
+
+RLSD (recipes/rlsd_arithmetic.yaml) and RLCSD (recipes/rlcsd_arithmetic.yaml) against GRPO and OPSD, at the main
+job's budget: 150 optimizer steps x 12 rollouts = 1800 training rollouts of at most 16 tokens, lr 3e-5 decaying
+linearly, temperature 0.6, bf16, the same 2000 training and 200 held-out problems. GRPO is the RLSD recipe with
+``training.rlsd_lambda=0`` (the same 3 prompts x 4 rollouts a step, the same verifier, no teacher pass). OPSD is the
+main job itself (``recipes/opsd_arithmetic.yaml``, 12 prompts x 1 rollout); its recorded seeds in
+benchmarks/results/main_job_seeds.json are reused (``--reuse-main-job``) where the recipe is unchanged.
+
+Every finished run is merged into benchmarks/results/hybrids.json as ``{"method", "seed", "accuracy",
+"generated_tokens", "learning_curve", ...}`` (accuracy: held-out greedy accuracy after training, as a fraction);
+the table and docs/img/hybrids.png (held-out accuracy against generated tokens, the mean curve of each method over
+its seeds) are redrawn from that file.
+
+    python benchmarks/hybrids.py --list
+    python benchmarks/hybrids.py rlsd rlcsd grpo --seeds 0 1 2          # ~12 min a run on 2 CPU cores
+    python benchmarks/hybrids.py --reuse-main-job 0 1 2                 # OPSD's seeds from main_job_seeds.json
+    python benchmarks/hybrids.py --plot-only --markdown                 # the table of docs/results.md, the plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from recipe_runs import ROOT, machine, run_recipe
+
+RESULTS = ROOT / "benchmarks" / "results" / "hybrids.json"
+PLOT = ROOT / "docs" / "img" / "hybrids.png"
+MAIN_JOB = ROOT / "benchmarks" / "results" / "main_job_seeds.json"
+MAIN_JOB_RECORD = "shipped_s150_amx_2026-12-03"  # the shipped recipe's 3 seeds (150 steps x 12), docs/results.md
+
+#: configuration -> (recipe, overrides); every one at the main job's 150 x 12 rollouts.
+CONFIGS: dict[str, tuple[str, list[str]]] = {
+    "rlsd": ("recipes/rlsd_arithmetic.yaml", []),
+    "rlcsd": ("recipes/rlcsd_arithmetic.yaml", []),
+    "grpo": ("recipes/rlsd_arithmetic.yaml", ["training.rlsd_lambda=0"]),
+    "opsd": ("recipes/opsd_arithmetic.yaml", []),
+}
+
+
+def row(method: str, seed: int, result: dict) -> dict:
+    return {
+        "method": method, "seed": seed, "accuracy": float(result["eval_after"]["greedy_accuracy"]),
+        "generated_tokens": int(result["generated_tokens"]),
+        "accuracy_before": (result.get("eval_before") or {}).get("greedy_accuracy"),
+        "rollouts": result.get("rollouts"), "steps": result.get("steps"), "train_seconds": result.get("train_seconds"),
+        "wall_seconds": result.get("wall_seconds"), "learning_curve": result.get("learning_curve") or [],
+        "recipe": result.get("recipe"), "overrides": result.get("overrides"),
+        **({"reused_from": result["reused_from"]} if "reused_from" in result else {}),
+    }
+
+
+def load(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def record(path: Path, entry: dict) -> list[dict]:
+    """Replace the run with the same (method, seed), merged into what is on disk now."""
+    runs = [r for r in load(path) if (r["method"], r["seed"]) != (entry["method"], entry["seed"])]
+    runs.append(entry)
+    runs.sort(key=lambda r: (list(CONFIGS).index(r["method"]) if r["method"] in CONFIGS else 99, r["seed"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(runs, indent=1))
+    return runs
+
+
+def from_main_job(seed: int) -> dict:
+    """OPSD's run of one seed as benchmarks/main_job_seeds.py recorded it, in a results.json's shape."""
+    record_ = json.loads(MAIN_JOB.read_text()).get(MAIN_JOB_RECORD, {})
+    run = record_.get("runs", {}).get(str(seed))
+    if run is None:
+        raise SystemExit(f"--reuse-main-job {seed}: {MAIN_JOB.name} has no seed {seed} in {MAIN_JOB_RECORD!r}")
+    recipe, overrides = CONFIGS["opsd"]
+    return {"recipe": recipe, "overrides": overrides, "reused_from": f"{MAIN_JOB.name}:{MAIN_JOB_RECORD} seed {seed}",
+            "eval_before": {"greedy_accuracy": run["before"]}, "eval_after": {"greedy_accuracy": run["after"]},
+            **{k: run.get(k) for k in ("steps", "rollouts", "generated_tokens", "train_seconds", "wall_seconds",
+                                       "learning_curve")}}
+
+
+def groups(runs: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in runs:
+        out.setdefault(r["method"], []).append(r)
+    return out
+
+
+def markdown(runs: list[dict]) -> str:
+    lines = ["| method | seeds | held-out accuracy, mean ± sd | per seed | generated tokens (mean) | rollouts |",
+             "|---|---|---|---|---|---|"]
+    for method, rs in groups(runs).items():
+        acc = [r["accuracy"] for r in rs]
+        sd = f" ± {statistics.stdev(acc):.1%}" if len(acc) > 1 else ""
+        tokens = statistics.mean(r["generated_tokens"] for r in rs)
+        lines.append(f"| {method} | {', '.join(str(r['seed']) for r in rs)} | {statistics.mean(acc):.1%}{sd} | "
+                     f"{' / '.join(f'{a:.1%}' for a in acc)} | {tokens:,.0f} | {rs[0]['rollouts']} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    """Held-out accuracy (the learning curve's problems) against generated tokens: each seed thin, the mean thick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for i, (method, rs) in enumerate(groups(runs).items()):
+        color = f"C{i}"
+        curves = [r["learning_curve"] for r in rs if r["learning_curve"]]
+        for c in curves:
+            ax.plot([p["generated_tokens"] for p in c], [100 * p["greedy_accuracy"] for p in c], color=color,
+                    alpha=0.25, lw=0.8)
+        if curves and all(len(c) == len(curves[0]) for c in curves):
+            x = [statistics.mean(p[j]["generated_tokens"] for p in curves) for j in range(len(curves[0]))]
+            y = [statistics.mean(100 * p[j]["greedy_accuracy"] for p in curves) for j in range(len(curves[0]))]
+            ax.plot(x, y, color=color, lw=2, marker="o", ms=3, label=f"{method} ({len(curves)} seeds)")
+    ax.set_xlabel("generated tokens (training rollouts)")
+    ax.set_ylabel("held-out greedy accuracy (%, curve problems)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("RLSD and RLCSD against GRPO and OPSD, main job budget", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("names", nargs="*", help=f"configurations to run: some of {', '.join(CONFIGS)}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--reuse-main-job", type=int, nargs="*", default=[], metavar="SEED",
+                        help="record OPSD's seeds from main_job_seeds.json instead of running them")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--out-root", type=Path, default=ROOT / "outputs" / "hybrids")
+    parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--markdown", action="store_true", help="print the table as markdown (docs/results.md)")
+    args = parser.parse_args()
+    if args.list:
+        for name, (recipe, overrides) in CONFIGS.items():
+            print(f"{name:8} {recipe} {' '.join(overrides)}")
+        return
+    unknown = [n for n in args.names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {unknown}; choose from: {', '.join(CONFIGS)}")
+    for seed in args.reuse_main_job:
+        record(args.results, row("opsd", seed, from_main_job(seed)))
+    if not args.plot_only and args.names:
+        info = machine()
+        print(f"machine: {info.get('cpu')}", flush=True)
+        for seed in args.seeds:
+            for name in args.names:
+                recipe, overrides = CONFIGS[name]
+                print(f"running {name}@s{seed} ...", flush=True)
+                result = run_recipe(f"{name}@s{seed}", recipe, [*overrides, f"training.seed={seed}"], args.out_root)
+                if "error" in result:
+                    print(f"{name}@s{seed} failed: {result['error']}", flush=True)
+                    continue
+                record(args.results, {**row(name, seed, result), "cpu": info.get("cpu")})
+    runs = load(args.results)
+    print(markdown(runs))
+    if runs:
+        plot(runs, PLOT)
+        print(f"wrote {args.results} and {PLOT}")
+
+
+if __name__ == "__main__":
+    main()
