@@ -84,6 +84,11 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
                                                 "training.grpo_weight=1", "training.num_generations=4"]),
         "sdpo_len32": ("recipes/sdpo_arithmetic.yaml", ["data.choices=2", "training.max_steps=60",
                                                         "training.max_completion_length=32"]),
+        # The teacher shown the sibling in the main job's OPSD wording instead of "written by another attempt ...
+        # Now answer the problem yourself.", whose teacher opens with a preamble the student takes up (seed 0).
+        "sdpo_len32_reference_wording": ("recipes/sdpo_arithmetic.yaml", [
+            "data.choices=2", "training.max_steps=60", "training.max_completion_length=32",
+            f"source.template={json.dumps(VIEW_TEMPLATE.replace('{solution}', '{sibling}'))}"]),
         "grpo_len32": ("recipes/sdzero_choice.yaml", ["srt.enabled=false", "training.distill_weight=0",
                                                       "training.grpo_weight=1", "training.num_generations=4",
                                                       "training.max_completion_length=32"]),
