@@ -252,3 +252,18 @@ def test_several_wordings_are_drawn_per_problem_and_seeded():
     assert used == set(wordings)
     with pytest.raises(ValueError, match="question"):
         make_arithmetic_dataset(4, 1, prompt_template=["What is it?"])
+
+
+def test_a_completion_naming_two_options_hedges_and_scores_zero():
+    """With options in the prompt, naming both ("one of 80 or 90") is not an answer, even when the right one comes
+    last; an option that is also an operand of the question does not count as named."""
+    rows = make_arithmetic_dataset(40, 20, seed=0, choices=2)["test"].to_list()
+    row = rows[0]
+    wrong = next(v.strip() for v in row["options"].split(",") if v.strip() != row["answer"])
+    completions = [f"The answer is one of {wrong} or {row['answer']}.", f"The answer is {row['answer']}.",
+                   f"Not {wrong}: {row['answer']}.", f"The answer is {wrong}."]
+    rewards = arithmetic_reward([row["prompt"]] * 4, completions, [row["answer"]] * 4, options=[row["options"]] * 4)
+    assert rewards == [0.0, 1.0, 0.0, 0.0]
+    assert arithmetic_reward(None, completions[:2], [row["answer"]] * 2) == [1.0, 1.0]  # no options: plain rule
+    prompt = [{"role": "user", "content": "Calculate 45 + 1. The answer is one of: 45 or 46."}]
+    assert arithmetic_reward([prompt], ["45 + 1 = 46"], ["46"], options=["45, 46"]) == [1.0]

@@ -384,18 +384,41 @@ def arithmetic_reward(
     """TRL-style reward function: 1.0 where the completion's final integer equals ``answer``, else 0.0.
 
     ``completions`` may be strings or conversations (lists of message dicts; the last assistant
-    message is scored). ``prompts`` and extra dataset columns in ``kwargs`` are ignored. Malformed or
-    empty completions score 0.0; this function never raises on them (only on a length mismatch
-    between ``completions`` and ``answer``, which is a caller bug).
+    message is scored). Malformed or empty completions score 0.0; this function never raises on them
+    (only on a length mismatch between ``completions`` and ``answer``, which is a caller bug).
+
+    Rows with ``options`` (``make_arithmetic_dataset(choices=...)``): a completion that names two or more of the
+    options ("The answer is one of 80 or 90.") hedges and scores 0.0, whichever it names last; otherwise the
+    final integer listed last would win whenever the right option is printed last (56% of the default held-out
+    rows). An option that is also an operand of the question does not count as named. Other columns are ignored.
     """
     if len(completions) != len(answer):
         raise ValueError(f"got {len(completions)} completions but {len(answer)} answers")
+    options = kwargs.get("options") or [None] * len(completions)
+    prompts = prompts if prompts is not None and len(prompts) == len(completions) else [None] * len(completions)
     rewards: list[float] = []
-    for completion, reference in zip(completions, answer):
+    for completion, reference, listed, prompt in zip(completions, answer, options, prompts):
         try:
-            predicted = extract_final_integer(completion_text(completion))
+            text = completion_text(completion)
+            predicted = extract_final_integer(text)
             target = _parse_answer(reference)
-            rewards.append(1.0 if predicted is not None and predicted == target else 0.0)
+            correct = predicted is not None and predicted == target
+            if correct and listed and _hedges(text, listed, prompt):
+                correct = False
+            rewards.append(1.0 if correct else 0.0)
         except Exception:  # noqa: BLE001 - a reward function must never take the training loop down
             rewards.append(0.0)
     return rewards
+
+
+def _integers(text: str) -> list[int]:
+    return [int(m.group("int").replace(",", "")) for m in _NUMBER.finditer(text) if not m.group("frac")]
+
+
+def _hedges(text: str, listed: Any, prompt: Any) -> bool:
+    """Whether ``text`` names two or more of the row's options (``listed``: "80, 90"), leaving out the options that
+    are operands of the question (an operand appears in the prompt once more than the options list shows it)."""
+    values = {int(v) for v in str(listed).replace(" or ", ",").split(",") if v.strip().lstrip("-").isdigit()}
+    prompt_ints = _integers(completion_text(prompt)) if prompt is not None else []
+    operands = {v for v in values if prompt_ints.count(v) > 1}
+    return len((values - operands) & set(_integers(text))) >= 2
