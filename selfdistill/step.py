@@ -101,6 +101,27 @@ def teacher_outputs(
     return teacher_out, teacher_head
 
 
+def digit_tokens(tokenizer: Any) -> torch.Tensor:
+    """``[len(tokenizer)]`` bools: which token ids spell a digit (for the digit share of the per-token divergence)."""
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return torch.tensor([any(c.isdigit() for c in (p or "")) for p in pieces], dtype=torch.bool)
+
+
+def digit_share(values: torch.Tensor, tokens: torch.Tensor, is_digit: torch.Tensor) -> dict[str, float]:
+    """The share of ``values`` (a per-token divergence, ``[N]``, >= 0) carried by the tokens that spell digits, and
+    the share of such tokens: does the signal sit on the answer's digits or on the wording around them (the style
+    drift arXiv 2606.11709 describes)? Empty when there are no tokens or no divergence."""
+    if tokens.numel() == 0:
+        return {}
+    digits = is_digit.to(tokens.device)[tokens.clamp(0, is_digit.numel() - 1)] & (tokens < is_digit.numel())
+    values = values.detach().float()
+    total = values.sum()
+    out = {"divergence/digit_token_fraction": digits.float().mean().item()}
+    if total > 0:
+        out["divergence/digit_share"] = (values[digits].sum() / total).item()
+    return out
+
+
 @torch.no_grad()
 def sampling_logps(model: torch.nn.Module, prompt_ids: list[list[int]], completions: list[list[int]], pad_id: int,
                    device: torch.device, batch_size: int) -> list[torch.Tensor]:

@@ -47,6 +47,8 @@ from selfdistill.sequences import render_context, score_completions, splice, tea
 from selfdistill.sources.base import PrivilegedSource, Rollout
 from selfdistill.step import (
     check_finite,
+    digit_share,
+    digit_tokens,
     micro_batches,
     policy_gradient_term,
     repeat_per_token,
@@ -348,6 +350,7 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
                 per_token, metrics = self.privileged.token_losses(student_out, teacher_out, tokens, self.loss_spec,
                                                                   inputs["view_names"][0], old_logps=old)
             loss_tokens = per_token.loss
+            metrics.update(digit_share(per_token.divergence, tokens, self._digits()))
             distills = inputs.get("distills") or [True] * len(counts)
             if not all(distills):  # rollouts whose views carry nothing leave the distillation term
                 loss_tokens = loss_tokens * repeat_per_token(distills, counts, device)
@@ -361,8 +364,11 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
 
                 teacher_logp = selective_log_softmax(teacher_out[0].float(), tokens)
                 lam = rlsd_lambda_at(self.args.rlsd_lambda, self.state.global_step, self.args.rlsd_decay_steps)
-                shape = lambda adv, logp: rlsd_advantages(adv, teacher_logp, logp, lam,  # noqa: E731
-                                                          self.args.rlsd_epsilon)
+                def shape(adv: torch.Tensor, logp: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+                    shaped_adv, rlsd_metrics = rlsd_advantages(adv, teacher_logp, logp, lam, self.args.rlsd_epsilon)
+                    # RLSD's per-token divergence is its teacher-student log-ratio on the sampled token
+                    gap = (teacher_logp - logp.detach()).abs()
+                    return shaped_adv, {**rlsd_metrics, **digit_share(gap, tokens, self._digits())}
             elif shaping:  # the source's own rule (RLCSD), with each token's loss weight (its two-path reduction)
                 view_logp = torch.stack([selective_log_softmax(v.float(), tokens) for v in teacher_out])
                 view_trains = repeat_per_token(inputs["view_trains"], counts, device).T
@@ -393,6 +399,12 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
                 source_feedback(self.privileged, inputs, per_token.logp_gap, counts, self.accelerator)
             self.heatmaps.maybe_capture(inputs, per_token.divergence, keep)
         return loss
+
+    def _digits(self) -> torch.Tensor:
+        """Which token ids spell a digit (built once; the digit share of the per-token divergence)."""
+        if getattr(self, "_digit_ids", None) is None:
+            self._digit_ids = digit_tokens(self.processing_class)
+        return self._digit_ids
 
     def _teacher_pass(
         self, model: torch.nn.Module, inputs: dict[str, Any], head: torch.nn.Module | None

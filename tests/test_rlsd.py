@@ -110,6 +110,7 @@ def test_a_trainer_trains_with_rlsd_alone(tmp_path, tokenizer):
     logged = [h for h in trainer.state.log_history if "rlsd/weight_mean" in h]
     assert len(logged) == 2 and all(0.8 <= h["rlsd/weight_mean"] <= 1.2 for h in logged)
     assert all("time/teacher" in h for h in logged) and "divergence" not in logged[0]
+    assert all(0.0 <= h["divergence/digit_share"] <= 1.0 for h in logged)  # of RLSD's teacher-student log-ratio
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
 
 

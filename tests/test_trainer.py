@@ -65,7 +65,8 @@ def test_three_steps_change_weights_and_log_metrics(tmp_path, tokenizer):
     assert len(logs) == 3
     for key in ["loss", "divergence", "clip_fraction", "ratio_clip_fraction", "teacher_student_logp_gap",
                 "completions/mean_length", "completions/clipped_ratio", "reward", "time/generation",
-                "time/teacher", "time/student", "pi_truncated"]:
+                "time/teacher", "time/student", "pi_truncated", "divergence/digit_token_fraction",
+                "divergence/digit_share"]:
         assert key in logs[0], key
         assert math.isfinite(logs[0][key])
     # With a frozen initial teacher and a moving student, the divergence is what the loss minimises.
@@ -579,3 +580,21 @@ def test_a_rollout_no_view_trains_leaves_the_distillation_loss_and_its_count(tmp
     expected = (per[0].sum() + per[2].sum()) / (counts[0] + counts[2])
     torch.testing.assert_close(loss.detach(), expected)
     assert (seen[0].sum() / sum(counts) - expected).abs() > 1e-9  # the silent rollouts did carry a loss to drop
+
+
+def test_the_digit_share_of_the_divergence_matches_a_brute_force_count(tokenizer):
+    """Which tokens spell digits, from the tokenizer's own pieces; the share of a per-token divergence they carry."""
+    from selfdistill.step import digit_share, digit_tokens
+
+    is_digit = digit_tokens(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    digit_ids = [i for i, p in enumerate(pieces) if p and any(c.isdigit() for c in p)]
+    other_ids = [i for i, p in enumerate(pieces) if p and not any(c.isdigit() for c in p)]
+    assert digit_ids and other_ids and is_digit.sum().item() == len(digit_ids)
+    tokens = torch.tensor([digit_ids[0], other_ids[0], digit_ids[-1], other_ids[1], other_ids[2]])
+    values = torch.tensor([0.5, 1.0, 0.25, 0.0, 2.25], dtype=torch.float64)
+    out = digit_share(values, tokens, is_digit)
+    assert out["divergence/digit_share"] == pytest.approx((0.5 + 0.25) / 4.0)
+    assert out["divergence/digit_token_fraction"] == pytest.approx(2 / 5)
+    assert "divergence/digit_share" not in digit_share(torch.zeros(5), tokens, is_digit)  # no divergence, no share
+    assert digit_share(torch.zeros(0), tokens[:0], is_digit) == {}
