@@ -16,6 +16,14 @@ its seeds) are redrawn from that file.
     python benchmarks/hybrids.py rlsd rlcsd grpo --seeds 0 1 2          # ~12 min a run on 2 CPU cores
     python benchmarks/hybrids.py --reuse-main-job 0 1 2                 # OPSD's seeds from main_job_seeds.json
     python benchmarks/hybrids.py --plot-only --markdown                 # the table of docs/results.md, the plot
+    python benchmarks/hybrids.py --long opsd grpo rlsd --seeds 0 1      # the long run: ~40 min a run
+
+``--long``: 4x the main job's steps (600), held-out accuracy every 50 steps, into benchmarks/results/long_run.json
+(``{"method", "seed", "curve", "completion_length", "digit_share", ...}``) and docs/img/long_run.png: the two
+pathologies the hybrids' papers name, measured on the same runs: mean completion length over training (style
+drift) and the share of the per-token divergence carried by digit tokens (OPSD: its reverse KL; RLSD: its
+teacher-student log-ratio; GRPO has no teacher, so no share). The summary says where each method's accuracy peaked
+and how far it fell after.
 """
 
 from __future__ import annotations
@@ -29,6 +37,9 @@ from recipe_runs import ROOT, machine, run_recipe
 
 RESULTS = ROOT / "benchmarks" / "results" / "hybrids.json"
 PLOT = ROOT / "docs" / "img" / "hybrids.png"
+LONG_RESULTS = ROOT / "benchmarks" / "results" / "long_run.json"
+LONG_PLOT = ROOT / "docs" / "img" / "long_run.png"
+LONG = ["training.max_steps=600", "eval.every_steps=50"]
 MAIN_JOB = ROOT / "benchmarks" / "results" / "main_job_seeds.json"
 MAIN_JOB_RECORD = "shipped_s150_amx_2026-12-03"  # the shipped recipe's 3 seeds (150 steps x 12), docs/results.md
 
@@ -128,6 +139,73 @@ def plot(runs: list[dict], path: Path) -> None:
     fig.savefig(path)
 
 
+def long_row(method: str, seed: int, result: dict) -> dict:
+    """A long run as long_run.json records it: the accuracy curve and, per logging window, the mean completion
+    length and the digit share of the divergence."""
+    log = result.get("train_log") or []
+
+    def series(key: str) -> list[dict]:
+        return [{"step": h["step"], "value": h[key]} for h in log if key in h]
+
+    curve = result.get("learning_curve") or []
+    best = max(curve, key=lambda p: p["greedy_accuracy"], default=None)
+    return {
+        "method": method, "seed": seed, "accuracy": float(result["eval_after"]["greedy_accuracy"]),
+        "steps": result.get("steps"), "generated_tokens": result.get("generated_tokens"),
+        "train_seconds": result.get("train_seconds"), "overrides": result.get("overrides"),
+        "curve": [{"step": p["step"], "accuracy": p["greedy_accuracy"]} for p in curve],
+        "peak": None if best is None else {"step": best["step"], "accuracy": best["greedy_accuracy"]},
+        "completion_length": series("completions/mean_length"), "reward": series("reward"),
+        "digit_share": series("divergence/digit_share"),
+        "digit_token_fraction": series("divergence/digit_token_fraction"),
+    }
+
+
+def long_summary(runs: list[dict]) -> str:
+    lines = ["| method | seed | peak (step) | final curve point | held-out after | length first → last window | "
+             "digit share first → last |", "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        length, share = r["completion_length"], r["digit_share"]
+        last = r["curve"][-1]["accuracy"] if r["curve"] else float("nan")
+        peak = r["peak"] or {"accuracy": float("nan"), "step": "-"}
+        lines.append(
+            f"| {r['method']} | {r['seed']} | {peak['accuracy']:.0%} ({peak['step']}) | {last:.0%} | "
+            f"{r['accuracy']:.1%} | "
+            + (f"{length[0]['value']:.1f} → {length[-1]['value']:.1f}" if length else "-") + " | "
+            + (f"{share[0]['value']:.2f} → {share[-1]['value']:.2f}" if share else "- (no teacher)") + " |")
+    return "\n".join(lines)
+
+
+def long_plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=120)
+    colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in runs))}
+    for r in runs:
+        style = dict(color=colors[r["method"]], lw=1.2, ls="-" if r["seed"] == 0 else "--",
+                     label=f"{r['method']} s{r['seed']}")
+        axes[0].plot([p["step"] for p in r["curve"]], [100 * p["accuracy"] for p in r["curve"]], marker="o", ms=2,
+                     **style)
+        axes[1].plot([p["step"] for p in r["completion_length"]], [p["value"] for p in r["completion_length"]],
+                     **style)
+        if r["digit_share"]:
+            axes[2].plot([p["step"] for p in r["digit_share"]], [p["value"] for p in r["digit_share"]], **style)
+    for ax, title in zip(axes, ("held-out greedy accuracy (%, curve problems)", "mean completion length (tokens)",
+                                "share of the per-token divergence on digit tokens")):
+        ax.set_xlabel("optimizer step")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(0, 100)
+    axes[2].set_ylim(0, 1)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("names", nargs="*", help=f"configurations to run: some of {', '.join(CONFIGS)}")
@@ -139,7 +217,11 @@ def main() -> None:
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown (docs/results.md)")
+    parser.add_argument("--long", action="store_true", help="the long run (600 steps, accuracy every 50 steps)")
     args = parser.parse_args()
+    if args.long:
+        run_long(args)
+        return
     if args.list:
         for name, (recipe, overrides) in CONFIGS.items():
             print(f"{name:8} {recipe} {' '.join(overrides)}")
@@ -166,6 +248,35 @@ def main() -> None:
     if runs:
         plot(runs, PLOT)
         print(f"wrote {args.results} and {PLOT}")
+
+
+def run_long(args: argparse.Namespace) -> None:
+    results = args.results if args.results != RESULTS else LONG_RESULTS
+    names = args.names or ["opsd", "grpo", "rlsd"]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {unknown}; choose from: {', '.join(CONFIGS)}")
+    runs = load(results)
+    if not args.plot_only:
+        info = machine()
+        print(f"machine: {info.get('cpu')}", flush=True)
+        for seed in args.seeds:
+            for name in names:
+                recipe, overrides = CONFIGS[name]
+                print(f"running long {name}@s{seed} ...", flush=True)
+                result = run_recipe(f"{name}@s{seed}", recipe, [*overrides, *LONG, f"training.seed={seed}"],
+                                    args.out_root / "long")
+                if "error" in result:
+                    print(f"long {name}@s{seed} failed: {result['error']}", flush=True)
+                    continue
+                runs = [r for r in load(results) if (r["method"], r["seed"]) != (name, seed)]
+                runs.append({**long_row(name, seed, result), "cpu": info.get("cpu")})
+                results.parent.mkdir(parents=True, exist_ok=True)
+                results.write_text(json.dumps(runs, indent=1))
+    print(long_summary(runs))
+    if runs:
+        long_plot(runs, LONG_PLOT)
+        print(f"wrote {results} and {LONG_PLOT}")
 
 
 if __name__ == "__main__":

@@ -189,6 +189,8 @@ def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         "eval_after": after,
         "learning_curve": curve.points if curve else [],
         "final_train_metrics": _last_train_logs(trainer.state.log_history),
+        # every logging window's training metrics, in order (the curves of a long run: length, divergence, reward)
+        "train_log": [h for h in trainer.state.log_history if "loss" in h and "eval_loss" not in h],
         "final_model": final,
         "distributed": ranks,
         "env": None if recipe.env is None else {"type": recipe.env.type, **recipe.env.args},

@@ -83,6 +83,7 @@ def test_cli_smoke_run_writes_complete_results(tmp_path, tokenizer, capsys):
     assert results["steps"] == 2 and results["rollouts"] == 8
     assert 0 <= results["eval_after"]["greedy_accuracy"] <= 1 and "pass@2" in results["eval_after"]
     assert [p["step"] for p in results["learning_curve"]] == [0, 1, 2]
+    assert [h["step"] for h in results["train_log"]] == [1, 2] and "completions/mean_length" in results["train_log"][0]
     assert (tmp_path / "out" / "learning_curve.png").exists()
     assert (tmp_path / "out" / "final" / "config.json").exists()
     assert "greedy accuracy" in capsys.readouterr().out
