@@ -359,6 +359,7 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
                 inputs["normalizer"] / inputs.get("distill_normalizer", inputs["normalizer"]))
         if self.args.grpo_weight > 0:
             shape = None
+            shaped: list[Any] = []  # the source's Contrast (RLCSD), whose scale weights each token's loss
             if rlsd:
                 from selfdistill.methods.rlsd import rlsd_advantages, rlsd_lambda_at
 
@@ -372,7 +373,6 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
             elif shaping:  # the source's own rule (RLCSD), with each token's loss weight (its two-path reduction)
                 view_logp = torch.stack([selective_log_softmax(v.float(), tokens) for v in teacher_out])
                 view_trains = repeat_per_token(inputs["view_trains"], counts, device).T
-                shaped: list[Any] = []
 
                 def shape(adv: torch.Tensor, logp: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
                     shaped.append(self.privileged.shape_advantages(adv, view_logp, view_trains))
@@ -380,7 +380,7 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
 
             pg, pg_metrics = policy_gradient_term(student_out, tokens, inputs["advantages"], counts, old,
                                                   self.args.epsilon, self.args.epsilon_high, shape)
-            if shape is not None and not rlsd:
+            if shaped:
                 pg = pg * shaped[0].scale.to(pg.dtype)
             total = total + self.args.grpo_weight * pg
             metrics.update(pg_metrics)
