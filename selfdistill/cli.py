@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     diag.add_argument("recipe")
     diag.add_argument("overrides", nargs="*")
     diag.add_argument("--prompts", type=int, default=None,
-                      help="training rows to roll out (default 64; max(8, 80 // max_turns) under an environment)")
+                      help="training rows to roll out (default 64; max(4, 320 // max_turns**2) under an environment)")
     diag.add_argument("--samples", type=int, help="rollouts per prompt (default: max(num_generations, 4))")
     diag.add_argument("--skills", help="Skill-SD: a skill bank to measure (skills.json, or a run's folder)")
     diag.add_argument("--no-progress", action="store_true")

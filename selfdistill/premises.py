@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from selfdistill.rollout import eos_ids, sample_completions, take_rows, verify_completions
-from selfdistill.sequences import completion_logits, render_context, splice, teacher_contexts
+from selfdistill.sequences import completion_hidden, render_context, splice, teacher_contexts
 from selfdistill.sources.base import PrivilegedSource, Rollout
 
 #: Verdict thresholds (docs/diagnose.md says where each comes from).
@@ -151,19 +151,24 @@ class Diagnosis:
 
     # -------------------------------------------------------------------------------------------- scoring
     @torch.no_grad()
-    def _logprobs(self, contexts: list[list[int]], completions: list[list[int]]) -> list[torch.Tensor]:
-        """Per rollout, ``[T, V]`` float32 log-probabilities predicting each completion token."""
+    def _logprobs(self, contexts: list[list[int]], completions: list[list[int]],
+                  masks: list[list[int]]) -> list[torch.Tensor]:
+        """Per rollout, ``[K, V]`` float32 log-probabilities predicting its ``K`` kept completion tokens (``masks``:
+        1 where the token is the model's own; an episode's observations are 0). The head runs on the kept positions
+        only: an episode's transcript is mostly observations."""
         out = []
         step = max(1, self.batch_size // 4)
+        head = self.model.get_output_embeddings()
         for i in range(0, len(contexts), step):
             batch = splice(contexts[i : i + step], completions[i : i + step], self.pad)
-            logits = completion_logits(self.model, batch).float()
-            if not torch.isfinite(logits).all():
-                raise FloatingPointError("the model produced NaN/inf logits while diagnosing; check the model's "
-                                         "weights and dtype (bf16 weights overflow more easily than float32)")
-            logp = torch.log_softmax(logits, dim=-1)
-            for k, comp in enumerate(completions[i : i + step]):
-                out.append(logp[k, : len(comp)])
+            hidden = completion_hidden(self.model, head, batch)
+            for k, mask in enumerate(masks[i : i + step]):
+                keep = torch.tensor(mask, dtype=torch.bool, device=hidden.device)
+                logits = head(hidden[k, : len(mask)][keep]).float()
+                if not torch.isfinite(logits).all():
+                    raise FloatingPointError("the model produced NaN/inf logits while diagnosing; check the model's "
+                                             "weights and dtype (bf16 weights overflow more easily than float32)")
+                out.append(torch.log_softmax(logits, dim=-1))
         return out
 
     # ---------------------------------------------------------------------------------------------- run
@@ -282,15 +287,15 @@ class Diagnosis:
         # Three or more views share the budget: the first max(128, 512 // views) rollouts (all of them for one or two
         # views; each view's full-vocabulary log-probs are held for the pairwise JSD).
         scored = len(sampled.completion_ids) if len(names) <= 2 else max(128, 512 // len(names))
-        student = self._logprobs(sampled.prompt_ids[:scored], sampled.completion_ids[:scored])
         masks = (sampled.masks or [[1] * len(c) for c in sampled.completion_ids])[:scored]
+        student = self._logprobs(sampled.prompt_ids[:scored], sampled.completion_ids[:scored], masks)
         per_view: dict[str, list[torch.Tensor]] = {}
         view_logps: list[list[torch.Tensor]] = []
         for k, name in enumerate(names):
-            t_logp = self._logprobs([ids[k] for ids in teacher.ids[:scored]], [s[k] for s in teacher.scored[:scored]])
+            t_logp = self._logprobs([ids[k] for ids in teacher.ids[:scored]], [s[k] for s in teacher.scored[:scored]],
+                                    masks)
             view_logps.append(t_logp)
-            per_view[name] = [reverse_kl(s, t)[torch.tensor(m, dtype=torch.bool)]
-                              for s, t, m in zip(student, t_logp, masks)]
+            per_view[name] = [reverse_kl(s, t) for s, t in zip(student, t_logp)]
         out: dict[str, Any] = {}
         for name, kls in per_view.items():
             flat = torch.cat(kls) if kls else torch.zeros(0)
@@ -304,8 +309,8 @@ class Diagnosis:
             for a in range(len(names)):
                 for b in range(a + 1, len(names)):
                     values = []
-                    for pa, pb, m in zip(view_logps[a], view_logps[b], masks):
-                        values.append(jensen_shannon(pa, pb)[torch.tensor(m, dtype=torch.bool)])
+                    for pa, pb in zip(view_logps[a], view_logps[b]):
+                        values.append(jensen_shannon(pa, pb))
                     pairs[f"{names[a]}|{names[b]}"] = float(torch.cat(values).mean())
             out["pairwise_jsd"] = pairs
         first = out[names[0]] if len(names) == 1 else None
@@ -460,8 +465,8 @@ def diagnose(model: Any, tokenizer: Any, dataset: Any, privileged: PrivilegedSou
     ``selfdistill diagnose``): the same arguments as :class:`~selfdistill.SelfDistillTrainer` (``args`` a
     :class:`~selfdistill.SelfDistillConfig`, for the completion limit, temperature and generations).
 
-    ``prompts`` defaults to 64 rows, ``max(8, 80 // max_turns)`` under an environment (an episode is several
-    replies: 20 for guess-the-number's 4 turns, 10 for Sokoban's 8), so that a shipped
+    ``prompts`` defaults to 64 rows, ``max(4, 320 // max_turns**2)`` under an environment (each turn re-reads the
+    episode's transcript: 20 for guess-the-number's 4 turns, 5 for Sokoban's 8), so that a shipped
     recipe is diagnosed within 3 minutes on 2 CPU cores (benchmarks/diagnose_recipes.py).
 
     Returns the report: ``student_reward``, ``teacher_reward``, the per-premise sections and ``verdicts``;
@@ -472,9 +477,9 @@ def diagnose(model: Any, tokenizer: Any, dataset: Any, privileged: PrivilegedSou
         from selfdistill.config import SelfDistillConfig
 
         args = SelfDistillConfig(output_dir="diagnose", use_cpu=True, report_to="none")
-    if prompts is None:  # an episode costs about its turns' worth of replies
+    if prompts is None:  # each turn of an episode re-reads its transcript: an episode costs about turns**2 replies
         turns = getattr(args, "max_turns", None) or 4
-        prompts = max(8, 80 // turns) if environment_factory is not None else 64
+        prompts = max(4, 320 // turns**2) if environment_factory is not None else 64
     rows = take_rows(dataset, prompts)
     if not rows:
         raise ValueError("the dataset is empty: diagnose needs at least one row")

@@ -129,6 +129,26 @@ def test_a_reference_teacher_is_scored_on_the_student_tokens(tmp_path, tokenizer
     assert "rewards" not in report["teacher"]["reference"]
 
 
+def test_scoring_keeps_the_models_own_tokens_and_matches_the_full_head(tokenizer):
+    """An episode's observations are masked out: the head runs on the kept positions only, and what it gives equals
+    the full-sequence log-probabilities at those positions (a float64 model; the scores are kept in float32)."""
+    from selfdistill.premises import Diagnosis
+    from selfdistill.sequences import completion_logits, splice
+
+    model = build_model(tokenizer).double().eval()
+    diag = Diagnosis(model, tokenizer, [], BareProblem(), [], max_completion_length=4, progress=False)
+    contexts = [[5, 6, 7, 8], [9, 10, 11]]
+    completions = [[12, 13, 14, 15, 16], [17, 18, 19]]
+    masks = [[1, 0, 0, 1, 1], [0, 1, 0]]
+    kept = diag._logprobs(contexts, completions, masks)
+    with torch.no_grad():
+        full = torch.log_softmax(completion_logits(model, splice(contexts, completions, tokenizer.pad_token_id)).float(), -1)
+    for k, mask in enumerate(masks):
+        positions = [i for i, m in enumerate(mask) if m]
+        assert kept[k].shape == (len(positions), full.shape[-1])
+        torch.testing.assert_close(kept[k], full[k, positions], rtol=1e-6, atol=1e-6)
+
+
 def test_reviser_revision_rates_and_multiview_jsd(tmp_path, tokenizer):
     model = build_model(tokenizer)
     report = diagnose(model, tokenizer, build_dataset(6), Reviser(), [even_answer], _args(tmp_path), prompts=6,
