@@ -33,7 +33,7 @@ import json
 import statistics
 from pathlib import Path
 
-from recipe_runs import ROOT, machine, run_recipe
+from recipe_runs import ROOT, machine, run_recipe, use_launch_heap
 
 RESULTS = ROOT / "benchmarks" / "results" / "hybrids.json"
 PLOT = ROOT / "docs" / "img" / "hybrids.png"
@@ -219,6 +219,7 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown (docs/results.md)")
     parser.add_argument("--long", action="store_true", help="the long run (600 steps, accuracy every 50 steps)")
     args = parser.parse_args()
+    use_launch_heap()  # the runs are launched as scripts/main_job.sh launches the main job
     if args.long:
         run_long(args)
         return

@@ -18,7 +18,8 @@ arithmetic verifier. Prints a table, writes benchmarks/results/main_job_seeds.js
     python benchmarks/main_job_seeds.py --eval-only           # re-evaluate the trained models already on disk
     python benchmarks/main_job_seeds.py --name amx --plot docs/img/main_job_seeds_amx.png   # another machine's run
 
-Each record notes the machine it ran on (CPU model and its bf16 instructions): the wall time depends on it.
+Each record notes the machine it ran on (CPU model and its bf16 instructions): the wall time depends on it. The runs
+start with the allocator setting of scripts/main_job.sh (GLIBC_TUNABLES), as the README's main job does.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from recipe_runs import ROOT, machine, mean_sd, record_result, run_recipe, save_percent_plot
+from recipe_runs import ROOT, machine, mean_sd, record_result, run_recipe, save_percent_plot, use_launch_heap
 
 sys.path.insert(0, str(ROOT))
 
@@ -141,6 +142,7 @@ def main() -> None:
         record = {"overrides": args.overrides, "runs": {}, "generalisation": {}}
     if not args.eval_only:
         record["machine"] = machine()
+        record["glibc_tunables"] = use_launch_heap()  # as scripts/main_job.sh launches the job
     out_root = ROOT / "outputs" / "main_job_seeds" / args.name
 
     def save() -> None:

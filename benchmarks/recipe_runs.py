@@ -17,6 +17,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def use_launch_heap() -> str:
+    """Set, for this process and the runs it starts, the allocator setting scripts/main_job.sh starts the main job
+    with (a GLIBC_TUNABLES of your own is kept): the job is timed as a user launches it. Returns the value in use."""
+    import re
+
+    script = (ROOT / "scripts" / "main_job.sh").read_text()
+    default = re.search(r"GLIBC_TUNABLES:-([^}]+)\}", script)
+    if default is None:
+        raise RuntimeError("scripts/main_job.sh no longer sets GLIBC_TUNABLES; update use_launch_heap")
+    return os.environ.setdefault("GLIBC_TUNABLES", default.group(1))
+
+
 def run_recipe(name: str, recipe: str, overrides: list[str], out_root: Path) -> dict:
     """``selfdistill train recipe overrides`` with its output under ``out_root/name``; its results.json, timed."""
     out = out_root / name
