@@ -1,0 +1,117 @@
+"""On two-option addition, does a trained model add, or pick an option by its place in the prompt?
+
+Two options make a positional rule score well: on the 200 held-out rows of `recipes/sdzero_choice.yaml` the right
+option is printed last on 112 (56%), so "always the last option" scores 56% without adding anything. For each saved
+model this replays the held-out evaluation (greedy, the recipe's eval settings) and splits it by where the right
+option stands: a model that adds is right as often when it is first as when it is last; a positional rule is right
+on one side only. Also counts which option each answer names (first, last, both, neither).
+
+    python benchmarks/choice_positions.py outputs/premises/choice_*/*/final          # saved models
+    python benchmarks/choice_positions.py --base outputs/premises/choice_sdzero/grpo@s1/final   # plus the base model
+
+Writes benchmarks/results/choice_positions.json (one entry per model path; rerunning a path replaces its entry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from recipe_runs import ROOT, machine
+
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results" / "choice_positions.json"
+RECIPE = "recipes/sdzero_choice.yaml"
+
+
+def named_options(text: str, row: dict) -> set[str]:
+    """Which of the row's options ("first", "last") the answer names, operands of the question left out."""
+    from selfdistill.rewards import completion_text
+    from selfdistill.tasks.arithmetic import _integers
+
+    options = [int(v) for v in str(row["options"]).split(",")]
+    prompt_ints = _integers(completion_text(row["prompt"]))
+    said = set(_integers(text))
+    out = set()
+    for place, value in zip(("first", "last"), options):
+        if value in said and prompt_ints.count(value) <= 1:  # an operand appears in the prompt once more
+            out.add(place)
+    return out
+
+
+def measure(path: str, rows: list[dict], max_new_tokens: int, batch_size: int) -> dict:
+    import torch
+
+    from selfdistill.modeling import load_model, load_tokenizer
+    from selfdistill.rollout import eos_ids, sample_completions
+    from selfdistill.sequences import render_context
+    from selfdistill.tasks.arithmetic import arithmetic_reward
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    model.eval()
+    eos = eos_ids(model, tokenizer)
+    texts = []
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            out = sample_completions(model, [render_context(tokenizer, r["prompt"]) for r in chunk],
+                                     pad_id=tokenizer.pad_token_id, eos=eos, max_new_tokens=max_new_tokens,
+                                     do_sample=False)
+            texts += tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+    right = arithmetic_reward([r["prompt"] for r in rows], texts, [r["answer"] for r in rows],
+                              options=[r["options"] for r in rows])
+    last = [str(r["options"]).split(",")[-1].strip() == str(r["answer"]) for r in rows]
+    names = [named_options(t, r) for t, r in zip(texts, rows)]
+
+    def share(xs: list[bool]) -> float:
+        return sum(xs) / max(len(xs), 1)
+
+    return {
+        "accuracy": share([x >= 0.5 for x in right]),
+        "accuracy_right_first": share([x >= 0.5 for x, lst in zip(right, last) if not lst]),
+        "accuracy_right_last": share([x >= 0.5 for x, lst in zip(right, last) if lst]),
+        "rows_right_first": sum(not x for x in last), "rows_right_last": sum(last),
+        "names_first_only": share([n == {"first"} for n in names]),
+        "names_last_only": share([n == {"last"} for n in names]),
+        "names_both": share([n == {"first", "last"} for n in names]),
+        "names_neither": share([not n for n in names]),
+        "examples": [{"completion": t, "correct": c >= 0.5} for t, c in zip(texts[:4], right[:4])],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("models", nargs="*", help="saved model folders (each a training run's final/)")
+    parser.add_argument("--base", action="store_true", help="also measure the embedded base model")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if not args.models and not args.base:
+        raise SystemExit("name saved model folders (e.g. outputs/premises/choice_sdzero/sdzero@s0/final), or --base")
+    from selfdistill.data import load_splits
+    from selfdistill.recipes import load_recipe
+
+    recipe = load_recipe(str(ROOT / RECIPE))
+    _, test = load_splits(recipe.data)
+    rows = test.to_list()
+    results = json.loads(args.results.read_text()) if args.results.exists() else {}
+    paths = (["smollm2-135m-instruct"] if args.base else []) + args.models
+    for path in paths:
+        if path != "smollm2-135m-instruct" and not Path(path).is_dir():
+            raise SystemExit(f"{path}: no such model folder (a training run writes one under output_dir/final)")
+        r = measure(path, rows, recipe.eval.max_new_tokens, recipe.eval.batch_size)
+        results[path] = {**r, "recipe": RECIPE, "cpu": machine().get("cpu")}
+        print(f"{path}: accuracy {r['accuracy']:.1%}; right option first {r['accuracy_right_first']:.1%} of "
+              f"{r['rows_right_first']}, last {r['accuracy_right_last']:.1%} of {r['rows_right_last']}; names first "
+              f"only {r['names_first_only']:.0%}, last only {r['names_last_only']:.0%}, both {r['names_both']:.0%}, "
+              f"neither {r['names_neither']:.0%}", flush=True)
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.results}")
+
+
+if __name__ == "__main__":
+    main()
