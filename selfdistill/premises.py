@@ -43,6 +43,7 @@ THRESHOLDS: dict[str, float] = {
     "revision": 0.25,  # SD-Zero: share of wrong answers the reviser turns right
     "view_ceiling": 0.95,  # AVSD: a single view this good leaves the consensus nothing to add
     "skill_gap": 0.10,  # Skill-SD: teacher reward with skills - without
+    "blind_gap": 0.10,  # rows with options: teacher reward - the best rule that ignores the problem
 }
 
 
@@ -221,6 +222,9 @@ class Diagnosis:
             report["signal"] = self._signal(sampled, teacher, names)
             self.bar.update()
             report.update(self._method_sections(rollouts, teacher, names, report))
+            blind = self._blind_rules(rows)
+            if blind is not None:
+                report["blind_rule"] = blind
             report["verdicts"] = verdicts(report)
             report["seconds"] = round(time.perf_counter() - start, 1)
             self.bar.update()
@@ -228,6 +232,28 @@ class Diagnosis:
             self.bar.close()
             self.model.train(was_training)
         return report
+
+    def _blind_rules(self, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """On rows that list answer options (an ``options`` column, "80, 90"), the reward of answering the k-th option
+        on every row, whatever the problem: a rule that reads no problem. When one scores as well as the teacher,
+        training can gain by learning the rule instead of the task (benchmarks/choice_positions.py found every
+        method on two-option addition doing so). ``None`` without options or a verifier."""
+        if not self.reward_funcs or not rows or any("options" not in r for r in rows):
+            return None
+        listed = [[v.strip() for v in str(r["options"]).replace(" or ", ",").split(",") if v.strip()] for r in rows]
+        width = min(len(x) for x in listed)
+        if width < 2:
+            return None
+        prompts = [r["prompt"] for r in rows]
+        rewards = {}
+        for k in range(width):
+            answers = [f"The answer is {x[k]}." for x in listed]
+            ids = [self.tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+            verified = verify_completions(self.tokenizer, self.reward_funcs, [1.0] * len(self.reward_funcs),
+                                          prompts, ids, rows)
+            rewards[f"option {k + 1}"] = _mean(verified.rewards)
+        best = max(rewards, key=lambda n: rewards[n] if rewards[n] is not None else -math.inf)
+        return {"rules": rewards, "best_rule": best, "best_rule_reward": rewards[best], "rows": len(rows)}
 
     def _teacher_generation(self, rollouts: list[Rollout], teacher: Any, names: list[str]) -> dict[str, Any]:
         """Each view's teacher generating under its own context (the first ``teacher_rollouts`` rollouts' contexts):
@@ -416,6 +442,15 @@ def verdicts(report: dict[str, Any]) -> list[dict[str, str]]:
             add("skills", gap >= th["skill_gap"],
                 f"teacher with the bank's skills {sk['teacher_reward_with_skills']:.2f} vs without "
                 f"{sk['teacher_reward_without'] or 0.0:.2f} (needs a gap >= {th['skill_gap']:.2f})")
+    if "blind_rule" in report and report.get("teacher_reward") is not None:
+        bl = report["blind_rule"]
+        rule, teacher = bl["best_rule_reward"] or 0.0, report["teacher_reward"]
+        ok = teacher - rule >= th["blind_gap"]
+        add("blind_rule", ok,
+            f"answering {bl['best_rule']} on every row, whatever the problem, scores {rule:.2f} against the teacher's "
+            f"{teacher:.2f} (needs the teacher ahead by >= {th['blind_gap']:.2f})" + (
+                "" if ok else ": a policy can gain as much by learning that rule as by learning the task; measure the "
+                "trained model with the options reordered (benchmarks/choice_positions.py)"))
     return out
 
 
@@ -451,6 +486,9 @@ def format_report(report: dict[str, Any]) -> str:
     if "skills" in report:
         sk = report["skills"]
         lines.append(f"{'skills in the bank':48} {sk['bank_size']}")
+    if "blind_rule" in report:
+        bl = report["blind_rule"]
+        lines.append(f"{'best rule ignoring the problem (' + bl['best_rule'] + ')':48} {pct(bl['best_rule_reward'])}")
     lines.append("")
     for v in report["verdicts"]:
         lines.append(f"{v['premise']:>9}: {v['verdict'].upper():7} {v['why']}")

@@ -149,6 +149,25 @@ def test_scoring_keeps_the_models_own_tokens_and_matches_the_full_head(tokenizer
         torch.testing.assert_close(kept[k], full[k, positions], rtol=1e-6, atol=1e-6)
 
 
+def test_a_rule_that_ignores_the_problem_is_scored_on_rows_with_options(tokenizer):
+    """Always answering the k-th option scores the share of rows whose answer is printed k-th (counted here)."""
+    from selfdistill.premises import Diagnosis
+    from selfdistill.tasks.arithmetic import arithmetic_reward, make_arithmetic_dataset
+
+    rows = make_arithmetic_dataset(60, 0, seed=3, choices=2)["train"].to_list()
+    diag = Diagnosis(build_model(tokenizer), tokenizer, rows, BareProblem(), [arithmetic_reward],
+                     max_completion_length=4, progress=False)
+    blind = diag._blind_rules(rows)
+    for k in (0, 1):
+        expected = sum(r["options"].split(", ")[k] == r["answer"] for r in rows) / len(rows)
+        assert blind["rules"][f"option {k + 1}"] == pytest.approx(expected)
+    assert blind["best_rule_reward"] == max(blind["rules"].values()) and 0.2 < blind["best_rule_reward"] < 0.8
+    assert diag._blind_rules([{k: v for k, v in r.items() if k != "options"} for r in rows]) is None
+    rule = {"rules": {"option 1": 0.45, "option 2": 0.55}, "best_rule": "option 2", "best_rule_reward": 0.55}
+    assert _verdict(_report(teacher=0.41, blind_rule=rule), "blind_rule") == "fails"
+    assert _verdict(_report(teacher=0.80, blind_rule=rule), "blind_rule") == "holds"
+
+
 def test_reviser_revision_rates_and_multiview_jsd(tmp_path, tokenizer):
     model = build_model(tokenizer)
     report = diagnose(model, tokenizer, build_dataset(6), Reviser(), [even_answer], _args(tmp_path), prompts=6,
