@@ -168,6 +168,28 @@ def test_a_rule_that_ignores_the_problem_is_scored_on_rows_with_options(tokenize
     assert _verdict(_report(teacher=0.80, blind_rule=rule), "blind_rule") == "holds"
 
 
+def test_an_environment_is_diagnosed_on_episodes_and_scored_on_the_models_own_tokens(tmp_path, tokenizer):
+    """Under an environment: episodes, not single replies; the signal counts only the model's own tokens (the
+    observations are masked); the default number of prompts follows max(4, 320 // max_turns**2)."""
+    import functools
+
+    from datasets import Dataset
+
+    from selfdistill.envs import GuessNumber
+
+    rows = GuessNumber.make_rows(40, seed=0, split="train", low=1, high=4, max_turns=3)
+    model = build_model(tokenizer, max_position_embeddings=1024)
+    source = Skills(seed_skills=["Guess two first, then move up or down by one."], summaries_per_step=0)
+    args = _args(tmp_path, max_turns=3)
+    report = diagnose(model, tokenizer, Dataset.from_list(rows), source, [], args, samples=2, progress=False,
+                      environment_factory=functools.partial(GuessNumber, low=1, high=4, max_turns=3))
+    assert report["episodes"] and report["prompts"] == 320 // 9 and report["rollouts"] == 2 * (320 // 9)
+    # every episode has observations between the model's replies: fewer scored tokens than transcript tokens
+    assert 0 < report["signal"]["skills"]["tokens"] < report["student_lengths"]["mean"] * report["rollouts"]
+    assert report["signal"]["reverse_kl"] > 0  # the seeded skill changes the teacher's context
+    assert report["teacher"]["skills"]["reward_greedy"] is None and report["teacher_reward"] is not None
+
+
 def test_reviser_revision_rates_and_multiview_jsd(tmp_path, tokenizer):
     model = build_model(tokenizer)
     report = diagnose(model, tokenizer, build_dataset(6), Reviser(), [even_answer], _args(tmp_path), prompts=6,
