@@ -1,11 +1,12 @@
 """The 2026 hybrids of RL and self-distillation against their baselines on the main job's task and budget.
 
-RLSD (recipes/rlsd_arithmetic.yaml) and RLCSD (recipes/rlcsd_arithmetic.yaml) against GRPO and OPSD, at the main
-job's budget: 150 optimizer steps x 12 rollouts = 1800 training rollouts of at most 16 tokens, lr 3e-5 decaying
-linearly, temperature 0.6, bf16, the same 2000 training and 200 held-out problems. GRPO is the RLSD recipe with
-``training.rlsd_lambda=0`` (the same 3 prompts x 4 rollouts a step, the same verifier, no teacher pass). OPSD is the
-main job itself (``recipes/opsd_arithmetic.yaml``, 12 prompts x 1 rollout); its recorded seeds in
-benchmarks/results/main_job_seeds.json are reused (``--reuse-main-job``) where the recipe is unchanged.
+RLSD (recipes/rlsd_arithmetic.yaml) and RLCSD (recipes/rlcsd_arithmetic.yaml) against GRPO and OPSD, at the budget
+of the main job's recorded OPSD seeds: 150 optimizer steps x 12 rollouts = 1800 training rollouts of at most 16
+tokens, lr 3e-5 decaying linearly, temperature 0.6, bf16, the same 2000 training and 200 held-out problems. GRPO is
+the RLSD recipe with ``training.rlsd_lambda=0`` (the same 3 prompts x 4 rollouts a step, the same verifier, no teacher
+pass). OPSD is the main job's recipe at 150 steps (``recipes/opsd_arithmetic.yaml training.max_steps=150``, 12
+prompts x 1 rollout; the shipped recipe now runs 100); its recorded seeds in benchmarks/results/main_job_seeds.json
+are reused (``--reuse-main-job``).
 
 Every finished run is merged into benchmarks/results/hybrids.json as ``{"method", "seed", "accuracy",
 "generated_tokens", "learning_curve", ...}`` (accuracy: held-out greedy accuracy after training, as a fraction);
@@ -18,7 +19,7 @@ its seeds) are redrawn from that file.
     python benchmarks/hybrids.py --plot-only --markdown                 # the table of docs/results.md, the plot
     python benchmarks/hybrids.py --long opsd grpo rlsd --seeds 0 1      # the long run: ~40 min a run
 
-``--long``: 4x the main job's steps (600), held-out accuracy every 50 steps, into benchmarks/results/long_run.json
+``--long``: 4x those 150 steps (600), held-out accuracy every 50 steps, into benchmarks/results/long_run.json
 (``{"method", "seed", "curve", "completion_length", "digit_share", ...}``) and docs/img/long_run.png: the two
 pathologies the hybrids' papers name, measured on the same runs: mean completion length over training (style
 drift) and the share of the per-token divergence carried by digit tokens (OPSD: its reverse KL; RLSD: its
@@ -41,14 +42,15 @@ LONG_RESULTS = ROOT / "benchmarks" / "results" / "long_run.json"
 LONG_PLOT = ROOT / "docs" / "img" / "long_run.png"
 LONG = ["training.max_steps=600", "eval.every_steps=50"]
 MAIN_JOB = ROOT / "benchmarks" / "results" / "main_job_seeds.json"
-MAIN_JOB_RECORD = "shipped_s150_amx_2026-12-03"  # the shipped recipe's 3 seeds (150 steps x 12), docs/results.md
+MAIN_JOB_RECORD = "shipped_s150_amx_2026-12-03"  # the main job's 3 seeds at 150 steps x 12, docs/results.md
 
-#: configuration -> (recipe, overrides); every one at the main job's 150 x 12 rollouts.
+#: configuration -> (recipe, overrides); every one at 150 x 12 rollouts, the budget of the main job's recorded OPSD
+#: seeds (the shipped main job now runs 100 steps, so OPSD's 150 is an override).
 CONFIGS: dict[str, tuple[str, list[str]]] = {
     "rlsd": ("recipes/rlsd_arithmetic.yaml", []),
     "rlcsd": ("recipes/rlcsd_arithmetic.yaml", []),
     "grpo": ("recipes/rlsd_arithmetic.yaml", ["training.rlsd_lambda=0"]),
-    "opsd": ("recipes/opsd_arithmetic.yaml", []),
+    "opsd": ("recipes/opsd_arithmetic.yaml", ["training.max_steps=150", "eval.every_steps=40"]),
 }
 
 

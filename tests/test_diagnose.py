@@ -142,7 +142,8 @@ def test_scoring_keeps_the_models_own_tokens_and_matches_the_full_head(tokenizer
     masks = [[1, 0, 0, 1, 1], [0, 1, 0]]
     kept = diag._logprobs(contexts, completions, masks)
     with torch.no_grad():
-        full = torch.log_softmax(completion_logits(model, splice(contexts, completions, tokenizer.pad_token_id)).float(), -1)
+        batch = splice(contexts, completions, tokenizer.pad_token_id)
+        full = torch.log_softmax(completion_logits(model, batch).float(), -1)
     for k, mask in enumerate(masks):
         positions = [i for i, m in enumerate(mask) if m]
         assert kept[k].shape == (len(positions), full.shape[-1])
