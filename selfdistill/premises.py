@@ -31,7 +31,14 @@ import torch
 from tqdm.auto import tqdm
 
 from selfdistill.rollout import eos_ids, sample_completions, take_rows, verify_completions
-from selfdistill.sequences import completion_hidden, render_context, splice, teacher_contexts
+from selfdistill.sequences import (
+    _plain_head,
+    completion_hidden,
+    completion_logits,
+    render_context,
+    splice,
+    teacher_contexts,
+)
 from selfdistill.sources.base import PrivilegedSource, Rollout
 
 #: Verdict thresholds (docs/diagnose.md says where each comes from).
@@ -156,16 +163,19 @@ class Diagnosis:
                   masks: list[list[int]]) -> list[torch.Tensor]:
         """Per rollout, ``[K, V]`` float32 log-probabilities predicting its ``K`` kept completion tokens (``masks``:
         1 where the token is the model's own; an episode's observations are 0). The head runs on the kept positions
-        only: an episode's transcript is mostly observations."""
+        only (an episode's transcript is mostly observations) when applying it by hand gives the model's logits; a
+        head with a logit transform after it (Gemma's soft-capping) takes the model's own logits instead."""
         out = []
         step = max(1, self.batch_size // 4)
-        head = self.model.get_output_embeddings()
+        head = _plain_head(self.model)
         for i in range(0, len(contexts), step):
             batch = splice(contexts[i : i + step], completions[i : i + step], self.pad)
-            hidden = completion_hidden(self.model, head, batch)
+            model = self.model
+            scores = completion_logits(model, batch) if head is None else completion_hidden(model, head, batch)
             for k, mask in enumerate(masks[i : i + step]):
-                keep = torch.tensor(mask, dtype=torch.bool, device=hidden.device)
-                logits = head(hidden[k, : len(mask)][keep]).float()
+                keep = torch.tensor(mask, dtype=torch.bool, device=scores.device)
+                kept = scores[k, : len(mask)][keep]
+                logits = (kept if head is None else head(kept)).float()
                 if not torch.isfinite(logits).all():
                     raise FloatingPointError("the model produced NaN/inf logits while diagnosing; check the model's "
                                              "weights and dtype (bf16 weights overflow more easily than float32)")

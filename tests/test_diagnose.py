@@ -150,6 +150,27 @@ def test_scoring_keeps_the_models_own_tokens_and_matches_the_full_head(tokenizer
         torch.testing.assert_close(kept[k], full[k, positions], rtol=1e-6, atol=1e-6)
 
 
+def test_scoring_takes_the_models_own_logits_when_its_head_is_followed_by_a_transform(tokenizer):
+    """A soft-capped head (Gemma 2) cannot be applied by hand: the kept positions' log-probabilities are still the
+    model's own."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from selfdistill.premises import Diagnosis
+    from selfdistill.sequences import completion_logits, splice
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5,
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    model = Gemma2ForCausalLM(config).double().eval()
+    diag = Diagnosis(model, tokenizer, [], BareProblem(), [], max_completion_length=4, progress=False)
+    contexts, completions, masks = [[5, 6, 7]], [[12, 13, 14]], [[1, 0, 1]]
+    kept = diag._logprobs(contexts, completions, masks)[0]
+    with torch.no_grad():
+        full = torch.log_softmax(completion_logits(model, splice(contexts, completions, tokenizer.pad_token_id)), -1)
+    torch.testing.assert_close(kept, full[0, [0, 2]].float(), rtol=1e-6, atol=1e-6)
+
+
 def test_a_rule_that_ignores_the_problem_is_scored_on_rows_with_options(tokenizer):
     """Always answering the k-th option scores the share of rows whose answer is printed k-th (counted here)."""
     from selfdistill.premises import Diagnosis
