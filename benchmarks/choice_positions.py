@@ -27,28 +27,13 @@ RESULTS = ROOT / "benchmarks" / "results" / "choice_positions.json"
 RECIPE = "recipes/sdzero_choice.yaml"
 
 
-def named_options(text: str, row: dict) -> set[str]:
-    """Which of the row's options ("first", "last") the answer names, operands of the question left out."""
-    from selfdistill.rewards import completion_text
-    from selfdistill.tasks.arithmetic import _integers
-
-    options = [int(v) for v in str(row["options"]).split(",")]
-    prompt_ints = _integers(completion_text(row["prompt"]))
-    said = set(_integers(text))
-    out = set()
-    for place, value in zip(("first", "last"), options):
-        if value in said and prompt_ints.count(value) <= 1:  # an operand appears in the prompt once more
-            out.add(place)
-    return out
-
-
 def measure(path: str, rows: list[dict], max_new_tokens: int, batch_size: int) -> dict:
     import torch
 
     from selfdistill.modeling import load_model, load_tokenizer
     from selfdistill.rollout import eos_ids, sample_completions
     from selfdistill.sequences import render_context
-    from selfdistill.tasks.arithmetic import arithmetic_reward
+    from selfdistill.tasks.arithmetic import arithmetic_reward, named_options, option_values
 
     torch.manual_seed(0)
     model, tokenizer = load_model(path), load_tokenizer(path)
@@ -64,8 +49,11 @@ def measure(path: str, rows: list[dict], max_new_tokens: int, batch_size: int) -
             texts += tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
     right = arithmetic_reward([r["prompt"] for r in rows], texts, [r["answer"] for r in rows],
                               options=[r["options"] for r in rows])
-    last = [str(r["options"]).split(",")[-1].strip() == str(r["answer"]) for r in rows]
-    names = [named_options(t, r) for t, r in zip(texts, rows)]
+    order = [option_values(r["options"]) for r in rows]
+    last = [values[-1] == int(r["answer"]) for values, r in zip(order, rows)]
+    # which printed option(s) each answer names: "first", "last"
+    names = [{("first", "last")[values.index(v)] for v in named_options(t, r["options"], r["prompt"])}
+             for t, r, values in zip(texts, rows, order)]
 
     def share(xs: list[bool]) -> float:
         return sum(xs) / max(len(xs), 1)

@@ -415,10 +415,19 @@ def _integers(text: str) -> list[int]:
     return [int(m.group("int").replace(",", "")) for m in _NUMBER.finditer(text) if not m.group("frac")]
 
 
-def _hedges(text: str, listed: Any, prompt: Any) -> bool:
-    """Whether ``text`` names two or more of the row's options (``listed``: "80, 90"), leaving out the options that
-    are operands of the question (an operand appears in the prompt once more than the options list shows it)."""
-    values = {int(v) for v in str(listed).replace(" or ", ",").split(",") if v.strip().lstrip("-").isdigit()}
+def option_values(listed: Any) -> list[int]:
+    """A row's ``options`` ("80, 90"; "80 or 90" also read) as integers, in the order the prompt prints them."""
+    return [int(v) for v in str(listed).replace(" or ", ",").split(",") if v.strip().lstrip("-").isdigit()]
+
+
+def named_options(text: str, listed: Any, prompt: Any) -> set[int]:
+    """The row's options that ``text`` names, leaving out the options that are operands of the question (an operand
+    appears in the prompt once more than the options list shows it)."""
     prompt_ints = _integers(completion_text(prompt)) if prompt is not None else []
-    operands = {v for v in values if prompt_ints.count(v) > 1}
-    return len((values - operands) & set(_integers(text))) >= 2
+    said = set(_integers(text))
+    return {v for v in option_values(listed) if v in said and prompt_ints.count(v) <= 1}
+
+
+def _hedges(text: str, listed: Any, prompt: Any) -> bool:
+    """Whether ``text`` names two or more of the row's options (:func:`named_options`)."""
+    return len(named_options(text, listed, prompt)) >= 2
