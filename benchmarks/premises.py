@@ -42,6 +42,9 @@ MAIN_BUDGET = ["training.per_device_train_batch_size=8", "training.max_steps=120
 GRPO_ARITHMETIC = [*MAIN_BUDGET, "training.distill_weight=0", "training.grpo_weight=1", "training.num_generations=4",
                    "eval.every_steps=20"]
 
+G8_LEN32 = ["training.max_steps=60", "training.per_device_train_batch_size=16", "training.num_generations=8",
+            "training.max_completion_length=32"]
+
 #: comparison -> (task, {configuration: (recipe, overrides)}); the first configuration is the method.
 COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
     # SDPO (a successful sibling as the teacher's PI) against GRPO with the same binary reward and rollouts.
@@ -50,6 +53,13 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
         # the recipe before the audit: rollouts without a successful sibling distilled towards the bare problem
         "sdpo_fallback_problem": ("recipes/sdpo_arithmetic.yaml", ["source.fallback=problem"]),
         "grpo": ("recipes/opsd_arithmetic.yaml", GRPO_ARITHMETIC),
+        # Where SDPO's premise holds: 32 tokens (room: no successful teacher answer is cut; 7% of student rollouts)
+        # and 8 rollouts a prompt, so that a rollout has a successful sibling about half the time at the start
+        # (the student succeeds on 10% of sampled rollouts: 1 - 0.9**7) instead of about a fifth. Same 960
+        # rollouts (60 steps x 16), the paper's loss (JSD, EMA teacher) unchanged; GRPO at the same G and length.
+        "sdpo_g8_len32": ("recipes/sdpo_arithmetic.yaml", [*G8_LEN32, "eval.every_steps=20"]),
+        "grpo_g8_len32": ("recipes/opsd_arithmetic.yaml", [*G8_LEN32, "training.distill_weight=0",
+                                                            "training.grpo_weight=1", "eval.every_steps=20"]),
     }),
     # Skill-SD with a bank holding a correct strategy, against GRPO alone and Skill-SD with learned skills, at the
     # settings of benchmarks/skillsd_vs_grpo.py (float32, 40 steps x 8 episodes), so its recorded runs can be reused;
