@@ -42,6 +42,11 @@ MAIN_BUDGET = ["training.per_device_train_batch_size=8", "training.max_steps=120
 GRPO_ARITHMETIC = [*MAIN_BUDGET, "training.distill_weight=0", "training.grpo_weight=1", "training.num_generations=4",
                    "eval.every_steps=20"]
 
+SWITCH_CUE = "\n\nWait, this response is wrong, so the answer is the other option. Let me correct it.\n\n"
+
+FORMAT_SKILL = "Write the sum in one line, as: a + b = c. Nothing else."
+TIP_TEMPLATE = "{task}\n\nHere is a tip:\n{skills}\n\nUnderstand it, then answer in your own words."
+
 G8_LEN32 = ["training.max_steps=60", "training.per_device_train_batch_size=16", "training.num_generations=8",
             "training.max_completion_length=32"]
 
@@ -58,6 +63,18 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
         # (the student succeeds on 10% of sampled rollouts: 1 - 0.9**7) instead of about a fifth. Same 960
         # rollouts (60 steps x 16), the paper's loss (JSD, EMA teacher) unchanged; GRPO at the same G and length.
         "sdpo_g8_len32": ("recipes/sdpo_arithmetic.yaml", [*G8_LEN32, "eval.every_steps=20"]),
+        "grpo_g8_len32": ("recipes/opsd_arithmetic.yaml", [*G8_LEN32, "training.distill_weight=0",
+                                                            "training.grpo_weight=1", "eval.every_steps=20"]),
+    }),
+    # Skill-SD on addition with a bank a person seeded with the form in which this model adds best ("a + b = c"),
+    # against the same GRPO as arithmetic_sdpo's (G = 8, 32 tokens, 960 rollouts; Skill-SD is GRPO + IW-RKL).
+    # The teacher's message in the main job's OPSD wording: under Skill-SD's default one ("Skills learned from
+    # earlier attempts ... Use these skills to do the task well.") the 135M model answered "I'm ready to help.
+    # What's your task?" to every problem (0 of 48 right, against 6 of 48 for the bare problem).
+    "arithmetic_skillsd": ("arithmetic", {
+        "skillsd_format_skill": ("recipes/skillsd_arithmetic.yaml", [
+            *G8_LEN32, f"source.seed_skills=[{json.dumps(FORMAT_SKILL)}]", "source.summaries_per_step=0",
+            "source.top_k=1", f"source.template={json.dumps(TIP_TEMPLATE)}", "eval.every_steps=20"]),
         "grpo_g8_len32": ("recipes/opsd_arithmetic.yaml", [*G8_LEN32, "training.distill_weight=0",
                                                             "training.grpo_weight=1", "eval.every_steps=20"]),
     }),
@@ -82,6 +99,11 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
         "sdzero": ("recipes/sdzero_choice.yaml", []),
         "grpo": ("recipes/sdzero_choice.yaml", ["srt.enabled=false", "training.distill_weight=0",
                                                 "training.grpo_weight=1", "training.num_generations=4"]),
+        # The reviser told what "wrong" means with two options. With the paper's cue the 135M reviser turned 40% of
+        # wrong answers right and kept 45% of right ones (teacher 0.41, below the 0.50 of a rule that ignores the
+        # problem: blind_rule fails); with this one it is meant to switch, so that its target is the right option
+        # on every rollout, which only the sum predicts. Its SRT stage is recorded as srt_switch_cue.
+        "sdzero_switch_cue": ("recipes/sdzero_choice.yaml", [f"source.cues={json.dumps({'wrong': SWITCH_CUE})}"]),
     }),
     # SDPO where its premise holds: on two-option addition the student's rollouts succeed about a quarter of the time,
     # so with G = 4 most rollouts have a successful sibling (on open addition, 5-10%: most steps had none). Same
@@ -277,7 +299,8 @@ def main() -> None:
                                                  "cpu": info.get("cpu")})
                     if result.get("eval_after_srt"):  # SD-Zero's first stage alone, from the same run
                         srt = {**result, "eval_after": result["eval_after_srt"], "generated_tokens": 0}
-                        runs = record(args.results, {**row(task, "srt", seed, srt, args.comparison),
+                        srt_name = name.replace("sdzero", "srt", 1)
+                        runs = record(args.results, {**row(task, srt_name, seed, srt, args.comparison),
                                                      "cpu": info.get("cpu")})
                     print(table([r for r in runs if r["task"] == task]), flush=True)
     runs = load(args.results)
