@@ -8,7 +8,7 @@ the student's answers and the revisions are sampled as the recipe trains (its te
 max_completion_length), the contexts built by the recipe's own Reviser source.
 
     python benchmarks/reviser_anchoring.py recipes/sdzero_arithmetic.yaml recipes/sdzero_choice.yaml
-    python benchmarks/reviser_anchoring.py recipes/sdzero_choice.yaml --name switch_cue \\
+    python benchmarks/reviser_anchoring.py --name switch_cue recipes/sdzero_choice.yaml \\
         'source.cues={"wrong": "\\n\\nWait, this response is wrong, so the answer is the other option. Let me correct it.\\n\\n"}'
 
 Writes benchmarks/results/reviser_anchoring.json (one entry per recipe and name; a rerun replaces its entry).
