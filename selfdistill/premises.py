@@ -7,6 +7,8 @@ model, data and source, this measures whether there is anything to teach, and wh
   own context* (the task plus the privileged information). No gap, no signal;
 - the **signal**: the mean per-token reverse KL from the student to the teacher on the student's own rollouts, and
   the share of tokens that carry 80% of it (how dense the signal is);
+- **focus**: where the divergence sits, when the answers spell numbers: its share on the tokens that spell digits
+  against those tokens' share (a teacher that differs from the student mostly in wording teaches its style);
 - **room**: the share of student and teacher generations cut at ``max_completion_length``, their lengths, and the
   share of the teacher's successful answers that would not fit (a run whose divergence falls while its reward stays
   at zero is predicted here);
@@ -51,6 +53,8 @@ THRESHOLDS: dict[str, float] = {
     "view_ceiling": 0.95,  # AVSD: a single view this good leaves the consensus nothing to add
     "skill_gap": 0.10,  # Skill-SD: teacher reward with skills - without
     "blind_gap": 0.10,  # rows with options: teacher reward - the best rule that ignores the problem
+    "digit_focus": 1.5,  # digit share of the divergence / digit share of the tokens (answers that spell numbers)
+    "digit_tokens": 0.02,  # below this share of digit tokens in the rollouts, `focus` has nothing to read
 }
 
 
@@ -335,7 +339,7 @@ class Diagnosis:
                 out[name] = {"reverse_kl": None, "dense_share": None, "tokens": 0}
                 continue
             out[name] = {"reverse_kl": float(flat.mean()), "dense_share": dense_share(flat),
-                         "tokens": int(flat.numel())}
+                         "tokens": int(flat.numel()), **self._digit_focus(flat, sampled, masks)}
         if len(names) > 1:
             pairs = {}
             for a in range(len(names)):
@@ -348,7 +352,25 @@ class Diagnosis:
         first = out[names[0]] if len(names) == 1 else None
         out["reverse_kl"] = first["reverse_kl"] if first else _mean([out[n]["reverse_kl"] for n in names])
         out["dense_share"] = first["dense_share"] if first else _mean([out[n]["dense_share"] for n in names])
+        for key in ("digit_share", "digit_token_fraction"):
+            out[key] = first.get(key) if first else _mean([out[n].get(key) for n in names])
         return out
+
+    def _digit_focus(self, values: torch.Tensor, sampled: _Batch, masks: list[list[int]]) -> dict[str, float]:
+        """Where the divergence sits: the share of it on tokens that spell digits, and those tokens' share of the
+        student's tokens (the same measure as training's ``divergence/digit_share``; ``values`` are the per-token
+        divergences of the kept tokens, in rollout order)."""
+        from selfdistill.step import digit_share, digit_tokens
+
+        if getattr(self, "_digits", None) is None:
+            self._digits = digit_tokens(self.tokenizer)
+        tokens = torch.tensor([t for ids, mask in zip(sampled.completion_ids, masks) for t, keep in zip(ids, mask)
+                               if keep], dtype=torch.long)
+        if tokens.numel() != values.numel():  # the scored tokens are the kept ones; a mismatch measures nothing
+            return {}
+        shares = digit_share(values, tokens, self._digits)
+        return {"digit_share": shares.get("divergence/digit_share"),
+                "digit_token_fraction": shares.get("divergence/digit_token_fraction")}
 
     def _method_sections(self, rollouts: list[Rollout], teacher: Any, names: list[str],
                          report: dict[str, Any]) -> dict[str, Any]:
@@ -405,6 +427,15 @@ def verdicts(report: dict[str, Any]) -> list[dict[str, str]]:
         "no student tokens to score" if kl is None else
         f"reverse KL {kl:.3f} nats/token on the student's rollouts (needs >= {th['signal_kl']}), 80% of it on "
         f"{report['signal'].get('dense_share') or 0:.0%} of the tokens")
+    share, fraction = report["signal"].get("digit_share"), report["signal"].get("digit_token_fraction")
+    if fraction is not None and fraction >= th["digit_tokens"] and share is not None:
+        focus = share / fraction
+        add("focus", focus >= th["digit_focus"],
+            f"{share:.0%} of the divergence sits on the {fraction:.0%} of tokens that spell digits ({focus:.1f}x their "
+            f"share; needs >= {th['digit_focus']:.1f}x)" + ("" if focus >= th["digit_focus"] else (
+                ": the teacher differs from the student mostly in wording, not in the answer's digits, so distillation "
+                "teaches the teacher's style (on open addition SDPO at 1.1x took up its teacher's preamble and fell "
+                "to 0%)")))
     view = report["teacher"][report["teacher_view"]]
     too_long, cut = view.get("successes_too_long"), report["student_lengths"].get("cut_share", 0.0)
     if too_long is None:
@@ -475,6 +506,9 @@ def format_report(report: dict[str, Any]) -> str:
     sig = report["signal"]
     lines.append(f"{'reverse KL student->teacher (nats/token)':48} {pct(sig.get('reverse_kl'))}")
     lines.append(f"{'share of tokens carrying 80% of it':48} {pct(sig.get('dense_share'))}")
+    if sig.get("digit_share") is not None:
+        lines.append(f"{'share of it on digit tokens / their share':48} {pct(sig['digit_share'])} / "
+                     f"{pct(sig.get('digit_token_fraction'))}")
     for pair, jsd in (sig.get("pairwise_jsd") or {}).items():
         lines.append(f"{'JSD ' + pair:48} {jsd:.3f}")
     sl = report["student_lengths"]

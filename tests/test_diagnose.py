@@ -86,6 +86,39 @@ def test_verdicts_follow_the_thresholds():
     assert _verdict(_report(skills=skills), "skills") == "holds"
     assert _verdict(_report(skills={**skills, "teacher_reward_with_skills": 0.22}), "skills") == "fails"
     assert _verdict(_report(skills={**skills, "shown": False, "bank_size": 0}), "skills") == "unknown"
+    # focus: the divergence's share on digit tokens against their share of the tokens
+    assert _verdict(_report(signal={"reverse_kl": 0.3, "digit_share": 0.66, "digit_token_fraction": 0.31}),
+                    "focus") == "holds"  # the main job's first logged window: 2.1x
+    assert _verdict(_report(signal={"reverse_kl": 0.3, "digit_share": 0.21, "digit_token_fraction": 0.19}),
+                    "focus") == "fails"  # SDPO on open addition: 1.1x, then its teacher's preamble
+    no_digits = verdicts(_report(signal={"reverse_kl": 0.3, "digit_share": None, "digit_token_fraction": 0.0}))
+    assert "focus" not in {v["premise"] for v in no_digits}  # answers that spell no numbers: nothing to read
+
+
+def test_digit_focus_matches_a_count_over_the_kept_tokens(tokenizer):
+    """The share of the divergence on tokens that spell digits, over the model's own (kept) tokens only, checked
+    against a plain loop over the token pieces."""
+    from types import SimpleNamespace
+
+    from selfdistill.premises import Diagnosis, _Batch
+
+    ids = [i for i in range(len(tokenizer))]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    digit = [i for i, p in enumerate(pieces) if p and any(c.isdigit() for c in p)]
+    other = [i for i, p in enumerate(pieces) if p and not any(c.isdigit() for c in p)]
+    assert digit and other, "the test tokenizer must spell some digits"
+    completions = [[digit[0], other[0], other[1], digit[-1]], [other[2], digit[0], other[3]]]
+    masks = [[1, 1, 0, 1], [1, 1, 1]]  # an observation token (masked out) is never scored
+    kept = [t for c, m in zip(completions, masks) for t, k in zip(c, m) if k]
+    values = torch.tensor([0.5, 0.1, 0.9, 0.2, 0.3, 0.0], dtype=torch.float64)[: len(kept)].float()
+    batch = _Batch([], [], [], completions, [], [], [])
+    fake = SimpleNamespace(tokenizer=tokenizer, _digits=None)
+    out = Diagnosis._digit_focus(fake, values, batch, masks)
+    is_digit = [t in set(digit) for t in kept]
+    expected = sum(v for v, d in zip(values.tolist(), is_digit) if d) / sum(values.tolist())
+    assert out["digit_share"] == pytest.approx(expected, rel=1e-6)
+    assert out["digit_token_fraction"] == pytest.approx(sum(is_digit) / len(kept))
+    assert Diagnosis._digit_focus(fake, values[:-1], batch, masks) == {}  # misaligned: no figure rather than a wrong one
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -124,6 +157,7 @@ def test_a_reference_teacher_is_scored_on_the_student_tokens(tmp_path, tokenizer
     report = diagnose(model, tokenizer, build_dataset(4), ReferenceSolution(column="solution"), [even_answer],
                       _args(tmp_path), prompts=4, samples=2, progress=False)
     assert report["signal"]["reverse_kl"] > 0 and report["signal"]["reference"]["tokens"] > 0
+    assert 0.0 <= report["signal"]["digit_token_fraction"] <= 1.0
     assert set(report["teacher"]["reference"]) >= {"reward", "reward_greedy", "lengths", "successes_too_long",
                                                    "reward_unbounded"}
     assert "rewards" not in report["teacher"]["reference"]
