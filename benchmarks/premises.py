@@ -65,6 +65,13 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
         "sdpo_g8_len32": ("recipes/sdpo_arithmetic.yaml", [*G8_LEN32, "eval.every_steps=20"]),
         "grpo_g8_len32": ("recipes/opsd_arithmetic.yaml", [*G8_LEN32, "training.distill_weight=0",
                                                             "training.grpo_weight=1", "eval.every_steps=20"]),
+        # The sibling shown in the main job's OPSD wording. With SDPO's own ("... written by another attempt: ...
+        # Now answer the problem yourself.") seed 0 took up the teacher's "I'll provide a corrected answer to the
+        # original question." and fell from 18% to 0%; diagnose's focus premise fails there (1.50x) and holds here
+        # (1.9x: the divergence sits on the answer's digits).
+        "sdpo_g8_len32_reference_wording": ("recipes/sdpo_arithmetic.yaml", [
+            *G8_LEN32, "eval.every_steps=20",
+            f"source.template={json.dumps(VIEW_TEMPLATE.replace('{solution}', '{sibling}'))}"]),
     }),
     # Skill-SD on addition with a bank a person seeded with the form in which this model adds best ("a + b = c"),
     # against the same GRPO as arithmetic_sdpo's (G = 8, 32 tokens, 960 rollouts; Skill-SD is GRPO + IW-RKL).

@@ -431,11 +431,11 @@ def verdicts(report: dict[str, Any]) -> list[dict[str, str]]:
     if fraction is not None and fraction >= th["digit_tokens"] and share is not None:
         focus = share / fraction
         add("focus", focus >= th["digit_focus"],
-            f"{share:.0%} of the divergence sits on the {fraction:.0%} of tokens that spell digits ({focus:.1f}x their "
-            f"share; needs >= {th['digit_focus']:.1f}x)" + ("" if focus >= th["digit_focus"] else (
+            f"{share:.0%} of the divergence sits on the {fraction:.0%} of tokens that spell digits ({focus:.2f}x their "
+            f"share; needs >= {th['digit_focus']:.2f}x)" + ("" if focus >= th["digit_focus"] else (
                 ": the teacher differs from the student mostly in wording, not in the answer's digits, so distillation "
-                "teaches the teacher's style (on open addition SDPO at 1.1x took up its teacher's preamble and fell "
-                "to 0%)")))
+                "teaches the teacher's style (SDPO's sibling wording on open addition: 1.50x here, 1.1x in its first "
+                "training steps; its student took up the teacher's preamble and fell to 0%)")))
     view = report["teacher"][report["teacher_view"]]
     too_long, cut = view.get("successes_too_long"), report["student_lengths"].get("cut_share", 0.0)
     if too_long is None:
