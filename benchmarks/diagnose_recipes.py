@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from recipe_runs import ROOT, machine
+from recipe_runs import ROOT, diagnose_recipe, machine
 
 RESULTS = ROOT / "benchmarks" / "results" / "diagnose.json"
 BUDGET_S = 180.0
@@ -41,25 +38,12 @@ def main() -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     info = machine()
     for recipe in recipes:
-        out = args.out_root / recipe.stem
-        cmd = [sys.executable, "-m", "selfdistill", "diagnose", str(recipe), f"training.output_dir={out}",
-               *EXTRA.get(recipe.name, []), "--no-progress"]
         print(f"diagnosing {recipe.name} ...", flush=True)
-        start = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        seconds = time.perf_counter() - start
-        entry: dict = {"wall_seconds": round(seconds, 1), "within_budget": seconds <= BUDGET_S, "cpu": info.get("cpu"),
-                       "overrides": EXTRA.get(recipe.name, [])}
-        if done.returncode:
-            entry["within_budget"] = None  # it did not run to the end: no time to judge
-            entry["error"] = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
-        else:
-            report = json.loads((out / "diagnosis.json").read_text())
-            entry.update({k: report.get(k) for k in ("method", "student_reward", "student_reward_greedy",
-                                                     "teacher_reward", "teacher_view", "revision", "skills")})
-            entry["reverse_kl"] = report["signal"].get("reverse_kl")
-            entry["verdicts"] = {v["premise"]: v["verdict"] for v in report["verdicts"]}
-            print(done.stdout.strip().split("wrote")[0], flush=True)
+        entry = diagnose_recipe(recipe, EXTRA.get(recipe.name, []), args.out_root / recipe.stem)
+        seconds = entry["wall_seconds"]
+        # a run that did not reach its end has no time to judge
+        entry.update(within_budget=None if "error" in entry else seconds <= BUDGET_S, cpu=info.get("cpu"))
+        print(entry.pop("table", ""), flush=True)
         results[recipe.name] = entry
         RESULTS.write_text(json.dumps(results, indent=1))
         print(f"{recipe.name}: {seconds:.0f} s{'' if entry['within_budget'] else ' (over the 3-minute budget)'}",

@@ -13,6 +13,7 @@ rate as a fraction), and the table and docs/img/premises.png are redrawn from th
     python benchmarks/premises.py arithmetic_sdpo grpo --reuse 0=benchmarks/results/all_methods.json:grpo@s0
         # record a run of the same configuration made by another benchmark (marked "reused_from")
     python benchmarks/premises.py --plot-only
+    python benchmarks/premises.py arithmetic_sdpo sdpo_g8_len32 --diagnose  # diagnose a configuration, no training
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import json
 import statistics
 from pathlib import Path
 
-from recipe_runs import ROOT, machine, run_recipe
+from recipe_runs import ROOT, diagnose_recipe, machine, run_recipe
 
 RESULTS = ROOT / "benchmarks" / "results" / "premises.json"
+DIAGNOSES = ROOT / "benchmarks" / "results" / "premises_diagnosis.json"
 PLOT = ROOT / "docs" / "img" / "premises.png"
 
 # A correct strategy for guess-the-number 1-8 in 4 guesses (binary search), written by a person: Skill-SD's premise
@@ -261,6 +263,9 @@ def main() -> None:
                              "configuration's run of SEED, instead of running it")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--out-root", type=Path, default=ROOT / "outputs" / "premises")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="run `selfdistill diagnose` on the named configurations instead of training them "
+                             "(benchmarks/results/premises_diagnosis.json; docs/diagnose.md's table)")
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown (docs/results.md)")
@@ -279,6 +284,17 @@ def main() -> None:
             if name not in configs:
                 raise SystemExit(f"unknown configuration {name!r} of {args.comparison}; choose from: "
                                  f"{', '.join(configs)}")
+        if args.diagnose:
+            found = json.loads(DIAGNOSES.read_text()) if DIAGNOSES.exists() else {}
+            for name in args.names or list(configs):
+                recipe, overrides = configs[name]
+                print(f"diagnosing {args.comparison}/{name} ...", flush=True)
+                entry = diagnose_recipe(ROOT / recipe, overrides, args.out_root / "diagnose" / args.comparison / name)
+                print(entry.pop("table", entry.get("error", "")), flush=True)
+                found[f"{args.comparison}/{name}"] = {"recipe": recipe, **entry, "cpu": machine().get("cpu")}
+                DIAGNOSES.write_text(json.dumps(found, indent=1))
+            print(f"wrote {DIAGNOSES}")
+            return
         if args.reuse:
             if len(args.names) != 1:
                 raise SystemExit("--reuse records runs of one configuration: name exactly one")

@@ -45,6 +45,26 @@ def run_recipe(name: str, recipe: str, overrides: list[str], out_root: Path) -> 
     return result
 
 
+def diagnose_recipe(recipe: str | Path, overrides: list[str], out: Path) -> dict:
+    """``selfdistill diagnose recipe overrides`` in its own process, timed: the whole command's wall seconds, and
+    the top-level figures and verdicts of its diagnosis.json (or the error it ended with)."""
+    cmd = [sys.executable, "-m", "selfdistill", "diagnose", str(recipe), f"training.output_dir={out}", *overrides,
+           "--no-progress"]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    entry: dict = {"wall_seconds": round(time.perf_counter() - start, 1), "overrides": list(overrides)}
+    if done.returncode:
+        entry["error"] = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+        return entry
+    report = json.loads((out / "diagnosis.json").read_text())
+    entry.update({k: report.get(k) for k in ("method", "student_reward", "student_reward_greedy", "teacher_reward",
+                                             "teacher_view", "revision", "skills")})
+    entry.update({k: report["signal"].get(k) for k in ("reverse_kl", "digit_share", "digit_token_fraction")})
+    entry["verdicts"] = {v["premise"]: v["verdict"] for v in report["verdicts"]}
+    entry["table"] = done.stdout.strip().split("wrote")[0]
+    return entry
+
+
 def split_name(run: str) -> tuple[str, int]:
     """``"grpo@s2"`` -> ``("grpo", 2)``: a configuration's name and the seed of one run of it (0 when unnamed)."""
     name, _, seed = run.partition("@s")
