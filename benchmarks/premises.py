@@ -74,6 +74,13 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
         "sdpo_g8_len32_reference_wording": ("recipes/sdpo_arithmetic.yaml", [
             *G8_LEN32, "eval.every_steps=20",
             f"source.template={json.dumps(VIEW_TEMPLATE.replace('{solution}', '{sibling}'))}"]),
+        # The same with the initial model as the teacher (OPSD's), not the EMA of the student: seed 0 above reached
+        # 57% at step 40 and then took up the teacher's habit of commenting after its answer ("The answer is indeed
+        # 100.\n\nI made a minor adjustment to the explanation ..."), whose numbers the verifier reads: 2.5%. Does
+        # a teacher that does not follow the student keep from it?
+        "sdpo_g8_len32_reference_wording_initial_teacher": ("recipes/sdpo_arithmetic.yaml", [
+            *G8_LEN32, "eval.every_steps=20", "training.teacher_policy=initial",
+            f"source.template={json.dumps(VIEW_TEMPLATE.replace('{solution}', '{sibling}'))}"]),
     }),
     # Skill-SD on addition with a bank a person seeded with the form in which this model adds best ("a + b = c"),
     # against the same GRPO as arithmetic_sdpo's (G = 8, 32 tokens, 960 rollouts; Skill-SD is GRPO + IW-RKL).
