@@ -333,13 +333,14 @@ class Diagnosis:
             view_logps.append(t_logp)
             per_view[name] = [reverse_kl(s, t) for s, t in zip(student, t_logp)]
         out: dict[str, Any] = {}
-        for name, kls in per_view.items():
+        for k, (name, kls) in enumerate(per_view.items()):
             flat = torch.cat(kls) if kls else torch.zeros(0)
             if flat.numel() == 0:
                 out[name] = {"reverse_kl": None, "dense_share": None, "tokens": 0}
                 continue
             out[name] = {"reverse_kl": float(flat.mean()), "dense_share": dense_share(flat),
-                         "tokens": int(flat.numel()), **self._digit_focus(flat, sampled, masks)}
+                         "tokens": int(flat.numel()), **self._digit_focus(flat, sampled, masks),
+                         **self._stopping(student, view_logps[k], sampled)}
         if len(names) > 1:
             pairs = {}
             for a in range(len(names)):
@@ -352,9 +353,26 @@ class Diagnosis:
         first = out[names[0]] if len(names) == 1 else None
         out["reverse_kl"] = first["reverse_kl"] if first else _mean([out[n]["reverse_kl"] for n in names])
         out["dense_share"] = first["dense_share"] if first else _mean([out[n]["dense_share"] for n in names])
-        for key in ("digit_share", "digit_token_fraction"):
+        for key in ("digit_share", "digit_token_fraction", "student_p_stop", "teacher_p_stop"):
             out[key] = first.get(key) if first else _mean([out[n].get(key) for n in names])
         return out
+
+    def _stopping(self, student: list[torch.Tensor], teacher: list[torch.Tensor], sampled: _Batch) -> dict[str, Any]:
+        """Where the student stopped after a right answer (its last token an end-of-sequence token, its reward at
+        least the threshold): the probability the student and the teacher give that stop. A teacher far less ready to
+        stop there pulls the student into talking on after its answer. Not for episodes (a reply's end is a turn's)."""
+        if sampled.masks is not None:
+            return {}
+        eos = set(self.eos)
+        stops = [i for i in range(len(student)) if sampled.completion_ids[i] and sampled.completion_ids[i][-1] in eos
+                 and sampled.rewards[i] is not None and sampled.rewards[i] >= self.threshold]
+        if not stops:
+            return {"stops": 0, "student_p_stop": None, "teacher_p_stop": None}
+
+        def p_stop(logps: list[torch.Tensor]) -> float:
+            return statistics.mean(float(logps[i][-1, sampled.completion_ids[i][-1]].exp()) for i in stops)
+
+        return {"stops": len(stops), "student_p_stop": p_stop(student), "teacher_p_stop": p_stop(teacher)}
 
     def _digit_focus(self, values: torch.Tensor, sampled: _Batch, masks: list[list[int]]) -> dict[str, float]:
         """Where the divergence sits: the share of it on tokens that spell digits, and those tokens' share of the
@@ -506,6 +524,9 @@ def format_report(report: dict[str, Any]) -> str:
     sig = report["signal"]
     lines.append(f"{'reverse KL student->teacher (nats/token)':48} {pct(sig.get('reverse_kl'))}")
     lines.append(f"{'share of tokens carrying 80% of it':48} {pct(sig.get('dense_share'))}")
+    if sig.get("teacher_p_stop") is not None:
+        lines.append(f"{'p(stop) after a right answer, student / teacher':48} {pct(sig.get('student_p_stop'))} / "
+                     f"{pct(sig['teacher_p_stop'])}")
     if sig.get("digit_share") is not None:
         lines.append(f"{'share of it on digit tokens / their share':48} {pct(sig['digit_share'])} / "
                      f"{pct(sig.get('digit_token_fraction'))}")

@@ -121,6 +121,32 @@ def test_digit_focus_matches_a_count_over_the_kept_tokens(tokenizer):
     assert Diagnosis._digit_focus(fake, values[:-1], batch, masks) == {}  # misaligned: no figure rather than a wrong one
 
 
+def test_stopping_reads_both_models_at_the_students_stops_after_right_answers():
+    """p(stop): at the last token of each finished, right rollout, the probability each model gives that end token;
+    cut or wrong rollouts do not count (a plain loop over hand-made log-probabilities)."""
+    from types import SimpleNamespace
+
+    from selfdistill.premises import Diagnosis, _Batch
+
+    eos, vocab = 5, 6
+    torch.manual_seed(0)
+    completions = [[1, 2, eos], [3, eos], [1, 2, 3], [4, eos]]  # right and stopped; right and stopped; cut; wrong
+    rewards = [1.0, 1.0, 1.0, 0.0]
+    student = [torch.log_softmax(torch.randn(len(c), vocab), -1) for c in completions]
+    teacher = [torch.log_softmax(torch.randn(len(c), vocab), -1) for c in completions]
+    batch = _Batch([], [], [], completions, [False, False, True, False], rewards, [])
+    fake = SimpleNamespace(eos=[eos], threshold=0.5)
+    out = Diagnosis._stopping(fake, student, teacher, batch)
+    assert out["stops"] == 2
+    for key, logps in (("student_p_stop", student), ("teacher_p_stop", teacher)):
+        expected = (math.exp(logps[0][2, eos].item()) + math.exp(logps[1][1, eos].item())) / 2
+        assert out[key] == pytest.approx(expected, rel=1e-6)
+    none = Diagnosis._stopping(fake, student, teacher, _Batch([], [], [], completions, [], [0.0] * 4, []))
+    assert none == {"stops": 0, "student_p_stop": None, "teacher_p_stop": None}
+    episodes = _Batch([], [], [], completions, [], rewards, [], masks=[[1] * len(c) for c in completions])
+    assert Diagnosis._stopping(fake, student, teacher, episodes) == {}
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 class BareProblem(PrivilegedSource):
     """A teacher that sees exactly what the student sees: no privileged information at all."""
