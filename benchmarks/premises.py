@@ -69,7 +69,7 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
                                                             "training.grpo_weight=1", "eval.every_steps=20"]),
         # The sibling shown in the main job's OPSD wording. With SDPO's own ("... written by another attempt: ...
         # Now answer the problem yourself.") seed 0 took up the teacher's "I'll provide a corrected answer to the
-        # original question." and fell from 18% to 0%; diagnose's focus premise fails there (1.50x) and holds here
+        # original question." and fell from 18% to 0%; diagnose's focus premise fails there (1.49x) and holds here
         # (1.9x: the divergence sits on the answer's digits).
         "sdpo_g8_len32_reference_wording": ("recipes/sdpo_arithmetic.yaml", [
             *G8_LEN32, "eval.every_steps=20",
