@@ -8,7 +8,8 @@ model, data and source, this measures whether there is anything to teach, and wh
 - the **signal**: the mean per-token reverse KL from the student to the teacher on the student's own rollouts, and
   the share of tokens that carry 80% of it (how dense the signal is);
 - **focus**: where the divergence sits, when the answers spell numbers: its share on the tokens that spell digits
-  against those tokens' share (a teacher that differs from the student mostly in wording teaches its style);
+  against those tokens' share (a teacher that differs from the student mostly in wording teaches its style), and
+  at the student's own stops after a right answer the probability each model gives that stop (reported only);
 - **room**: the share of student and teacher generations cut at ``max_completion_length``, their lengths, and the
   share of the teacher's successful answers that would not fit (a run whose divergence falls while its reward stays
   at zero is predicted here);
