@@ -9,7 +9,8 @@ max_completion_length), the contexts built by the recipe's own Reviser source.
 
     python benchmarks/reviser_anchoring.py recipes/sdzero_arithmetic.yaml recipes/sdzero_choice.yaml
     python benchmarks/reviser_anchoring.py --name switch_cue recipes/sdzero_choice.yaml \\
-        'source.cues={"wrong": "\\n\\nWait, this response is wrong, so the answer is the other option. Let me correct it.\\n\\n"}'
+        'source.cues={"wrong": "\\n\\nWait, this response is wrong, so the answer is the other option. ..."}'
+    (the full cue is SWITCH_CUE in benchmarks/premises.py)
 
 Writes benchmarks/results/reviser_anchoring.json (one entry per recipe and name; a rerun replaces its entry).
 """

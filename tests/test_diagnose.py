@@ -118,7 +118,8 @@ def test_digit_focus_matches_a_count_over_the_kept_tokens(tokenizer):
     expected = sum(v for v, d in zip(values.tolist(), is_digit) if d) / sum(values.tolist())
     assert out["digit_share"] == pytest.approx(expected, rel=1e-6)
     assert out["digit_token_fraction"] == pytest.approx(sum(is_digit) / len(kept))
-    assert Diagnosis._digit_focus(fake, values[:-1], batch, masks) == {}  # misaligned: no figure rather than a wrong one
+    # misaligned: no figure rather than a wrong one
+    assert Diagnosis._digit_focus(fake, values[:-1], batch, masks) == {}
 
 
 def test_stopping_reads_both_models_at_the_students_stops_after_right_answers():
