@@ -93,6 +93,12 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
             "source.top_k=1", f"source.template={json.dumps(TIP_TEMPLATE)}", "eval.every_steps=20"]),
         "grpo_g8_len32": ("recipes/opsd_arithmetic.yaml", [*G8_LEN32, "training.distill_weight=0",
                                                             "training.grpo_weight=1", "eval.every_steps=20"]),
+        # The teacher kept at the initial model instead of synced with the student every 10 steps: with SDPO the
+        # EMA teacher taught the student's drift back, and a fixed one kept it stable.
+        "skillsd_format_skill_initial_teacher": ("recipes/skillsd_arithmetic.yaml", [
+            *G8_LEN32, f"source.seed_skills=[{json.dumps(FORMAT_SKILL)}]", "source.summaries_per_step=0",
+            "source.top_k=1", f"source.template={json.dumps(TIP_TEMPLATE)}", "eval.every_steps=20",
+            "training.teacher_policy=initial"]),
     }),
     # Skill-SD with a bank holding a correct strategy, against GRPO alone and Skill-SD with learned skills, at the
     # settings of benchmarks/skillsd_vs_grpo.py (float32, 40 steps x 8 episodes), so its recorded runs can be reused;
