@@ -51,6 +51,12 @@ TIP_TEMPLATE = "{task}\n\nHere is a tip:\n{skills}\n\nUnderstand it, then answer
 
 G8_LEN32 = ["training.max_steps=60", "training.per_device_train_batch_size=16", "training.num_generations=8",
             "training.max_completion_length=32"]
+# One GRPO configuration serves arithmetic_sdpo and arithmetic_skillsd: its runs are recorded once per seed.
+GRPO_G8_LEN32 = ("recipes/opsd_arithmetic.yaml", [*G8_LEN32, "training.distill_weight=0", "training.grpo_weight=1",
+                                                  "eval.every_steps=20"])
+SIBLING_IN_VIEW_WORDING = f"source.template={json.dumps(VIEW_TEMPLATE.replace('{solution}', '{sibling}'))}"
+SKILLSD_FORMAT = [*G8_LEN32, f"source.seed_skills=[{json.dumps(FORMAT_SKILL)}]", "source.summaries_per_step=0",
+                  "source.top_k=1", f"source.template={json.dumps(TIP_TEMPLATE)}", "eval.every_steps=20"]
 
 #: comparison -> (task, {configuration: (recipe, overrides)}); the first configuration is the method.
 COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
@@ -65,40 +71,33 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
         # (the student succeeds on 10% of sampled rollouts: 1 - 0.9**7) instead of about a fifth. Same 960
         # rollouts (60 steps x 16), the paper's loss (JSD, EMA teacher) unchanged; GRPO at the same G and length.
         "sdpo_g8_len32": ("recipes/sdpo_arithmetic.yaml", [*G8_LEN32, "eval.every_steps=20"]),
-        "grpo_g8_len32": ("recipes/opsd_arithmetic.yaml", [*G8_LEN32, "training.distill_weight=0",
-                                                            "training.grpo_weight=1", "eval.every_steps=20"]),
+        "grpo_g8_len32": GRPO_G8_LEN32,
         # The sibling shown in the main job's OPSD wording. With SDPO's own ("... written by another attempt: ...
         # Now answer the problem yourself.") seed 0 took up the teacher's "I'll provide a corrected answer to the
         # original question." and fell from 18% to 0%; diagnose's focus premise fails there (1.49x) and holds here
         # (1.9x: the divergence sits on the answer's digits).
         "sdpo_g8_len32_reference_wording": ("recipes/sdpo_arithmetic.yaml", [
-            *G8_LEN32, "eval.every_steps=20",
-            f"source.template={json.dumps(VIEW_TEMPLATE.replace('{solution}', '{sibling}'))}"]),
+            *G8_LEN32, "eval.every_steps=20", SIBLING_IN_VIEW_WORDING]),
         # The same with the initial model as the teacher (OPSD's), not the EMA of the student: seed 0 above reached
         # 57% at step 40 and then took up the teacher's habit of commenting after its answer ("The answer is indeed
         # 100.\n\nI made a minor adjustment to the explanation ..."), whose numbers the verifier reads: 2.5%. Does
         # a teacher that does not follow the student keep from it?
         "sdpo_g8_len32_reference_wording_initial_teacher": ("recipes/sdpo_arithmetic.yaml", [
-            *G8_LEN32, "eval.every_steps=20", "training.teacher_policy=initial",
-            f"source.template={json.dumps(VIEW_TEMPLATE.replace('{solution}', '{sibling}'))}"]),
+            *G8_LEN32, "eval.every_steps=20", "training.teacher_policy=initial", SIBLING_IN_VIEW_WORDING]),
     }),
     # Skill-SD on addition with a bank a person seeded with the form in which this model adds best ("a + b = c"),
     # against the same GRPO as arithmetic_sdpo's (G = 8, 32 tokens, 960 rollouts; Skill-SD is GRPO + IW-RKL).
     # The teacher's message in the main job's OPSD wording: under Skill-SD's default one ("Skills learned from
     # earlier attempts ... Use these skills to do the task well.") the 135M model answered "I'm ready to help.
-    # What's your task?" to every problem (0 of 48 right, against 6 of 48 for the bare problem).
+    # What's your task?" to every problem (a one-off probe: 0 of 48 right, against 6 of 48 for the bare problem;
+    # diagnose: teacher 0.00 greedy).
     "arithmetic_skillsd": ("arithmetic", {
-        "skillsd_format_skill": ("recipes/skillsd_arithmetic.yaml", [
-            *G8_LEN32, f"source.seed_skills=[{json.dumps(FORMAT_SKILL)}]", "source.summaries_per_step=0",
-            "source.top_k=1", f"source.template={json.dumps(TIP_TEMPLATE)}", "eval.every_steps=20"]),
-        "grpo_g8_len32": ("recipes/opsd_arithmetic.yaml", [*G8_LEN32, "training.distill_weight=0",
-                                                            "training.grpo_weight=1", "eval.every_steps=20"]),
+        "skillsd_format_skill": ("recipes/skillsd_arithmetic.yaml", SKILLSD_FORMAT),
+        "grpo_g8_len32": GRPO_G8_LEN32,
         # The teacher kept at the initial model instead of synced with the student every 10 steps: with SDPO the
         # EMA teacher taught the student's drift back, and a fixed one kept it stable.
         "skillsd_format_skill_initial_teacher": ("recipes/skillsd_arithmetic.yaml", [
-            *G8_LEN32, f"source.seed_skills=[{json.dumps(FORMAT_SKILL)}]", "source.summaries_per_step=0",
-            "source.top_k=1", f"source.template={json.dumps(TIP_TEMPLATE)}", "eval.every_steps=20",
-            "training.teacher_policy=initial"]),
+            *SKILLSD_FORMAT, "training.teacher_policy=initial"]),
     }),
     # Skill-SD with a bank holding a correct strategy, against GRPO alone and Skill-SD with learned skills, at the
     # settings of benchmarks/skillsd_vs_grpo.py (float32, 40 steps x 8 episodes), so its recorded runs can be reused;
@@ -123,8 +122,9 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
                                                 "training.grpo_weight=1", "training.num_generations=4"]),
         # The reviser told what "wrong" means with two options. With the paper's cue the 135M reviser turned 40% of
         # wrong answers right and kept 45% of right ones (teacher 0.41, below the 0.50 of a rule that ignores the
-        # problem: blind_rule fails); with this one it is meant to switch, so that its target is the right option
-        # on every rollout, which only the sum predicts. Its SRT stage is recorded as srt_switch_cue.
+        # problem: blind_rule fails); this cue was meant to make it switch, so that its target is the right option
+        # on every rollout. It did not (benchmarks/reviser_anchoring.py --name switch_cue: 35% of wrong answers
+        # turned right), so this configuration was not trained. Its SRT stage would be recorded as srt_switch_cue.
         "sdzero_switch_cue": ("recipes/sdzero_choice.yaml", [f"source.cues={json.dumps({'wrong': SWITCH_CUE})}"]),
     }),
     # SDPO where its premise holds: on two-option addition the student's rollouts succeed about a quarter of the time,
