@@ -47,6 +47,9 @@ def measure(recipe_path: str, overrides: list[str], prompts: int, samples: int) 
     if not isinstance(reviser, Reviser):
         raise SystemExit(f"{recipe_path}: the source is {type(reviser).__name__}, not SD-Zero's reviser")
     train, _ = load_splits(recipe.data)
+    if "answer" not in train.column_names:
+        raise SystemExit(f"{recipe_path}: its rows have no 'answer' column; this benchmark reads numeric answers "
+                         "(data.task: arithmetic)")
     rows = [row for row in train.select(range(min(prompts, len(train)))).to_list() for _ in range(samples)]
     torch.manual_seed(recipe.training.get("seed", 0))
     model, tokenizer = load_model(recipe.model), load_tokenizer(recipe.model)

@@ -453,8 +453,8 @@ def verdicts(report: dict[str, Any]) -> list[dict[str, str]]:
             f"{share:.0%} of the divergence sits on the {fraction:.0%} of tokens that spell digits ({focus:.2f}x their "
             f"share; needs >= {th['digit_focus']:.2f}x)" + ("" if focus >= th["digit_focus"] else (
                 ": the teacher differs from the student mostly in wording, not in the answer's digits, so distillation "
-                "teaches the teacher's style (SDPO's sibling wording on open addition: 1.49x here, 1.1x in its first "
-                "training steps; its student took up the teacher's preamble and fell to 0%)")))
+                "teaches the teacher's style; try another wording of the privileged information (docs/diagnose.md, "
+                "focus)")))
     view = report["teacher"][report["teacher_view"]]
     too_long, cut = view.get("successes_too_long"), report["student_lengths"].get("cut_share", 0.0)
     if too_long is None:
