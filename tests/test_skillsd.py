@@ -109,6 +109,24 @@ def test_guess_number_feedback_and_rewards():
     assert out.done and env.get_reward() == 0.0 and "The number was 2" in out.observation
 
 
+def test_guess_number_draws_secrets_from_a_given_list():
+    rows = GuessNumber.make_rows(400, seed=0, split="train", low=1, high=8, max_turns=4, secrets=[6, 6, 6, 2])
+    counts = {v: sum(r["secret"] == v for r in rows) for v in (2, 6)}
+    assert counts[2] + counts[6] == 400 and 250 <= counts[6] <= 350  # three in four, by the repeats
+    plain = GuessNumber.make_rows(400, seed=0, split="train", low=1, high=8, max_turns=4)
+    assert {r["secret"] for r in plain} == set(range(1, 9))
+    GuessNumber(low=1, high=8, secrets=[6, 2])  # the recipe's env block reaches the constructor too
+
+
+@pytest.mark.parametrize("secrets, match", [([9], r"holds \[9\].*from 1 to 8"), ([], "non-empty list"),
+                                            ("6", "non-empty list"), ([2.5], r"holds \[2.5\]")])
+def test_guess_number_rejects_secrets_outside_its_range(secrets, match):
+    with pytest.raises(ValueError, match=match):
+        GuessNumber.make_rows(4, seed=0, split="train", low=1, high=8, secrets=secrets)
+    with pytest.raises(ValueError, match=match):
+        GuessNumber(low=1, high=8, secrets=secrets)
+
+
 def test_environment_arguments_are_checked():
     with pytest.raises(ValueError, match="low < high"):
         GuessNumber(low=5, high=5)

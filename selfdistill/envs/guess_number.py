@@ -22,15 +22,19 @@ _INT = re.compile(r"-?\d+")
 
 
 class GuessNumber(Environment):
-    """Args: low, high: the range of the secret (inclusive); max_turns: guesses allowed."""
+    """Args: low, high: the range of the secret (inclusive); max_turns: guesses allowed; secrets: the values the
+    rows' secrets are drawn from, uniformly (repeat a value to make it more likely; default every integer from
+    ``low`` to ``high``). A skewed list makes a task whose structure can be learned across episodes: what a skill
+    ("the number is often 6") can tell a teacher and the student has to find out."""
 
     name = "guess_number"
 
-    def __init__(self, low: int = 1, high: int = 16, max_turns: int = 6):
+    def __init__(self, low: int = 1, high: int = 16, max_turns: int = 6, secrets: list[int] | None = None):
         if not low < high:
             raise ValueError(f"guess_number needs low < high, got low={low}, high={high}")
         if max_turns < 1:
             raise ValueError(f"max_turns={max_turns} must be >= 1")
+        _check_secrets(secrets, low, high)
         self.low, self.high, self.max_turns = low, high, max_turns
         self.secret: int | None = None
         self.turns = 0
@@ -73,8 +77,21 @@ class GuessNumber(Environment):
 
     @classmethod
     def make_rows(cls, n: int, seed: int, split: str, low: int = 1, high: int = 16, max_turns: int = 6,
-                  **_: Any) -> list[dict[str, Any]]:
+                  secrets: list[int] | None = None, **_: Any) -> list[dict[str, Any]]:
+        _check_secrets(secrets, low, high)
         rng = random.Random(split_seed(seed, split))
         text = PROMPT.format(low=low, high=high, turns=max_turns)
-        return [{"prompt": [{"role": "user", "content": text}], "secret": rng.randint(low, high),
+        draw = (lambda: rng.choice(secrets)) if secrets else (lambda: rng.randint(low, high))
+        return [{"prompt": [{"role": "user", "content": text}], "secret": int(draw()),
                  "task": f"guess_number_{low}_{high}"} for _ in range(n)]
+
+
+def _check_secrets(secrets: list[int] | None, low: int, high: int) -> None:
+    if secrets is None:
+        return
+    if isinstance(secrets, (str, bytes)) or not hasattr(secrets, "__iter__") or not list(secrets):
+        raise ValueError(f"env.secrets must be a non-empty list of integers from {low} to {high}, got {secrets!r}")
+    bad = [v for v in secrets if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high]
+    if bad:
+        raise ValueError(f"env.secrets holds {bad!r}: every secret must be an integer from {low} to {high} "
+                         "(env.low to env.high); fix the list or widen the range")
