@@ -9,6 +9,9 @@ the main job's prompts (8 two-digit additions) and the OPSD teacher wording:
   forward, so every decoding step casts the weights again) vs inside one enclosing autocast region
   (``selfdistill.sampling.generation_model``: one cast per call), float32 beside them; greedy, so the tokens can be
   compared.
+- ``bf16copy``: a bfloat16 copy of the weights (no autocast) for sampling and the teacher pass, against the float32
+  weights under one autocast region: ``generate`` of 8 x 16 sampled tokens, the teacher pass over 8 rollouts, the
+  cost of refreshing the copy from the float32 weights, and the gap between the two log-probabilities.
 - ``teacher``: the 8 teacher rows scored plainly vs with shared prefixes (``shared_prefix_logits``).
 - ``cache``: ``generate`` of 8 x 16 tokens with the dynamic vs a static cache; ``--compile`` adds the static
   cache compiled by inductor (slow: minutes to compile); ``--bf16`` runs them in one bf16 autocast region.
@@ -75,8 +78,8 @@ from recipe_runs import machine  # noqa: E402  (benchmarks/, the script's own fo
 
 RESULTS = ROOT / "benchmarks" / "results" / "cpu_probes.json"
 TEMPLATE = "{problem}\n\nHere is a reference solution:\n{solution}\n\nUnderstand it, then answer in your own words."
-PROBES = ("bf16", "bf16gen", "teacher", "cache", "student", "decode", "profile", "reuse", "overlap", "step", "matmul",
-          "heap", "bandwidth", "padding", "views")
+PROBES = ("bf16", "bf16gen", "bf16copy", "teacher", "cache", "student", "decode", "profile", "reuse", "overlap", "step",
+          "matmul", "heap", "bandwidth", "padding", "views")
 # The allocator setting the launch scripts (scripts/main_job.sh, scripts/launch.sh) export before Python starts.
 TUNED_HEAP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
 LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
@@ -190,6 +193,46 @@ def probe_cache(ctx, compile_too: bool, bf16: bool = False) -> dict:
         out["generate_compiled_first_call_s"] = time.perf_counter() - start
         out["generate_compiled_s"] = timed(lambda: generate(cache_implementation="static", compile_config=config))
     return out
+
+
+def probe_bf16copy(ctx) -> dict:
+    """A bfloat16 copy of the weights for sampling and the teacher pass (no autocast), against the trainer's float32
+    weights under one bf16 autocast region: the same 8 main-job prompts x 16 sampled tokens, the teacher pass over 8
+    rollouts, the cost of refreshing the copy after an optimizer step, and how far the copy's log-probabilities of
+    the same tokens are from autocast's (the precision gap sampling would then have from the scored policy)."""
+    import copy
+
+    from selfdistill.sequences import completion_logits, shared_prefix_logits, splice
+
+    tok, model, prompts, teacher, completions = ctx
+    batch = splice(prompts, [[] for _ in prompts], tok.pad_token_id)
+    width = batch.context_width
+    ids, mask = batch.input_ids[:, :width], batch.attention_mask[:, :width]
+    twin = copy.deepcopy(model).to(torch.bfloat16)
+    scored = splice(teacher, completions, tok.pad_token_id)
+
+    def generate(target, autocast: bool):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            target.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.6, top_k=0,
+                            max_new_tokens=16, min_new_tokens=16, pad_token_id=tok.pad_token_id)
+
+    def teacher_pass(target, autocast: bool):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = shared_prefix_logits(target, scored, teacher)
+            return (completion_logits(target, scored) if out is None else out).float().log_softmax(-1)
+
+    def refresh():
+        with torch.no_grad():
+            for mine, theirs in zip(twin.parameters(), model.parameters()):
+                mine.copy_(theirs)
+
+    gap = (teacher_pass(twin, False) - teacher_pass(model, True)).abs()
+    return {"generate_float32_weights_one_autocast_region_s": timed(lambda: generate(model, True)),
+            "generate_bf16_copy_s": timed(lambda: generate(twin, False)),
+            "teacher_pass_autocast_s": timed(lambda: teacher_pass(model, True)),
+            "teacher_pass_bf16_copy_s": timed(lambda: teacher_pass(twin, False)),
+            "refresh_copy_s": timed(refresh),
+            "logprob_gap_mean_nats": float(gap.mean()), "logprob_gap_max_nats": float(gap.max())}
 
 
 def probe_student(ctx) -> dict:
@@ -693,6 +736,7 @@ def main() -> None:
         print(f"probe {name} ...", flush=True)
         fn = {"bf16": probe_bf16, "bf16gen": probe_bf16gen, "teacher": probe_teacher,
               "cache": lambda c: probe_cache(c, opts.compile, opts.bf16), "student": probe_student,
+              "bf16copy": probe_bf16copy,
               "decode": probe_decode,
               "profile": probe_profile, "reuse": probe_reuse, "overlap": probe_overlap, "step": probe_step,
               "matmul": probe_matmul, "heap": probe_heap, "bandwidth": probe_bandwidth,
