@@ -133,20 +133,24 @@ def main() -> None:
     parser.add_argument("--eval-only", action="store_true", help="skip training; evaluate the models on disk")
     parser.add_argument("--no-generalisation", action="store_true", help="train only")
     parser.add_argument("--plot", type=Path, default=PLOT, help=f"plot path (default {PLOT.relative_to(ROOT)})")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results file (default: %(default)s)")
+    parser.add_argument("--out-root", type=Path, default=ROOT / "outputs" / "main_job_seeds",
+                        help="the runs' folders go under OUT_ROOT/NAME (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every seed (after --)")
     args = parser.parse_args()
+    results = args.results
 
-    all_results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    all_results = json.loads(results.read_text()) if results.exists() else {}
     record = all_results.get(args.name, {"overrides": args.overrides, "runs": {}, "generalisation": {}})
     if record.get("overrides") != args.overrides:
         record = {"overrides": args.overrides, "runs": {}, "generalisation": {}}
     if not args.eval_only:
         record["machine"] = machine()
         record["glibc_tunables"] = use_launch_heap()  # as scripts/main_job.sh launches the job
-    out_root = ROOT / "outputs" / "main_job_seeds" / args.name
+    out_root = args.out_root / args.name
 
     def save() -> None:
-        record_result(RESULTS, args.name, record)
+        record_result(results, args.name, record)
 
     for seed in args.seeds:
         if args.eval_only:
@@ -184,7 +188,7 @@ def main() -> None:
         if len([s for s in record["runs"] if s in gen]) >= 1:
             plot(record, args.plot)
     print(report(record))
-    print(f"wrote {RESULTS}" + ("" if args.no_generalisation else f" and {args.plot}"))
+    print(f"wrote {results}" + ("" if args.no_generalisation else f" and {args.plot}"))
 
 
 if __name__ == "__main__":
