@@ -20,7 +20,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from selfdistill.distributed import zero_stage
-from selfdistill.export import write_model_card
+from selfdistill.export import follow_umask, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -37,31 +37,6 @@ class CheckpointMismatch(RuntimeError):
 
 class CheckpointDamaged(RuntimeError):
     """A checkpoint whose files differ from the sizes and checksums recorded when it was written."""
-
-
-def process_umask() -> int:
-    """The process umask, read without changing it (Linux: /proc/self/status), else by setting and restoring it."""
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def follow_umask(folder: str) -> None:
-    """Give every file and folder under ``folder`` the mode the process umask asks for. Some writers (safetensors'
-    atomic write in transformers) create files 0600 whatever the umask, which a shared cache or a container under
-    another uid then cannot read."""
-    mask = process_umask()
-    for root, dirs, files in os.walk(folder):
-        for name in dirs:
-            os.chmod(os.path.join(root, name), 0o777 & ~mask)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~mask)
-    os.chmod(folder, 0o777 & ~mask)
 
 
 def _sha256(path: str) -> str:

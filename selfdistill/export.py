@@ -8,12 +8,38 @@ the gathered weights and the merge runs on the main process from the saved adapt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from selfdistill.distributed import is_zero3_model
+
+
+def process_umask() -> int:
+    """The process umask, read without changing it (Linux: /proc/self/status), else by setting and restoring it."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(folder: str) -> None:
+    """Give every file and folder under ``folder`` the mode the process umask asks for. Some writers (safetensors'
+    atomic write in transformers) create files 0600 whatever the umask, which a shared cache or a container under
+    another uid then cannot read."""
+    mask = process_umask()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
 
 
 def is_peft_model(model: Any) -> bool:
@@ -32,8 +58,6 @@ def save_final_model(trainer: Any, folder: str | Path, merged: bool = False) -> 
         trainer.create_model_card(output_dir=str(folder))
     trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:
-        from selfdistill.checkpoints import follow_umask
-
         follow_umask(str(folder))
     model = trainer.accelerator.unwrap_model(trainer.model)
     out: dict[str, Any] = {"path": str(folder), "adapter": is_peft_model(model), "merged_path": None}
@@ -54,8 +78,6 @@ def save_final_model(trainer: Any, folder: str | Path, merged: bool = False) -> 
         base.save_pretrained(str(target))
         if trainer.processing_class is not None:
             trainer.processing_class.save_pretrained(str(target))
-        from selfdistill.checkpoints import follow_umask
-
         follow_umask(str(target))
     trainer.accelerator.wait_for_everyone()
     out["merged_path"] = str(target)
