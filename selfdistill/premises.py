@@ -9,7 +9,9 @@ model, data and source, this measures whether there is anything to teach, and wh
   the share of tokens that carry 80% of it (how dense the signal is);
 - **focus**: where the divergence sits, when the answers spell numbers: its share on the tokens that spell digits
   against those tokens' share (a teacher that differs from the student mostly in wording teaches its style), and
-  at the student's own stops after a right answer the probability each model gives that stop (reported only);
+  at the student's own stops after a right answer the probability each model gives that stop;
+- **stops**: with a teacher that follows the student (``live``, ``ema``, ``sync``), whether the teacher is as ready
+  as the student to stop after a right answer (one less ready teaches the student to write on, and then follows it);
 - **room**: the share of student and teacher generations cut at ``max_completion_length``, their lengths, and the
   share of the teacher's successful answers that would not fit (a run whose divergence falls while its reward stays
   at zero is predicted here);
@@ -56,7 +58,11 @@ THRESHOLDS: dict[str, float] = {
     "blind_gap": 0.10,  # rows with options: teacher reward - the best rule that ignores the problem
     "digit_focus": 1.5,  # digit share of the divergence / digit share of the tokens (answers that spell numbers)
     "digit_tokens": 0.02,  # below this share of digit tokens in the rollouts, `focus` has nothing to read
+    "stop_gap": 0.03,  # a teacher that follows the student: p(stop) student - teacher after a right answer
 }
+
+#: Teacher policies whose weights follow the student's: what the student picks up, the teacher shows it again.
+FOLLOWING_TEACHERS = ("live", "ema", "sync")
 
 
 @dataclass
@@ -122,8 +128,10 @@ class Diagnosis:
                  reward_funcs: Sequence[Callable], *, max_completion_length: int, temperature: float = 1.0,
                  top_p: float = 1.0, samples: int = 4, threshold: float = 0.5, teacher_rollouts: int = 64,
                  max_teacher_length: int | None = None, env_factory: Callable | None = None,
-                 max_turns: int | None = None, batch_size: int = 64, progress: bool = True):
+                 max_turns: int | None = None, batch_size: int = 64, progress: bool = True,
+                 teacher_policy: str | None = None):
         self.model, self.tokenizer, self.rows, self.source = model, tokenizer, list(rows), source
+        self.teacher_policy = teacher_policy
         self.reward_funcs = list(reward_funcs)
         self.limit, self.temperature, self.top_p = max_completion_length, temperature, top_p
         self.samples, self.threshold, self.teacher_rollouts = samples, threshold, teacher_rollouts
@@ -219,6 +227,7 @@ class Diagnosis:
             report: dict[str, Any] = {
                 "source": type(self.source).__name__, "prompts": len(rows), "rollouts": len(rollouts),
                 "samples_per_prompt": g, "max_completion_length": self.limit,
+                "teacher_policy": self.teacher_policy,
                 "student_reward": _mean(sampled.rewards), "student_reward_greedy": _mean(greedy.rewards),
                 "student_success": _success(sampled.rewards, self.threshold),
                 "student_success_greedy": _success(greedy.rewards, self.threshold),
@@ -455,6 +464,19 @@ def verdicts(report: dict[str, Any]) -> list[dict[str, str]]:
                 ": the teacher differs from the student mostly in wording, not in the answer's digits, so distillation "
                 "teaches the teacher's style; try another wording of the privileged information (docs/diagnose.md, "
                 "focus)")))
+    ps, pt, policy = report["signal"].get("student_p_stop"), report["signal"].get("teacher_p_stop"), report.get(
+        "teacher_policy")
+    if ps is not None and pt is not None and policy is not None:
+        gap, follows = ps - pt, policy in FOLLOWING_TEACHERS
+        ok = not follows or gap < th["stop_gap"]
+        add("stops", ok,
+            f"after a right answer the teacher gives the student's stop {pt:.2f} against the student's {ps:.2f} "
+            f"(gap {gap:+.2f}); teacher_policy={policy}" + (
+                (" follows the student" + ("" if ok else f" (needs a gap < {th['stop_gap']:.2f} then): what the "
+                 "student learns to say after its answer, the teacher shows it again, and the student writes on to "
+                 "the limit; use teacher_policy=initial, or a max_completion_length that ends near the answer "
+                 "(docs/diagnose.md, stops)")) if follows else " does not follow the student: its lower readiness "
+                "to stop is not taught back"))
     view = report["teacher"][report["teacher_view"]]
     too_long, cut = view.get("successes_too_long"), report["student_lengths"].get("cut_share", 0.0)
     if too_long is None:
@@ -588,6 +610,7 @@ def diagnose(model: Any, tokenizer: Any, dataset: Any, privileged: PrivilegedSou
                      temperature=args.temperature, top_p=args.top_p, samples=g,
                      max_teacher_length=args.max_teacher_length, env_factory=environment_factory,
                      max_turns=getattr(args, "max_turns", None), progress=progress,
+                     teacher_policy=getattr(args, "teacher_policy", None),
                      # episodes: the teacher plays half as many as the student (each costs several replies)
                      teacher_rollouts=64 if environment_factory is None else min(64, len(rows) * g // 2)).run()
 

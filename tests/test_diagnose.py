@@ -93,6 +93,15 @@ def test_verdicts_follow_the_thresholds():
                     "focus") == "fails"  # SDPO on open addition: 1.1x, then its teacher's preamble
     no_digits = verdicts(_report(signal={"reverse_kl": 0.3, "digit_share": None, "digit_token_fraction": 0.0}))
     assert "focus" not in {v["premise"] for v in no_digits}  # answers that spell no numbers: nothing to read
+    # stops: a teacher that follows the student must be as ready as the student to stop after a right answer
+    stop = {"reverse_kl": 0.3, "student_p_stop": 0.81, "teacher_p_stop": 0.71}  # SDPO, EMA teacher: collapsed
+    assert _verdict(_report(signal=stop, teacher_policy="ema"), "stops") == "fails"
+    assert _verdict(_report(signal=stop, teacher_policy="sync"), "stops") == "fails"
+    assert _verdict(_report(signal=stop, teacher_policy="initial"), "stops") == "holds"  # stayed stable
+    level = {**stop, "teacher_p_stop": 0.81 - THRESHOLDS["stop_gap"] / 2}
+    assert _verdict(_report(signal=level, teacher_policy="live"), "stops") == "holds"
+    for unread in (_report(signal=stop), _report(signal={**stop, "teacher_p_stop": None}, teacher_policy="ema")):
+        assert "stops" not in {v["premise"] for v in verdicts(unread)}  # no policy given, or no right stop seen
 
 
 def test_digit_focus_matches_a_count_over_the_kept_tokens(tokenizer):
@@ -188,6 +197,7 @@ def test_a_reference_teacher_is_scored_on_the_student_tokens(tmp_path, tokenizer
     assert set(report["teacher"]["reference"]) >= {"reward", "reward_greedy", "lengths", "successes_too_long",
                                                    "reward_unbounded"}
     assert "rewards" not in report["teacher"]["reference"]
+    assert report["teacher_policy"] == _args(tmp_path).teacher_policy  # the stops verdict reads the run's policy
 
 
 def test_scoring_keeps_the_models_own_tokens_and_matches_the_full_head(tokenizer):
