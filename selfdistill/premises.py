@@ -209,12 +209,15 @@ class Diagnosis:
             self.bar.update()
             self.bar.set_postfix_str("student sampled")
             g = self.samples
-            rep = [(r, p, i) for r, p, i in zip(rows, prompts, prompt_ids) for _ in range(g)]
+            # Sample-major: rollout j belongs to prompt j % len(rows), so that every measure read on the first n
+            # rollouts (the teacher's own generations, a capped signal, the reviser's revisions) covers n prompts,
+            # not the first n / g prompts' groups (with g = 8 and 64 teacher rollouts that was 8 problems).
+            rep = [(r, p, i) for _ in range(g) for r, p, i in zip(rows, prompts, prompt_ids)]
             sampled = self._generate([x[0] for x in rep], [x[1] for x in rep], [x[2] for x in rep], greedy=False,
                                      max_new_tokens=self.limit)
             self.bar.update()
             rollouts = [Rollout(row=row, prompt=prompt, completion=text, completion_ids=ids, reward=reward,
-                                group=i // g, finished=not cut,
+                                group=i % len(rows), finished=not cut,
                                 extras={} if sampled.masks is None else {"env_mask": sampled.masks[i]})
                         for i, (row, prompt, text, ids, reward, cut) in enumerate(zip(
                             sampled.rows, sampled.prompts, sampled.texts, sampled.completion_ids, sampled.rewards,

@@ -188,6 +188,30 @@ def test_a_teacher_without_privileged_information_has_no_gap_and_no_signal(tmp_p
     assert report["student_lengths"]["max"] <= 4
 
 
+def test_the_teacher_generates_for_as_many_prompts_as_it_has_rollouts(tokenizer):
+    """The teacher's own generations (capped at teacher_rollouts) spread over the prompts: with 4 samples a prompt
+    and 8 teacher rollouts they cover 8 problems, not the first 2 prompts' groups; each group still holds its own
+    prompt's rollouts (siblings are found by group)."""
+    from selfdistill.premises import Diagnosis
+
+    rows = list(build_dataset(8))
+    diag = Diagnosis(build_model(tokenizer), tokenizer, rows, ReferenceSolution(column="solution"), [even_answer],
+                     max_completion_length=4, samples=4, teacher_rollouts=8, progress=False)
+    seen, original = [], diag._generate
+
+    def spy(rows_, prompts, prompt_ids, *, greedy, max_new_tokens):
+        out = original(rows_, prompts, prompt_ids, greedy=greedy, max_new_tokens=max_new_tokens)
+        seen.append((greedy, max_new_tokens, [r["answer"] for r in rows_], out))
+        return out
+
+    diag._generate = spy
+    diag.run()
+    student = next(answers for greedy, limit, answers, _ in seen if not greedy and limit == 4)
+    assert len(student) == 32 and all(student[j] == rows[j % 8]["answer"] for j in range(32))
+    teacher = next(answers for greedy, limit, answers, _ in seen if not greedy and limit == 8)
+    assert sorted(teacher) == sorted(r["answer"] for r in rows)  # 8 rollouts, 8 different problems
+
+
 def test_a_reference_teacher_is_scored_on_the_student_tokens(tmp_path, tokenizer):
     model = build_model(tokenizer)
     report = diagnose(model, tokenizer, build_dataset(4), ReferenceSolution(column="solution"), [even_answer],
