@@ -102,7 +102,8 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
         # sees and the distillation term is a reverse KL to the initial model (GRPO's usual anchor, here in
         # Skill-SD's importance-weighted form). Is the gain the skill's, or the anchor's?
         "grpo_kl_to_initial": ("recipes/skillsd_arithmetic.yaml", [
-            *[o for o in SKILLSD_FORMAT if not o.startswith("source.seed_skills=")], "training.teacher_policy=initial"]),
+            *[o for o in SKILLSD_FORMAT if not o.startswith("source.seed_skills=")],
+            "training.teacher_policy=initial"]),
     }),
     # Skill-SD with a bank holding a correct strategy, against GRPO alone and Skill-SD with learned skills, at the
     # settings of benchmarks/skillsd_vs_grpo.py (float32, 40 steps x 8 episodes), so its recorded runs can be reused;
