@@ -120,6 +120,13 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
                                           f"training.distill_weight={w}"])
            for w in ("0.1", "0.3", "3.0")},
     }),
+    # SD-Zero on open addition at the main job's budget (960 training rollouts after SRT), against the same GRPO as
+    # arithmetic_sdpo's (whose runs it shares) and its SRT stage alone (from the same run). Before SRT the 135M reviser
+    # turns 9% of its wrong answers right; after it, 28% (diagnose measures the reviser SRT leaves, fifth session).
+    "open_sdzero": ("arithmetic", {
+        "sdzero": ("recipes/sdzero_arithmetic.yaml", []),
+        "grpo": ("recipes/opsd_arithmetic.yaml", GRPO_ARITHMETIC),
+    }),
     # SD-Zero on two-option addition, where "this response is wrong" leaves one option; its SRT stage alone is read
     # from the same run (eval_after_srt, recorded as method "srt"), GRPO has the same binary reward.
     "choice_sdzero": ("arithmetic_choice", {
