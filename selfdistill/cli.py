@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="training rows to roll out (default 64; max(4, 320 // max_turns**2) under an environment)")
     diag.add_argument("--samples", type=int, help="rollouts per prompt (default: max(num_generations, 4))")
     diag.add_argument("--skills", help="Skill-SD: a skill bank to measure (skills.json, or a run's folder)")
+    diag.add_argument("--no-srt", action="store_true",
+                      help="SD-Zero: measure the model as named, without the recipe's self-revision stage first")
     diag.add_argument("--no-progress", action="store_true")
     sub.add_parser("recipes", help="list the shipped recipes")
     check = sub.add_parser("check", help="validate recipes without loading a model (GPU-only settings included)")
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             if (args.prompts is not None and args.prompts < 1) or (args.samples is not None and args.samples < 1):
                 raise RecipeError("--prompts and --samples must be at least 1")
             report = diagnose_recipe(recipe, prompts=args.prompts, samples=args.samples, skills=args.skills,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, srt=not args.no_srt)
             print(format_report(report))
             print(f"wrote {report['path']} ({report['wall_seconds']:.0f} s)")
             return 0

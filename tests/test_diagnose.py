@@ -380,3 +380,54 @@ def test_contrastive_hints_generate_under_the_correct_hint_only_and_greedy_once_
     # student greedy (4 prompts), student sampled (8), teacher sampled on every rollout's context (8), teacher greedy
     # once per distinct context (4 prompts)
     assert calls == [(False, 4), (True, 8), (True, 8), (False, 4)]
+
+
+def test_an_sdzero_recipe_is_diagnosed_after_its_self_revision_stage(tmp_path, tokenizer, monkeypatch, capsys):
+    """SD-Zero's teacher is the reviser its SRT stage leaves: diagnose runs that stage first and measures the model
+    it leaves (``--no-srt`` measures the model as named)."""
+    import selfdistill.methods.sdzero.srt as srt_module
+    import selfdistill.premises as premises
+
+    def checksum(model):
+        return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+    seen = {}
+    real_srt, real_diagnose = srt_module.self_revision_training, premises.diagnose
+
+    def srt_spy(model, *args, **kwargs):
+        seen["before_srt"] = checksum(model)
+        stats = real_srt(model, *args, **kwargs)
+        seen["after_srt"] = checksum(model)
+        return stats
+
+    def diagnose_spy(model, *args, **kwargs):
+        seen["measured"] = checksum(model)
+        return real_diagnose(model, *args, **kwargs)
+
+    monkeypatch.setattr(srt_module, "self_revision_training", srt_spy)
+    monkeypatch.setattr(premises, "diagnose", diagnose_spy)
+    (tmp_path / "lenient_srt.py").write_text("def every_other(prompts, completions, **kw):\n"
+                                             "    return [float(i % 2) for i in range(len(completions))]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model_dir = tmp_path / "tiny"
+    build_model(tokenizer, max_position_embeddings=1024).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    recipe = {
+        "method": "sdzero", "model": str(model_dir),
+        "data": {"task": "arithmetic", "n_train": 16, "n_test": 4, "digits": 1},
+        "source": {"type": "reviser"}, "rewards": ["lenient_srt.every_other"],
+        "srt": {"prompts": 8, "revisions": 1, "max_new_tokens": 4, "epochs": 1, "learning_rate": 1e-3,
+                "train_batch_size": 4, "keep_truncated": True},
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "per_device_train_batch_size": 4,
+                     "num_generations": 1, "max_completion_length": 4, "use_cpu": True, "save_strategy": "no"},
+    }
+    path = tmp_path / "sdzero.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    args = ["diagnose", str(path), "--prompts", "4", "--samples", "2", "--no-progress", "--allow-code", "lenient_srt"]
+    assert main(args) == 0
+    written = json.loads((tmp_path / "out" / "diagnosis.json").read_text())
+    assert written["srt"]["sft_steps"] >= 1 and "self-revision stage first" in capsys.readouterr().out
+    assert seen["after_srt"] != seen["before_srt"] and seen["measured"] == seen["after_srt"]
+    seen.clear()
+    assert main([*args, "--no-srt"]) == 0
+    assert "before_srt" not in seen and "srt" not in json.loads((tmp_path / "out" / "diagnosis.json").read_text())
