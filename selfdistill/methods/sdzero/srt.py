@@ -12,7 +12,6 @@ Token ids are spliced, never re-tokenised: the SFT example is exactly the contex
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 from collections import Counter
@@ -20,7 +19,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from selfdistill.methods.sdzero.source import Reviser
@@ -166,12 +164,7 @@ def self_revision_training(
     rows = dataset.select(indices).to_list()
     # Verifiers get the same time limit as in phase 2 (reward_timeout).
     timeout = getattr(training_args, "reward_timeout", 60.0)
-    # Sampled as phase 2 samples: under bf16 autocast when the recipe trains in bf16 on the CPU (about half the time of
-    # float32 here; the SFT below runs under the same setting through SFTConfig.bf16).
-    bf16_on_cpu = bool(getattr(training_args, "bf16", False)) and next(model.parameters()).device.type == "cpu"
-    precision = torch.autocast("cpu", dtype=torch.bfloat16) if bf16_on_cpu else contextlib.nullcontext()
-    with precision:
-        examples, stats = collect_revisions(model, tokenizer, rows, reviser, reward_funcs, config, progress, timeout)
+    examples, stats = collect_revisions(model, tokenizer, rows, reviser, reward_funcs, config, progress, timeout)
     stats["sample_seconds"] = round(time.perf_counter() - start, 1)
     stats["config"] = asdict(config)
     if not examples:
