@@ -58,6 +58,24 @@ SIBLING_IN_VIEW_WORDING = f"source.template={json.dumps(VIEW_TEMPLATE.replace('{
 SKILLSD_FORMAT = [*G8_LEN32, f"source.seed_skills=[{json.dumps(FORMAT_SKILL)}]", "source.summaries_per_step=0",
                   "source.top_k=1", f"source.template={json.dumps(TIP_TEMPLATE)}", "eval.every_steps=20"]
 
+# AVSD over three independent references, each wrong on 30% of rows: against OPSD on each reference alone and
+# OPSD shown all three in one context; at the recipe's setting (whole vocabulary, scale clip tau 4) and at the
+# paper's (union of each view's top-64 plus the sampled token, per-entry clip 0.05, uniform weights).
+NOISY_REFERENCES: dict[str, tuple[str, list[str]]] = {
+    "avsd": ("recipes/avsd_noisy_references.yaml", []),
+    "avsd_paper": ("recipes/avsd_noisy_references.yaml", ["source.top_k=64", "training.clip=entry",
+                                                          "training.clip_tau=0.05"]),
+    # The same wording as AVSD's views (the full_solution template), so that only the combination differs. A
+    # first run with ReferenceSolution's default (the paper's long instruction) collapsed to 1% ("This is a
+    # reference to a reference ..."); it is kept in premises.json as opsd_view_reference_1_default_template.
+    **{f"opsd_view_reference_{k}": ("recipes/avsd_noisy_references.yaml", [
+        f"source={{type: reference, column: reference_{k}, template: {json.dumps(VIEW_TEMPLATE)}}}"])
+       for k in (1, 2, 3)},
+    "opsd_all_views": ("recipes/avsd_noisy_references.yaml", [
+        "source={type: reference, column: references_all, template: \"{problem}\\n\\nHere are three reference "
+        "solutions (some may be wrong):\\n{solution}\\n\\nUnderstand them, then answer in your own words.\"}"]),
+}
+
 #: comparison -> (task, {configuration: (recipe, overrides)}); the first configuration is the method.
 COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
     # SDPO (a successful sibling as the teacher's PI) against GRPO with the same binary reward and rollouts.
@@ -160,22 +178,14 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
                                                       "training.grpo_weight=1", "training.num_generations=4",
                                                       "training.max_completion_length=32"]),
     }),
-    # AVSD over three independent references, each wrong on 30% of rows: against OPSD on each reference alone and
-    # OPSD shown all three in one context; at the recipe's setting (whole vocabulary, scale clip tau 4) and at the
-    # paper's (union of each view's top-64 plus the sampled token, per-entry clip 0.05, uniform weights).
-    "noisy_references_avsd": ("arithmetic_noisy_references", {
-        "avsd": ("recipes/avsd_noisy_references.yaml", []),
-        "avsd_paper": ("recipes/avsd_noisy_references.yaml", ["source.top_k=64", "training.clip=entry",
-                                                              "training.clip_tau=0.05"]),
-        # The same wording as AVSD's views (the full_solution template), so that only the combination differs. A
-        # first run with ReferenceSolution's default (the paper's long instruction) collapsed to 1% ("This is a
-        # reference to a reference ..."); it is kept in premises.json as opsd_view_reference_1_default_template.
-        **{f"opsd_view_reference_{k}": ("recipes/avsd_noisy_references.yaml", [
-            f"source={{type: reference, column: reference_{k}, template: {json.dumps(VIEW_TEMPLATE)}}}"])
-           for k in (1, 2, 3)},
-        "opsd_all_views": ("recipes/avsd_noisy_references.yaml", [
-            "source={type: reference, column: references_all, template: \"{problem}\\n\\nHere are three reference "
-            "solutions (some may be wrong):\\n{solution}\\n\\nUnderstand them, then answer in your own words.\"}"]),
+    # AVSD over three noisy references (NOISY_REFERENCES above).
+    "noisy_references_avsd": ("arithmetic_noisy_references", NOISY_REFERENCES),
+    # The same comparison with room for the answer (fifth session): at 16 tokens diagnose's `room` fails there at 128
+    # prompts (29% of the best view's successful answers are longer; 45% of student rollouts cut), so every
+    # configuration gets 32 tokens. The paper's settings are left out (25% at 16 tokens, seed 0).
+    "noisy_references_avsd_len32": ("arithmetic_noisy_references", {
+        f"{name}_len32": (recipe, [*overrides, "training.max_completion_length=32"])
+        for name, (recipe, overrides) in NOISY_REFERENCES.items() if name != "avsd_paper"
     }),
 }
 
