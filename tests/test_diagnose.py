@@ -334,28 +334,35 @@ def test_skills_without_a_bank_are_unknown_and_a_seeded_bank_is_measured(tmp_pat
     assert seeded["skills"]["shown"] and seeded["skills"]["teacher_reward_with_skills"] is not None
 
 
-def test_cli_diagnose_writes_diagnosis_json(tmp_path, tokenizer, capsys):
+def _cli_recipe(tmp_path, tokenizer, method: str, source: dict, rewards: list[str], num_generations: int,
+                **sections) -> str:
+    """A recipe file over a tiny saved model and one-digit addition, for the ``diagnose`` command."""
     model_dir = tmp_path / "tiny"
     build_model(tokenizer, max_position_embeddings=1024).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     recipe = {
-        "method": "opsd", "model": str(model_dir),
+        "method": method, "model": str(model_dir),
         "data": {"task": "arithmetic", "n_train": 16, "n_test": 4, "digits": 1},
-        "source": {"type": "reference", "column": "solution"},
-        "rewards": ["arithmetic"],
+        "source": source, "rewards": rewards, **sections,
         "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "per_device_train_batch_size": 4,
-                     "num_generations": 2, "max_completion_length": 4, "use_cpu": True, "save_strategy": "no"},
+                     "num_generations": num_generations, "max_completion_length": 4, "use_cpu": True,
+                     "save_strategy": "no"},
     }
-    path = tmp_path / "r.yaml"
+    path = tmp_path / f"{method}.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    assert main(["diagnose", str(path), "--prompts", "4", "--samples", "2", "--no-progress"]) == 0
+    return str(path)
+
+
+def test_cli_diagnose_writes_diagnosis_json(tmp_path, tokenizer, capsys):
+    path = _cli_recipe(tmp_path, tokenizer, "opsd", {"type": "reference", "column": "solution"}, ["arithmetic"], 2)
+    assert main(["diagnose", path, "--prompts", "4", "--samples", "2", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "pi_gap:" in out and "signal:" in out and "room:" in out
     written = json.loads((tmp_path / "out" / "diagnosis.json").read_text())
     assert {"student_reward", "teacher_reward", "signal", "verdicts", "thresholds"} <= set(written)
     assert written["rollouts"] == 8
-    assert main(["diagnose", str(path), "--prompts", "0"]) == 2
-    assert main(["diagnose", str(path), "--skills", str(tmp_path / "none.json")]) == 2  # not a Skill-SD source
+    assert main(["diagnose", path, "--prompts", "0"]) == 2
+    assert main(["diagnose", path, "--skills", str(tmp_path / "none.json")]) == 2  # not a Skill-SD source
 
 
 def test_contrastive_hints_generate_under_the_correct_hint_only_and_greedy_once_per_context(tmp_path, tokenizer,
@@ -409,21 +416,10 @@ def test_an_sdzero_recipe_is_diagnosed_after_its_self_revision_stage(tmp_path, t
     (tmp_path / "lenient_srt.py").write_text("def every_other(prompts, completions, **kw):\n"
                                              "    return [float(i % 2) for i in range(len(completions))]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    model_dir = tmp_path / "tiny"
-    build_model(tokenizer, max_position_embeddings=1024).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    recipe = {
-        "method": "sdzero", "model": str(model_dir),
-        "data": {"task": "arithmetic", "n_train": 16, "n_test": 4, "digits": 1},
-        "source": {"type": "reviser"}, "rewards": ["lenient_srt.every_other"],
-        "srt": {"prompts": 8, "revisions": 1, "max_new_tokens": 4, "epochs": 1, "learning_rate": 1e-3,
-                "train_batch_size": 4, "keep_truncated": True},
-        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "per_device_train_batch_size": 4,
-                     "num_generations": 1, "max_completion_length": 4, "use_cpu": True, "save_strategy": "no"},
-    }
-    path = tmp_path / "sdzero.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    args = ["diagnose", str(path), "--prompts", "4", "--samples", "2", "--no-progress", "--allow-code", "lenient_srt"]
+    path = _cli_recipe(tmp_path, tokenizer, "sdzero", {"type": "reviser"}, ["lenient_srt.every_other"], 1,
+                       srt={"prompts": 8, "revisions": 1, "max_new_tokens": 4, "epochs": 1, "learning_rate": 1e-3,
+                            "train_batch_size": 4, "keep_truncated": True})
+    args = ["diagnose", path, "--prompts", "4", "--samples", "2", "--no-progress", "--allow-code", "lenient_srt"]
     assert main(args) == 0
     written = json.loads((tmp_path / "out" / "diagnosis.json").read_text())
     assert written["srt"]["sft_steps"] >= 1 and "self-revision stage first" in capsys.readouterr().out
