@@ -52,17 +52,17 @@ def _brute_force(student_logits, teacher_logits, tokens, spec, old_logps=None):
         y = int(tokens[i])
         weight = 1.0
         if old_logps is not None and spec.ratio_clip is not None:
-            weight = min(math.exp(max(min(float(ls[y]) - float(old_logps[i]), 20.0), -20.0)), spec.ratio_clip)
+            weight = min(math.exp(max(min(float(ls[y].detach()) - float(old_logps[i]), 20.0), -20.0)), spec.ratio_clip)
         if spec.support == "sampled":
-            delta = float(ls[y]) - lt[y]
+            delta = float(ls[y].detach()) - lt[y]
             coef = min(delta, spec.clip_tau) if spec.clip in ("token", "scale") else delta
-            total = total + weight * (coef + coef * (ls[y] - float(ls[y])))
+            total = total + weight * (coef + coef * (ls[y] - float(ls[y].detach())))
             continue
         if spec.support == "full":
             entries = list(range(V))
         else:
             k = spec.top_k
-            top_s = sorted(range(V), key=lambda v: -float(ls[v]))[:k]
+            top_s = sorted(range(V), key=lambda v: -float(ls[v].detach()))[:k]
             top_t = sorted(range(V), key=lambda v: -lt[v])[:k]
             entries = {"student": top_s, "teacher": top_t, "union": sorted(set(top_s) | set(top_t))}[spec.topk_from]
         ps = [ls[v] for v in entries]
