@@ -48,6 +48,12 @@ SWITCH_CUE = "\n\nWait, this response is wrong, so the answer is the other optio
 
 FORMAT_SKILL = "Write the sum in one line, as: a + b = c. Nothing else."
 TIP_TEMPLATE = "{task}\n\nHere is a tip:\n{skills}\n\nUnderstand it, then answer in your own words."
+# Skills that carry a strategy, not only a form (sixth session): the format skill above won with a fixed teacher while
+# diagnose's `skills` premise failed (the skill lifted the sampled teacher by 0.04). Candidates are screened with
+# `--diagnose` first; the one whose premise holds is trained.
+EXAMPLE_SKILL = "Write the sum in one line, as: a + b = c. For example: 23 + 45 = 68."
+DECOMPOSE_SKILL = ("Add the tens, then the ones, then the two results. For example, for 23 + 45: 20 + 40 = 60, "
+                   "3 + 5 = 8, 60 + 8 = 68.")
 
 G8_LEN32 = ["training.max_steps=60", "training.per_device_train_batch_size=16", "training.num_generations=8",
             "training.max_completion_length=32"]
@@ -122,6 +128,10 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
         "grpo_kl_to_initial": ("recipes/skillsd_arithmetic.yaml", [
             *[o for o in SKILLSD_FORMAT if not o.startswith("source.seed_skills=")],
             "training.teacher_policy=initial"]),
+        **{f"skillsd_{kind}_skill_initial_teacher": ("recipes/skillsd_arithmetic.yaml", [
+            *[o for o in SKILLSD_FORMAT if not o.startswith("source.seed_skills=")],
+            f"source.seed_skills=[{json.dumps(text)}]", "training.teacher_policy=initial"])
+           for kind, text in (("example", EXAMPLE_SKILL), ("decompose", DECOMPOSE_SKILL))},
     }),
     # Skill-SD with a bank holding a correct strategy, against GRPO alone and Skill-SD with learned skills, at the
     # settings of benchmarks/skillsd_vs_grpo.py (float32, 40 steps x 8 episodes), so its recorded runs can be reused;
