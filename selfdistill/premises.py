@@ -568,8 +568,9 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{tl.get('p90', 0):.0f}{extra}")
     if report.get("srt"):
         st = report["srt"]
+        seconds = st.get('sample_seconds', 0) + st.get('sft_seconds', 0)
         lines.append(f"{'self-revision stage first (examples / seconds)':48} {st.get('examples', 0)} / "
-                     f"{st.get('sample_seconds', 0) + st.get('sft_seconds', 0):.0f}")
+                     + (f"reused ({seconds:.0f} when it ran)" if st.get("reused_from") else f"{seconds:.0f}"))
     if "revision" in report:
         rv = report["revision"]
         lines.append(f"{'reviser: wrong -> right (of ' + str(rv['wrong']) + ')':48} {pct(rv['wrong_to_right'])}")
@@ -634,7 +635,6 @@ def diagnose_recipe(recipe: Any, prompts: int | None = None, samples: int | None
     """
     import contextlib
     import json
-    import tempfile
     from pathlib import Path
 
     from transformers import set_seed
@@ -674,12 +674,13 @@ def diagnose_recipe(recipe: Any, prompts: int | None = None, samples: int | None
     setup = time.perf_counter() - start
     srt_stats = None
     if srt and getattr(recipe, "srt", None) is not None and recipe.srt.enabled:
-        from selfdistill.methods.sdzero.srt import self_revision_training
+        from selfdistill.methods.sdzero.srt import srt_stage
 
-        # As run.py runs it (before the trainer exists, so outside any autocast): the same reviser training starts from.
-        with tempfile.TemporaryDirectory(prefix="diagnose-srt-") as scratch:
-            srt_stats = self_revision_training(model, tokenizer, train, source, rewards, recipe.srt,
-                                               output_dir=scratch, training_args=args, progress=progress)
+        # As run.py runs it (before the trainer exists, so outside any autocast): the same reviser training starts
+        # from. The stage is kept in the recipe's output folder, so `selfdistill train` afterwards loads it instead of
+        # running it again (and so does a second diagnose).
+        srt_stats = dict(srt_stage(model, tokenizer, train, source, rewards, recipe, args, args.output_dir,
+                                   progress=progress))
         srt_stats.pop("config", None)
     # The rollouts are sampled the way training samples them: under bf16 autocast when the recipe trains in bf16.
     precision = torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 and model.device.type == "cpu" else (

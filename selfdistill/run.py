@@ -18,7 +18,7 @@ from selfdistill.distributed import gathered, is_zero3_model, rank_report
 from selfdistill.dotted import import_dotted, split_dotted
 from selfdistill.evaluation import LearningCurve, evaluate
 from selfdistill.export import save_final_model
-from selfdistill.methods.sdzero.srt import self_revision_training
+from selfdistill.methods.sdzero import srt as srt_module
 from selfdistill.modeling import load_model, load_tokenizer
 from selfdistill.recipes import BUILTIN_REWARDS, Recipe, RecipeError, build_env, build_source
 from selfdistill.sampling import unwrapped_for_generation
@@ -123,8 +123,10 @@ def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     srt, after_srt = None, None
     if recipe.srt is not None and recipe.srt.enabled:
         # SD-Zero phase 1: the trainer below is built on the fine-tuned model, so its initial teacher is the reviser.
-        srt = self_revision_training(model, tokenizer, train, source, rewards, recipe.srt,
-                                     output_dir=str(out_dir / "srt"), training_args=args, progress=progress)
+        # Run once per recipe and output folder: a stage that `selfdistill diagnose` (or an interrupted run) finished
+        # with the same model, data, source and srt settings is loaded instead of run again.
+        srt = srt_module.srt_stage(model, tokenizer, train, source, rewards, recipe, args, str(out_dir),
+                                   progress=progress, save=main)
         print(f"self-revision training: {srt['examples']} accepted revisions from {srt['prompts']} prompts, "
               f"{srt['sft_steps']} SFT steps")
         if main and ev.after and can_eval:

@@ -427,3 +427,52 @@ def test_an_sdzero_recipe_is_diagnosed_after_its_self_revision_stage(tmp_path, t
     seen.clear()
     assert main([*args, "--no-srt"]) == 0
     assert "before_srt" not in seen and "srt" not in json.loads((tmp_path / "out" / "diagnosis.json").read_text())
+
+
+def test_a_self_revision_stage_runs_once_per_recipe_and_output_folder(tmp_path, tokenizer, monkeypatch):
+    """diagnose keeps the reviser its SRT stage leaves in the output folder; a second diagnose and ``train`` load it
+    instead of running the stage again, and a changed stage setting or a missing record runs it again."""
+    import selfdistill.methods.sdzero.srt as srt_module
+    import selfdistill.premises as premises
+
+    def checksum(model):
+        return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+    calls, measured = [], []
+    real_srt, real_diagnose = srt_module.self_revision_training, premises.diagnose
+
+    def srt_spy(model, *args, **kwargs):
+        stats = real_srt(model, *args, **kwargs)
+        calls.append(checksum(model))
+        return stats
+
+    def diagnose_spy(model, *args, **kwargs):
+        measured.append(checksum(model))
+        return real_diagnose(model, *args, **kwargs)
+
+    monkeypatch.setattr(srt_module, "self_revision_training", srt_spy)
+    monkeypatch.setattr(premises, "diagnose", diagnose_spy)
+    (tmp_path / "lenient_srt2.py").write_text("def every_other(prompts, completions, **kw):\n"
+                                              "    return [float(i % 2) for i in range(len(completions))]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = _cli_recipe(tmp_path, tokenizer, "sdzero", {"type": "reviser"}, ["lenient_srt2.every_other"], 1,
+                       srt={"prompts": 8, "revisions": 1, "max_new_tokens": 4, "epochs": 1, "learning_rate": 1e-3,
+                            "train_batch_size": 4, "keep_truncated": True},
+                       eval={"before": False, "after": False})
+    flags = ["--no-progress", "--allow-code", "lenient_srt2"]
+    diag = ["diagnose", path, "--prompts", "4", "--samples", "2", *flags]
+    stage = tmp_path / "out" / "srt" / "reviser"
+    assert main(diag) == 0 and len(calls) == 1
+    assert (stage / "stage.json").is_file() and (stage / "model.safetensors").is_file()
+    assert main(diag) == 0 and len(calls) == 1  # loaded, not run
+    assert measured[1] == measured[0] == calls[0]  # the same reviser measured both times
+    written = json.loads((tmp_path / "out" / "diagnosis.json").read_text())
+    assert written["srt"]["reused_from"] == str(stage) and written["srt"]["sft_steps"] >= 1
+    assert main(["train", path, *flags]) == 0 and len(calls) == 1  # training starts from the same reviser
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["srt"]["reused_from"] == str(stage)
+    # another stage setting, or a record that is gone: the stage runs again
+    assert main(["diagnose", path, "srt.learning_rate=2e-3", "--prompts", "4", "--samples", "2", *flags]) == 0
+    assert len(calls) == 2 and "reused_from" not in json.loads((tmp_path / "out" / "diagnosis.json").read_text())["srt"]
+    (stage / "stage.json").unlink()
+    assert main(diag) == 0 and len(calls) == 3

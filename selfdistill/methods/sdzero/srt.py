@@ -204,3 +204,78 @@ def self_revision_training(
     stats["sft_loss"] = round(float(result.training_loss), 4)
     stats["sft_seconds"] = round(time.perf_counter() - sft_start, 1)
     return stats
+
+
+#: Under ``<output_dir>/srt/``: the reviser a finished stage left, and what it was made from.
+STAGE_DIR = "reviser"
+STAGE_WEIGHTS = "model.safetensors"
+STAGE_RECORD = "stage.json"
+
+
+def stage_fingerprint(recipe: Any, args: Any, model: Any) -> str:
+    """What decides the stage's outcome: the starting weights, the rows, the source, the verifiers, the stage's
+    settings, the seed and the precision. Phase-2 settings (steps, learning rate, loss) are left out, so a recipe
+    that changes only those reuses the stage."""
+    import hashlib
+    import json
+
+    import torch
+
+    with torch.no_grad():  # a cheap digest of the starting weights: a model retrained into the same folder differs
+        weights = [round(float(p.detach().double().sum()), 6) for p in model.parameters()]
+    what = {
+        "model": str(recipe.model), "weights": weights,
+        "data": asdict(recipe.data) if hasattr(recipe.data, "__dataclass_fields__") else recipe.data,
+        "source": asdict(recipe.source) if hasattr(recipe.source, "__dataclass_fields__") else recipe.source,
+        "rewards": [str(r) for r in recipe.rewards], "srt": asdict(recipe.srt),
+        "seed": getattr(args, "seed", None), "bf16": bool(getattr(args, "bf16", False)),
+        "fp16": bool(getattr(args, "fp16", False)),
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def srt_stage(model: Any, tokenizer: Any, dataset: Any, reviser: Reviser, reward_funcs: Sequence[Callable],
+              recipe: Any, training_args: Any, output_dir: str, progress: bool = True,
+              save: bool = True) -> dict[str, Any]:
+    """Phase 1 as ``selfdistill train`` and ``selfdistill diagnose`` run it, done once per recipe and output folder.
+
+    A finished stage leaves the reviser under ``<output_dir>/srt/reviser/`` with a fingerprint of what made it
+    (:func:`stage_fingerprint`). When that folder matches, the weights are loaded into ``model`` instead of running
+    the stage again: diagnose, then train (or train after an interrupted run) pays for it once. Anything that changes
+    the stage's outcome changes the fingerprint and the stage runs again. The record is written after the weights,
+    so a save cut short is never reused.
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import load_model, save_model
+
+    stage = Path(output_dir) / "srt" / STAGE_DIR
+    fingerprint = stage_fingerprint(recipe, training_args, model)
+    record = stage / STAGE_RECORD
+    if record.is_file() and (stage / STAGE_WEIGHTS).is_file():
+        try:
+            saved = json.loads(record.read_text())
+        except ValueError:
+            saved = {}
+        if saved.get("fingerprint") == fingerprint:
+            load_model(model, str(stage / STAGE_WEIGHTS), device=str(next(model.parameters()).device))
+            stats = dict(saved.get("stats", {}))
+            stats["reused_from"] = str(stage)
+            if progress:
+                print(f"self-revision stage: reusing the reviser in {stage} (same model, data, source and srt "
+                      "settings); delete that folder to run the stage again")
+            return stats
+    stats = self_revision_training(model, tokenizer, dataset, reviser, reward_funcs, recipe.srt,
+                                   output_dir=str(Path(output_dir) / "srt"), training_args=training_args,
+                                   progress=progress)
+    if save and stats.get("sft_steps"):
+        stage.mkdir(parents=True, exist_ok=True)
+        if record.exists():
+            record.unlink()  # the old record must not vouch for the new weights
+        partial = stage / (STAGE_WEIGHTS + ".partial")
+        save_model(model, str(partial))
+        os.replace(partial, stage / STAGE_WEIGHTS)
+        record.write_text(json.dumps({"fingerprint": fingerprint, "stats": stats}, indent=1, default=str))
+    return stats
