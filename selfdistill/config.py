@@ -265,6 +265,13 @@ class SelfDistillConfig(TrainingArguments):
         metadata={"help": "One weight per reward function (default 1.0 each), as GRPOConfig; the trainer's "
                   "reward_weights= argument, when given, takes precedence."},
     )
+    mask_truncated_completions: bool = field(
+        default=False,
+        metadata={"help": "GRPO term: a completion cut at max_completion_length gets advantage 0, so a cut rollout "
+                  "that happens to score is not reinforced (GRPOConfig's name; DAPO's overlong filtering). Its "
+                  "reward still enters its group's mean and std, its tokens still count in the step's token "
+                  "normalisation, and the distillation term still covers them."},
+    )
     scale_rewards: str = field(
         default="group",
         metadata={"help": "GRPO advantages (r - group mean) divided by the group's reward std ('group', TRL's "

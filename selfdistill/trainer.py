@@ -286,6 +286,8 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
         advantages = None
         if mode == "train" or self.args.grpo_weight > 0:
             advantages = rollout_advantages(rewards, self.args.num_generations, self.args.scale_rewards)
+            if advantages is not None and self.args.mask_truncated_completions:
+                advantages = [0.0 if cut else a for a, cut in zip(advantages, generated.truncated)]
 
         micro = micro_batches({
             "prompt_ids": prompt_ids, "completion_ids": generated.completion_ids, "teacher_ids": teacher.ids,

@@ -121,3 +121,25 @@ def test_lambda_decays_to_grpo_when_asked():
     assert [rlsd_lambda_at(0.5, s, 50) for s in (0, 25, 50, 80)] == [0.5, 0.25, 0.0, 0.0]
     with pytest.raises(ValueError, match="rlsd_decay_steps=0 must be >= 1"):
         SelfDistillConfig(output_dir="x", rlsd_decay_steps=0)
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_truncated_completions_leave_the_grpo_term_when_masked(tmp_path, tokenizer, mask):
+    """mask_truncated_completions: a rollout cut at max_completion_length gets advantage 0 (GRPOConfig's switch). The
+    tiny model never ends within 2 tokens, so with the mask every advantage is 0 and nothing moves."""
+    def reward(prompts, completions, answer, **kw):
+        return [float(i % 2) for i in range(len(completions))]  # a spread in every group
+
+    trainer = SelfDistillTrainer(model=build_model(tokenizer), args=make_args(
+        tmp_path, max_steps=2, max_completion_length=2, rlsd_lambda=0.5, grpo_weight=1, distill_weight=0,
+        mask_truncated_completions=mask), train_dataset=build_dataset(), processing_class=tokenizer,
+        privileged=ReferenceSolution(column="solution"), reward_funcs=[reward])
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "grpo/advantage_abs" in h]
+    assert len(logged) == 2 and all(h["completions/clipped_ratio"] == 1.0 for h in logged)
+    moved = any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    if mask:
+        assert all(h["grpo/advantage_abs"] == 0.0 for h in logged) and not moved
+    else:
+        assert all(h["grpo/advantage_abs"] > 0.5 for h in logged) and moved
