@@ -389,90 +389,80 @@ def test_contrastive_hints_generate_under_the_correct_hint_only_and_greedy_once_
     assert calls == [(False, 4), (True, 8), (True, 8), (False, 4)]
 
 
-def test_an_sdzero_recipe_is_diagnosed_after_its_self_revision_stage(tmp_path, tokenizer, monkeypatch, capsys):
-    """SD-Zero's teacher is the reviser its SRT stage leaves: diagnose runs that stage first and measures the model
-    it leaves (``--no-srt`` measures the model as named)."""
+def _srt_recipe(tmp_path, tokenizer, monkeypatch, module: str, **sections) -> tuple[str, list]:
+    """An SD-Zero recipe whose SRT stage accepts every other revision, and a list that records, in order,
+    ``("before_srt" | "after_srt" | "measured", weights checksum)`` of the model the stage and diagnose see."""
     import selfdistill.methods.sdzero.srt as srt_module
     import selfdistill.premises as premises
 
     def checksum(model):
         return float(sum(p.detach().double().sum() for p in model.parameters()))
 
-    seen = {}
+    events: list = []
     real_srt, real_diagnose = srt_module.self_revision_training, premises.diagnose
 
     def srt_spy(model, *args, **kwargs):
-        seen["before_srt"] = checksum(model)
+        events.append(("before_srt", checksum(model)))
         stats = real_srt(model, *args, **kwargs)
-        seen["after_srt"] = checksum(model)
+        events.append(("after_srt", checksum(model)))
         return stats
 
     def diagnose_spy(model, *args, **kwargs):
-        seen["measured"] = checksum(model)
+        events.append(("measured", checksum(model)))
         return real_diagnose(model, *args, **kwargs)
 
     monkeypatch.setattr(srt_module, "self_revision_training", srt_spy)
     monkeypatch.setattr(premises, "diagnose", diagnose_spy)
-    (tmp_path / "lenient_srt.py").write_text("def every_other(prompts, completions, **kw):\n"
-                                             "    return [float(i % 2) for i in range(len(completions))]\n")
+    (tmp_path / f"{module}.py").write_text("def every_other(prompts, completions, **kw):\n"
+                                           "    return [float(i % 2) for i in range(len(completions))]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    path = _cli_recipe(tmp_path, tokenizer, "sdzero", {"type": "reviser"}, ["lenient_srt.every_other"], 1,
+    path = _cli_recipe(tmp_path, tokenizer, "sdzero", {"type": "reviser"}, [f"{module}.every_other"], 1,
                        srt={"prompts": 8, "revisions": 1, "max_new_tokens": 4, "epochs": 1, "learning_rate": 1e-3,
-                            "train_batch_size": 4, "keep_truncated": True})
+                            "train_batch_size": 4, "keep_truncated": True}, **sections)
+    return path, events
+
+
+def test_an_sdzero_recipe_is_diagnosed_after_its_self_revision_stage(tmp_path, tokenizer, monkeypatch, capsys):
+    """SD-Zero's teacher is the reviser its SRT stage leaves: diagnose runs that stage first and measures the model
+    it leaves (``--no-srt`` measures the model as named)."""
+    path, events = _srt_recipe(tmp_path, tokenizer, monkeypatch, "lenient_srt")
     args = ["diagnose", path, "--prompts", "4", "--samples", "2", "--no-progress", "--allow-code", "lenient_srt"]
     assert main(args) == 0
     written = json.loads((tmp_path / "out" / "diagnosis.json").read_text())
     assert written["srt"]["sft_steps"] >= 1 and "self-revision stage first" in capsys.readouterr().out
+    seen = dict(events)
     assert seen["after_srt"] != seen["before_srt"] and seen["measured"] == seen["after_srt"]
-    seen.clear()
+    events.clear()  # the stage is kept in the output folder (next test); --no-srt neither runs nor loads it
     assert main([*args, "--no-srt"]) == 0
-    assert "before_srt" not in seen and "srt" not in json.loads((tmp_path / "out" / "diagnosis.json").read_text())
+    assert [kind for kind, _ in events] == ["measured"] and events[0][1] == seen["before_srt"]
+    assert "srt" not in json.loads((tmp_path / "out" / "diagnosis.json").read_text())
 
 
 def test_a_self_revision_stage_runs_once_per_recipe_and_output_folder(tmp_path, tokenizer, monkeypatch):
     """diagnose keeps the reviser its SRT stage leaves in the output folder; a second diagnose and ``train`` load it
     instead of running the stage again, and a changed stage setting or a missing record runs it again."""
-    import selfdistill.methods.sdzero.srt as srt_module
-    import selfdistill.premises as premises
+    path, events = _srt_recipe(tmp_path, tokenizer, monkeypatch, "lenient_srt2", eval={"before": False, "after": False})
 
-    def checksum(model):
-        return float(sum(p.detach().double().sum() for p in model.parameters()))
+    def runs():
+        return sum(kind == "after_srt" for kind, _ in events)
 
-    calls, measured = [], []
-    real_srt, real_diagnose = srt_module.self_revision_training, premises.diagnose
+    def measured():
+        return [value for kind, value in events if kind == "measured"]
 
-    def srt_spy(model, *args, **kwargs):
-        stats = real_srt(model, *args, **kwargs)
-        calls.append(checksum(model))
-        return stats
-
-    def diagnose_spy(model, *args, **kwargs):
-        measured.append(checksum(model))
-        return real_diagnose(model, *args, **kwargs)
-
-    monkeypatch.setattr(srt_module, "self_revision_training", srt_spy)
-    monkeypatch.setattr(premises, "diagnose", diagnose_spy)
-    (tmp_path / "lenient_srt2.py").write_text("def every_other(prompts, completions, **kw):\n"
-                                              "    return [float(i % 2) for i in range(len(completions))]\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    path = _cli_recipe(tmp_path, tokenizer, "sdzero", {"type": "reviser"}, ["lenient_srt2.every_other"], 1,
-                       srt={"prompts": 8, "revisions": 1, "max_new_tokens": 4, "epochs": 1, "learning_rate": 1e-3,
-                            "train_batch_size": 4, "keep_truncated": True},
-                       eval={"before": False, "after": False})
     flags = ["--no-progress", "--allow-code", "lenient_srt2"]
     diag = ["diagnose", path, "--prompts", "4", "--samples", "2", *flags]
     stage = tmp_path / "out" / "srt" / "reviser"
-    assert main(diag) == 0 and len(calls) == 1
+    assert main(diag) == 0 and runs() == 1
     assert (stage / "stage.json").is_file() and (stage / "model.safetensors").is_file()
-    assert main(diag) == 0 and len(calls) == 1  # loaded, not run
-    assert measured[1] == measured[0] == calls[0]  # the same reviser measured both times
+    assert main(diag) == 0 and runs() == 1  # loaded, not run
+    assert measured()[1] == measured()[0] == dict(events)["after_srt"]  # the same reviser measured both times
     written = json.loads((tmp_path / "out" / "diagnosis.json").read_text())
     assert written["srt"]["reused_from"] == str(stage) and written["srt"]["sft_steps"] >= 1
-    assert main(["train", path, *flags]) == 0 and len(calls) == 1  # training starts from the same reviser
+    assert main(["train", path, *flags]) == 0 and runs() == 1  # training starts from the same reviser
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["srt"]["reused_from"] == str(stage)
     # another stage setting, or a record that is gone: the stage runs again
     assert main(["diagnose", path, "srt.learning_rate=2e-3", "--prompts", "4", "--samples", "2", *flags]) == 0
-    assert len(calls) == 2 and "reused_from" not in json.loads((tmp_path / "out" / "diagnosis.json").read_text())["srt"]
+    assert runs() == 2 and "reused_from" not in json.loads((tmp_path / "out" / "diagnosis.json").read_text())["srt"]
     (stage / "stage.json").unlink()
-    assert main(diag) == 0 and len(calls) == 3
+    assert main(diag) == 0 and runs() == 3
