@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from recipe_runs import ROOT, machine
+from recipe_runs import ROOT, greedy_texts, machine
 
 sys.path.insert(0, str(ROOT))
 
@@ -28,25 +28,9 @@ RECIPE = "recipes/sdzero_choice.yaml"
 
 
 def measure(path: str, rows: list[dict], max_new_tokens: int, batch_size: int) -> dict:
-    import torch
-
-    from selfdistill.modeling import load_model, load_tokenizer
-    from selfdistill.rollout import eos_ids, sample_completions
-    from selfdistill.sequences import render_context
     from selfdistill.tasks.arithmetic import arithmetic_reward, named_options, option_values
 
-    torch.manual_seed(0)
-    model, tokenizer = load_model(path), load_tokenizer(path)
-    model.eval()
-    eos = eos_ids(model, tokenizer)
-    texts = []
-    with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i : i + batch_size]
-            out = sample_completions(model, [render_context(tokenizer, r["prompt"]) for r in chunk],
-                                     pad_id=tokenizer.pad_token_id, eos=eos, max_new_tokens=max_new_tokens,
-                                     do_sample=False)
-            texts += tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+    texts, _ = greedy_texts(path, rows, max_new_tokens, batch_size)
     right = arithmetic_reward([r["prompt"] for r in rows], texts, [r["answer"] for r in rows],
                               options=[r["options"] for r in rows])
     order = [option_values(r["options"]) for r in rows]

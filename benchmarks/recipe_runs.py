@@ -182,3 +182,30 @@ def machine() -> dict:
     info["cpu"] = fields.get("model name", "")
     info["bf16"] = sorted(flags & {"avx512_bf16", "amx_bf16", "avx512f", "avx2"})
     return info
+
+
+def greedy_texts(path: str, rows: list[dict], max_new_tokens: int, batch_size: int) -> tuple[list[str], list[bool]]:
+    """A saved model's greedy completions of ``rows`` as the held-out evaluation decodes them (its chat template,
+    ``max_new_tokens``), and whether each was cut there instead of ending."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from selfdistill.modeling import load_model, load_tokenizer
+    from selfdistill.rollout import eos_ids, sample_completions
+    from selfdistill.sequences import render_context
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    model.eval()
+    eos = eos_ids(model, tokenizer)
+    texts, cut = [], []
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            out = sample_completions(model, [render_context(tokenizer, r["prompt"]) for r in chunk],
+                                     pad_id=tokenizer.pad_token_id, eos=eos, max_new_tokens=max_new_tokens,
+                                     do_sample=False)
+            texts += tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+            cut += list(out.truncated)
+    return texts, cut
+
