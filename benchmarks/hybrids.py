@@ -128,7 +128,7 @@ def plot(runs: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(8.4, 4.2), dpi=120)
     for i, (method, rs) in enumerate(groups(runs).items()):
         color = f"C{i}"
         curves = [r["learning_curve"] for r in rs if r["learning_curve"]]
@@ -143,7 +143,7 @@ def plot(runs: list[dict], path: Path) -> None:
     ax.set_ylabel("held-out greedy accuracy (%, curve problems)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves fill the axes
     ax.set_title("RLSD and RLCSD against GRPO and OPSD, main job budget", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
