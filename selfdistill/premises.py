@@ -682,6 +682,9 @@ def diagnose_recipe(recipe: Any, prompts: int | None = None, samples: int | None
         srt_stats = dict(srt_stage(model, tokenizer, train, source, rewards, recipe, args, args.output_dir,
                                    progress=progress))
         srt_stats.pop("config", None)
+        # The measurement draws from the seed, not from what the stage left of the random state, so it reads the
+        # same whether the stage ran in this process or was loaded (the trainer re-seeds the same way).
+        set_seed(args.seed)
     # The rollouts are sampled the way training samples them: under bf16 autocast when the recipe trains in bf16.
     precision = torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 and model.device.type == "cpu" else (
         contextlib.nullcontext())

@@ -454,7 +454,11 @@ def test_a_self_revision_stage_runs_once_per_recipe_and_output_folder(tmp_path, 
     stage = tmp_path / "out" / "srt" / "reviser"
     assert main(diag) == 0 and runs() == 1
     assert (stage / "stage.json").is_file() and (stage / "model.safetensors").is_file()
+    first = json.loads((tmp_path / "out" / "diagnosis.json").read_text())
     assert main(diag) == 0 and runs() == 1  # loaded, not run
+    again = json.loads((tmp_path / "out" / "diagnosis.json").read_text())
+    for key in ("student_reward", "teacher_reward", "revision", "signal", "student_lengths"):
+        assert again[key] == first[key], key  # the same draws, whether the stage ran here or was loaded
     assert measured()[1] == measured()[0] == dict(events)["after_srt"]  # the same reviser measured both times
     written = json.loads((tmp_path / "out" / "diagnosis.json").read_text())
     assert written["srt"]["reused_from"] == str(stage) and written["srt"]["sft_steps"] >= 1
