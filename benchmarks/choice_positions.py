@@ -14,12 +14,10 @@ Writes benchmarks/results/choice_positions.json (one entry per model path; rerun
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from pathlib import Path
 
-from recipe_runs import ROOT, greedy_texts, machine
+from recipe_runs import ROOT, greedy_texts, machine, saved_model_args
 
 sys.path.insert(0, str(ROOT))
 
@@ -56,24 +54,9 @@ def measure(path: str, rows: list[dict], max_new_tokens: int, batch_size: int) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("models", nargs="*", help="saved model folders (each a training run's final/)")
-    parser.add_argument("--base", action="store_true", help="also measure the embedded base model")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    if not args.models and not args.base:
-        raise SystemExit("name saved model folders (e.g. outputs/premises/choice_sdzero/sdzero@s0/final), or --base")
-    from selfdistill.data import load_splits
-    from selfdistill.recipes import load_recipe
-
-    recipe = load_recipe(str(ROOT / RECIPE))
-    _, test = load_splits(recipe.data)
-    rows = test.to_list()
-    results = json.loads(args.results.read_text()) if args.results.exists() else {}
-    paths = (["smollm2-135m-instruct"] if args.base else []) + args.models
+    args, paths, recipe, rows, results = saved_model_args(
+        __doc__, RESULTS, "outputs/premises/choice_sdzero/sdzero@s0/final", RECIPE)
     for path in paths:
-        if path != "smollm2-135m-instruct" and not Path(path).is_dir():
-            raise SystemExit(f"{path}: no such model folder (a training run writes one under output_dir/final)")
         r = measure(path, rows, recipe.eval.max_new_tokens, recipe.eval.batch_size)
         results[path] = {**r, "recipe": RECIPE, "cpu": machine().get("cpu")}
         print(f"{path}: accuracy {r['accuracy']:.1%}; right option first {r['accuracy_right_first']:.1%} of "

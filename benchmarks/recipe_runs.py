@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -208,4 +209,32 @@ def greedy_texts(path: str, rows: list[dict], max_new_tokens: int, batch_size: i
             texts += tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
             cut += list(out.truncated)
     return texts, cut
+
+
+def saved_model_args(doc: str, results: Path, example: str,
+                     recipe: str) -> tuple[Any, list[str], Any, list[dict], dict]:
+    """The command line of the scripts that replay a recipe's held-out evaluation on saved models: the parsed
+    arguments, the model paths to measure (the embedded base model first with ``--base``), the recipe, its held-out
+    rows and the results recorded so far in ``--results``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("models", nargs="*", help="saved model folders (each a training run's final/)")
+    parser.add_argument("--base", action="store_true", help="also measure the embedded base model")
+    parser.add_argument("--results", type=Path, default=results)
+    args = parser.parse_args()
+    if not args.models and not args.base:
+        raise SystemExit(f"name saved model folders (e.g. {example}), or --base")
+    paths = (["smollm2-135m-instruct"] if args.base else []) + args.models
+    for path in args.models:
+        if not Path(path).is_dir():
+            raise SystemExit(f"{path}: no such model folder (a training run writes one under output_dir/final)")
+    sys.path.insert(0, str(ROOT))
+    from selfdistill.data import load_splits
+    from selfdistill.recipes import load_recipe
+
+    loaded = load_recipe(str(ROOT / recipe))
+    _, test = load_splits(loaded.data)
+    recorded = json.loads(args.results.read_text()) if args.results.exists() else {}
+    return args, paths, loaded, test.to_list(), recorded
 
