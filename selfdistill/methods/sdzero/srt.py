@@ -263,9 +263,9 @@ def srt_stage(model: Any, tokenizer: Any, dataset: Any, reviser: Reviser, reward
             load_model(model, str(stage / STAGE_WEIGHTS), device=str(next(model.parameters()).device))
             stats = dict(saved.get("stats", {}))
             stats["reused_from"] = str(stage)
-            if progress:
-                print(f"self-revision stage: reusing the reviser in {stage} (same model, data, source and srt "
-                      "settings); delete that folder to run the stage again")
+            # Said even without progress bars: a rerun that silently skips a stage the user expects would surprise.
+            print(f"self-revision stage: reusing the reviser in {stage} (same model, data, source and srt "
+                  "settings); delete that folder to run the stage again")
             return stats
     stats = self_revision_training(model, tokenizer, dataset, reviser, reward_funcs, recipe.srt,
                                    output_dir=str(Path(output_dir) / "srt"), training_args=training_args,
