@@ -12,6 +12,7 @@ Token ids are spliced, never re-tokenised: the SFT example is exactly the contex
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections import Counter
@@ -139,6 +140,18 @@ def _verify(tokenizer, reward_funcs, weights, prompts, completion_ids, rows, sta
     return verified.rewards
 
 
+def sampling_precision(model: Any, training_args: Any) -> contextlib.AbstractContextManager:
+    """The autocast region phase 2 samples in (accelerate's, for ``bf16``/``fp16`` on the model's device)."""
+    import torch
+
+    device = next(model.parameters()).device.type
+    if getattr(training_args, "bf16", False):
+        return torch.autocast(device, dtype=torch.bfloat16)
+    if getattr(training_args, "fp16", False):
+        return torch.autocast(device, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
 def self_revision_training(
     model: Any,
     tokenizer: Any,
@@ -164,7 +177,10 @@ def self_revision_training(
     rows = dataset.select(indices).to_list()
     # Verifiers get the same time limit as in phase 2 (reward_timeout).
     timeout = getattr(training_args, "reward_timeout", 60.0)
-    examples, stats = collect_revisions(model, tokenizer, rows, reviser, reward_funcs, config, progress, timeout)
+    # Sampled the way phase 2 samples: under bf16 autocast when the recipe trains in bf16 (one region for the whole
+    # stage keeps the weight casts; on a 2-core CPU a 64-row batch decodes in 6.0 s against 9.1 s in float32).
+    with sampling_precision(model, training_args):
+        examples, stats = collect_revisions(model, tokenizer, rows, reviser, reward_funcs, config, progress, timeout)
     stats["sample_seconds"] = round(time.perf_counter() - start, 1)
     stats["config"] = asdict(config)
     if not examples:
@@ -210,6 +226,9 @@ def self_revision_training(
 STAGE_DIR = "reviser"
 STAGE_WEIGHTS = "model.safetensors"
 STAGE_RECORD = "stage.json"
+#: Bumped when the stage itself changes what it makes (2: sampled under the recipe's autocast, not float32), so a
+#: reviser kept by an older version is not reused.
+STAGE_VERSION = 2
 
 
 def stage_fingerprint(recipe: Any, args: Any, model: Any) -> str:
@@ -224,7 +243,7 @@ def stage_fingerprint(recipe: Any, args: Any, model: Any) -> str:
     with torch.no_grad():  # a cheap digest of the starting weights: a model retrained into the same folder differs
         weights = [round(float(p.detach().double().sum()), 6) for p in model.parameters()]
     what = {
-        "model": str(recipe.model), "weights": weights,
+        "stage": STAGE_VERSION, "model": str(recipe.model), "weights": weights,
         "data": asdict(recipe.data) if hasattr(recipe.data, "__dataclass_fields__") else recipe.data,
         "source": asdict(recipe.source) if hasattr(recipe.source, "__dataclass_fields__") else recipe.source,
         "rewards": [str(r) for r in recipe.rewards], "srt": asdict(recipe.srt),
