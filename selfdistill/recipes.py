@@ -230,6 +230,12 @@ def build_config(training: dict[str, Any], hardware_checks: bool = True) -> Self
     try:
         return SelfDistillConfig(**kwargs)
     except (ValueError, TypeError) as err:
+        if (kwargs.get("bf16") or kwargs.get("fp16")) and not kwargs.get("use_cpu") and "use_cpu" in str(err):
+            # transformers' own message ("Your setup doesn't support bf16/gpu") does not say what to do in a recipe.
+            raise RecipeError(
+                "training: this recipe trains in mixed precision on a GPU (bf16/fp16, no use_cpu) and no GPU is "
+                "visible here. Run it on a machine with one, or add training.use_cpu=true to run it on the CPU "
+                f"(transformers: {err})") from err
         raise RecipeError(f"training: {err}") from err
 
 

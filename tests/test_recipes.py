@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import build_model
 
@@ -144,6 +145,14 @@ def test_cpu_bf16_falls_back_to_float32_without_native_bfloat16(monkeypatch, nat
         with pytest.warns(UserWarning, match="no native bfloat16.*SELFDISTILL_CPU_BF16=1"):
             config = recipes_module.build_config(training)
     assert config.bf16 is expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_gpu_recipe_on_a_machine_without_one_says_what_to_change():
+    from selfdistill.recipes import build_config
+
+    with pytest.raises(RecipeError, match="no GPU is visible.*training.use_cpu=true"):
+        build_config({"output_dir": "out", "bf16": True})
 
 
 def test_a_trl_style_flat_config_parses_with_trls_own_parser(tmp_path):
