@@ -249,7 +249,7 @@ class Diagnosis:
             report["signal"] = self._signal(sampled, teacher, names)
             self.bar.update()
             report.update(self._method_sections(rollouts, teacher, names, report))
-            blind = self._blind_rules(rows)
+            blind = self._blind_rules(rows, rollouts, report["teacher"][best].get("rewards"))
             if blind is not None:
                 report["blind_rule"] = blind
             report["verdicts"] = verdicts(report)
@@ -260,11 +260,17 @@ class Diagnosis:
             self.model.train(was_training)
         return report
 
-    def _blind_rules(self, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    def _blind_rules(self, rows: list[dict[str, Any]], rollouts: Sequence[Rollout] = (),
+                     teacher_rewards: Sequence[float | None] | None = None) -> dict[str, Any] | None:
         """On rows that list answer options (an ``options`` column, "80, 90"), the reward of answering the k-th option
         on every row, whatever the problem: a rule that reads no problem. When one scores as well as the teacher,
         training can gain by learning the rule instead of the task (benchmarks/choice_positions.py found every
-        method on two-option addition doing so). ``None`` without options or a verifier."""
+        method on two-option addition doing so). ``None`` without options or a verifier.
+
+        The teacher's and the student's rewards are also split by the best rule's verdict on each row: a teacher that
+        knows the task scores as well where the rule is wrong as where it is right; one that leans on the rule scores
+        well only where the rule is right, and distilling it teaches the rule. Their mean over the two halves (the
+        *balanced* reward, 0.5 for every such rule on two options) is what the verdict compares."""
         if not self.reward_funcs or not rows or any("options" not in r for r in rows):
             return None
         listed = [[v.strip() for v in str(r["options"]).replace(" or ", ",").split(",") if v.strip()] for r in rows]
@@ -273,14 +279,33 @@ class Diagnosis:
             return None
         prompts = [r["prompt"] for r in rows]
         rewards = {}
+        per_row = {}
         for k in range(width):
             answers = [f"The answer is {x[k]}." for x in listed]
             ids = [self.tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
             verified = verify_completions(self.tokenizer, self.reward_funcs, [1.0] * len(self.reward_funcs),
                                           prompts, ids, rows)
             rewards[f"option {k + 1}"] = _mean(verified.rewards)
+            per_row[f"option {k + 1}"] = verified.rewards
         best = max(rewards, key=lambda n: rewards[n] if rewards[n] is not None else -math.inf)
-        return {"rules": rewards, "best_rule": best, "best_rule_reward": rewards[best], "rows": len(rows)}
+        out = {"rules": rewards, "best_rule": best, "best_rule_reward": rewards[best], "rows": len(rows)}
+        rule_right = per_row[best]
+
+        def split(values: Sequence[float | None], groups: Sequence[int]) -> dict[str, Any]:
+            halves = {True: [], False: []}
+            for value, group in zip(values, groups):
+                if value is not None and rule_right[group] is not None:
+                    halves[rule_right[group] >= self.threshold].append(value)
+            with_rule, against = _mean(halves[True]), _mean(halves[False])
+            return {"where_rule_right": with_rule, "where_rule_wrong": against,
+                    "rollouts_where_rule_wrong": len(halves[False]),
+                    "balanced": None if with_rule is None or against is None else (with_rule + against) / 2}
+
+        groups = [r.group for r in rollouts]
+        if teacher_rewards is not None and groups:
+            out["teacher"] = split(teacher_rewards, groups[: len(teacher_rewards)])
+            out["student"] = split([r.reward for r in rollouts], groups)
+        return out
 
     def _teacher_generation(self, rollouts: list[Rollout], teacher: Any, names: list[str]) -> dict[str, Any]:
         """Each view's teacher generating under its own context (the first ``teacher_rollouts`` rollouts' contexts):
@@ -527,11 +552,19 @@ def verdicts(report: dict[str, Any]) -> list[dict[str, str]]:
         bl = report["blind_rule"]
         rule, teacher = bl["best_rule_reward"] or 0.0, report["teacher_reward"]
         ok = teacher - rule >= th["blind_gap"]
-        add("blind_rule", ok,
-            f"answering {bl['best_rule']} on every row, whatever the problem, scores {rule:.2f} against the teacher's "
-            f"{teacher:.2f} (needs the teacher ahead by >= {th['blind_gap']:.2f})" + (
-                "" if ok else ": a policy can gain as much by learning that rule as by learning the task; measure the "
-                "trained model with the options reordered (benchmarks/choice_positions.py)"))
+        why = (f"answering {bl['best_rule']} on every row, whatever the problem, scores {rule:.2f} against the "
+               f"teacher's {teacher:.2f} (needs the teacher ahead by >= {th['blind_gap']:.2f})")
+        split = (bl.get("teacher") or {})
+        if split.get("balanced") is not None:
+            # Every such rule scores 1 where it is right and 0 where it is wrong: 0.5 over the two halves.
+            balanced_ok = split["balanced"] - 0.5 >= th["blind_gap"]
+            why += (f"; where that rule is wrong the teacher scores {split['where_rule_wrong']:.2f}, where it is right "
+                    f"{split['where_rule_right']:.2f}: {split['balanced']:.2f} over the two halves against the rule's "
+                    f"0.50 (needs >= {0.5 + th['blind_gap']:.2f})")
+            ok = ok and balanced_ok
+        add("blind_rule", ok, why + (
+            "" if ok else ": a policy can gain as much by learning that rule as by learning the task; measure the "
+            "trained model with the options reordered (benchmarks/choice_positions.py)"))
     return out
 
 
@@ -581,6 +614,11 @@ def format_report(report: dict[str, Any]) -> str:
     if "blind_rule" in report:
         bl = report["blind_rule"]
         lines.append(f"{'best rule ignoring the problem (' + bl['best_rule'] + ')':48} {pct(bl['best_rule_reward'])}")
+        for who in ("student", "teacher"):
+            if (bl.get(who) or {}).get("balanced") is not None:
+                sp = bl[who]
+                lines.append(f"{who + ' where that rule is right / wrong':48} {pct(sp['where_rule_right'])} / "
+                             f"{pct(sp['where_rule_wrong'])}")
     lines.append("")
     for v in report["verdicts"]:
         lines.append(f"{v['premise']:>9}: {v['verdict'].upper():7} {v['why']}")

@@ -285,6 +285,36 @@ def test_a_rule_that_ignores_the_problem_is_scored_on_rows_with_options(tokenize
     assert _verdict(_report(teacher=0.80, blind_rule=rule), "blind_rule") == "holds"
 
 
+def test_a_teacher_right_only_where_the_rule_is_right_fails_the_blind_rule(tokenizer):
+    """The teacher's rewards split by the best rule's verdict per row: a teacher that answers the last option
+    everywhere beats a rule's mean by nothing over the halves (0.5), one that knows the task scores on both."""
+    from selfdistill.premises import Diagnosis
+    from selfdistill.sources.base import Rollout
+    from selfdistill.tasks.arithmetic import arithmetic_reward, make_arithmetic_dataset
+
+    rows = make_arithmetic_dataset(40, 0, seed=3, choices=2)["train"].to_list()
+    diag = Diagnosis(build_model(tokenizer), tokenizer, rows, BareProblem(), [arithmetic_reward],
+                     max_completion_length=4, progress=False)
+    rollouts = [Rollout(row=rows[i % 40], prompt=rows[i % 40]["prompt"], completion="", completion_ids=[],
+                        reward=0.0, group=i % 40) for i in range(80)]  # sample-major, as diagnose lays them out
+    last_is_right = [float(r["options"].split(", ")[1] == r["answer"]) for r in rows]
+    best = diag._blind_rules(rows)["best_rule"]
+    rule_right = last_is_right if best == "option 2" else [1.0 - x for x in last_is_right]
+    leaning = diag._blind_rules(rows, rollouts, [rule_right[i % 40] for i in range(60)])
+    assert leaning["teacher"]["where_rule_right"] == 1.0 and leaning["teacher"]["where_rule_wrong"] == 0.0
+    assert leaning["teacher"]["balanced"] == 0.5
+    assert leaning["teacher"]["rollouts_where_rule_wrong"] == sum(1 - rule_right[i % 40] for i in range(60))
+    assert leaning["student"]["balanced"] == 0.0  # every student rollout scored 0
+    knowing = diag._blind_rules(rows, rollouts, [1.0 if i % 5 else 0.0 for i in range(60)])
+    assert 0.7 < knowing["teacher"]["balanced"] < 0.9
+    # the verdict: ahead of the rule's mean, but only where the rule is right -> fails; on both halves -> holds
+    mean_only = {k: leaning[k] for k in ("rules", "best_rule", "best_rule_reward")}
+    teacher = leaning["best_rule_reward"] + 0.2
+    assert _verdict(_report(teacher=teacher, blind_rule=mean_only), "blind_rule") == "holds"
+    assert _verdict(_report(teacher=teacher, blind_rule=leaning), "blind_rule") == "fails"
+    assert _verdict(_report(teacher=teacher, blind_rule=knowing), "blind_rule") == "holds"
+
+
 def test_an_environment_is_diagnosed_on_episodes_and_scored_on_the_models_own_tokens(tmp_path, tokenizer):
     """Under an environment: episodes, not single replies; the signal counts only the model's own tokens (the
     observations are masked); the default number of prompts follows max(4, 320 // max_turns**2)."""
