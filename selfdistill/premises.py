@@ -248,8 +248,9 @@ class Diagnosis:
             self.bar.set_postfix_str("teacher scoring")
             report["signal"] = self._signal(sampled, teacher, names)
             self.bar.update()
-            report.update(self._method_sections(rollouts, teacher, names, report))
+            # Before the method sections, which drop the teacher's per-rollout rewards from the report.
             blind = self._blind_rules(rows, rollouts, report["teacher"][best].get("rewards"))
+            report.update(self._method_sections(rollouts, teacher, names, report))
             if blind is not None:
                 report["blind_rule"] = blind
             report["verdicts"] = verdicts(report)

@@ -337,6 +337,19 @@ def test_an_environment_is_diagnosed_on_episodes_and_scored_on_the_models_own_to
     assert report["teacher"]["skills"]["reward_greedy"] is None and report["teacher_reward"] is not None
 
 
+def test_diagnose_splits_the_teachers_reward_by_the_blind_rule(tmp_path, tokenizer):
+    """End to end: with an ``options`` column the report carries the split. even_answer rewards a row whatever is
+    written, so every rule and the teacher are right on the same rows: balanced 0.5, and the premise fails."""
+    data = build_dataset(6).map(lambda r: {"options": f"{r['answer']}, {int(r['answer']) + 10}"})
+    report = diagnose(build_model(tokenizer), tokenizer, data, Reviser(), [even_answer], _args(tmp_path), prompts=6,
+                      samples=2, progress=False)
+    split = report["blind_rule"]["teacher"]
+    assert split["where_rule_right"] == 1.0 and split["where_rule_wrong"] == 0.0 and split["balanced"] == 0.5
+    assert report["blind_rule"]["student"]["balanced"] == 0.5
+    assert "rewards" not in report["teacher"]["teacher"]  # per-rollout rewards stay out of diagnosis.json
+    assert _verdict(report, "blind_rule") == "fails"
+
+
 def test_reviser_revision_rates_and_multiview_jsd(tmp_path, tokenizer):
     model = build_model(tokenizer)
     report = diagnose(model, tokenizer, build_dataset(6), Reviser(), [even_answer], _args(tmp_path), prompts=6,
