@@ -59,7 +59,7 @@ def diagnose_recipe(recipe: str | Path, overrides: list[str], out: Path) -> dict
         return entry
     report = json.loads((out / "diagnosis.json").read_text())
     entry.update({k: report.get(k) for k in ("method", "student_reward", "student_reward_greedy", "teacher_reward",
-                                             "teacher_view", "revision", "skills", "srt")})
+                                             "teacher_view", "revision", "skills", "srt", "blind_rule")})
     entry.update({k: report["signal"].get(k) for k in ("reverse_kl", "digit_share", "digit_token_fraction",
                                                        "student_p_stop", "teacher_p_stop")})
     entry["verdicts"] = {v["premise"]: v["verdict"] for v in report["verdicts"]}
