@@ -173,6 +173,32 @@ def test_self_revision_training_fine_tunes_the_model(tmp_path, tokenizer):
     assert model.config.use_cache and not model.is_activation_checkpointing
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_self_revision_samples_in_the_precision_phase_two_samples_in(tmp_path, tokenizer, monkeypatch, bf16):
+    """The stage's answers and revisions are drawn under the recipe's autocast (bf16 when it trains in bf16), as
+    phase 2's rollouts are; without mixed precision, in the weights' own precision."""
+    import selfdistill.methods.sdzero.srt as srt_module
+
+    seen = []
+    real = srt_module.sample_completions
+
+    def spy(*args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(srt_module, "sample_completions", spy)
+    args = make_args(tmp_path, bf16=bf16)
+    self_revision_training(build_model(tokenizer), tokenizer, build_dataset(4), Reviser(),
+                           [lambda prompts, completions, **kw: [0.0] * len(completions)],
+                           RevisionConfig(prompts=4, revisions=1, max_new_tokens=3),
+                           output_dir=str(tmp_path / "srt"), training_args=args, progress=False)
+    assert len(seen) == 2  # the answers, then the revisions
+    assert all(on == bf16 for on, _ in seen)
+    if bf16:
+        assert all(dtype == torch.bfloat16 for _, dtype in seen)
+    assert not torch.is_autocast_enabled("cpu")  # the region ends with the stage
+
+
 def test_self_revision_with_nothing_accepted_skips_sft(tmp_path, tokenizer):
     model = build_model(tokenizer)
     stats = self_revision_training(model, tokenizer, build_dataset(4), Reviser(),
