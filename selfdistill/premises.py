@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from selfdistill.rollout import eos_ids, sample_completions, take_rows, verify_completions
+from selfdistill.rollout import eos_ids, sample_completions, sampling_precision, take_rows, verify_completions
 from selfdistill.sequences import (
     _plain_head,
     completion_hidden,
@@ -672,7 +672,6 @@ def diagnose_recipe(recipe: Any, prompts: int | None = None, samples: int | None
     addition the 135M reviser turns 9% of its wrong answers right before the stage and 28% after it).
     ``srt=False`` measures the model as named (``--no-srt``: quicker, but not the teacher training will use).
     """
-    import contextlib
     import json
     from pathlib import Path
 
@@ -724,10 +723,8 @@ def diagnose_recipe(recipe: Any, prompts: int | None = None, samples: int | None
         # The measurement draws from the seed, not from what the stage left of the random state, so it reads the
         # same whether the stage ran in this process or was loaded (the trainer re-seeds the same way).
         set_seed(args.seed)
-    # The rollouts are sampled the way training samples them: under bf16 autocast when the recipe trains in bf16.
-    precision = torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 and model.device.type == "cpu" else (
-        contextlib.nullcontext())
-    with precision:
+    # The rollouts are sampled the way training samples them: under the recipe's autocast (bf16 when it trains in bf16).
+    with sampling_precision(model, args):
         report = diagnose(model, tokenizer, train, source, rewards, args, prompts=prompts, samples=samples,
                           environment_factory=env_factory, progress=progress)
     report.update(recipe=recipe.path, method=recipe.method, model=recipe.model, setup_seconds=round(setup, 1),

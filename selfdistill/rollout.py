@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -45,6 +46,18 @@ def eos_ids(model: Any, tokenizer: Any) -> list[int]:
     if not ids:
         raise ValueError("neither the model's generation config nor the tokenizer names an EOS token; set one")
     return sorted(ids)
+
+
+def sampling_precision(model: Any, args: Any) -> contextlib.AbstractContextManager:
+    """The autocast region training samples in, for code that samples outside the trainer (SD-Zero's self-revision
+    stage, diagnose): accelerate's ``bf16``/``fp16`` autocast on the model's device, or none. One region around a
+    whole sampling loop also keeps autocast's weight casts for all of it."""
+    device = next(model.parameters()).device.type
+    if getattr(args, "bf16", False):
+        return torch.autocast(device, dtype=torch.bfloat16)
+    if getattr(args, "fp16", False):
+        return torch.autocast(device, dtype=torch.float16)
+    return contextlib.nullcontext()
 
 
 def sample_completions(

@@ -12,7 +12,6 @@ Token ids are spliced, never re-tokenised: the SFT example is exactly the contex
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 from collections import Counter
@@ -23,7 +22,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from selfdistill.methods.sdzero.source import Reviser
-from selfdistill.rollout import eos_ids, sample_completions, verify_completions
+from selfdistill.rollout import eos_ids, sample_completions, sampling_precision, verify_completions
 from selfdistill.sequences import continuation_ids, render_context
 from selfdistill.sources.base import Rollout
 
@@ -138,18 +137,6 @@ def _verify(tokenizer, reward_funcs, weights, prompts, completion_ids, rows, sta
     verified = verify_completions(tokenizer, reward_funcs, weights, prompts, completion_ids, rows, timeout)
     stats["verifier_failures"] += verified.failures
     return verified.rewards
-
-
-def sampling_precision(model: Any, training_args: Any) -> contextlib.AbstractContextManager:
-    """The autocast region phase 2 samples in (accelerate's, for ``bf16``/``fp16`` on the model's device)."""
-    import torch
-
-    device = next(model.parameters()).device.type
-    if getattr(training_args, "bf16", False):
-        return torch.autocast(device, dtype=torch.bfloat16)
-    if getattr(training_args, "fp16", False):
-        return torch.autocast(device, dtype=torch.float16)
-    return contextlib.nullcontext()
 
 
 def self_revision_training(
