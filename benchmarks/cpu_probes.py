@@ -36,6 +36,9 @@ the main job's prompts (8 two-digit additions) and the OPSD teacher wording:
   the step's other operators.
 - ``matmul``: float32 matrix-product rate (GFLOP/s) of a large square product and of the training passes' shapes,
   the ceiling a compute-bound pass runs into.
+- ``srtsample``: SD-Zero's self-revision stage samples a batch of 64 training prompts x up to 24 tokens
+  (temperature 0.6, its recipe's settings) through ``sample_completions``: float32 against one bf16 autocast region
+  (``selfdistill.rollout.sampling_precision``), each the mean of 2 calls after a warm-up call.
 - ``heap``: one optimizer step of the packed G = 1 student pass (forward, backward, fused AdamW), float32 and bf16
   autocast, in two fresh processes: glibc's defaults (``GLIBC_TUNABLES`` removed from the child's environment:
   each large buffer a fresh ``mmap``) against the launch scripts' setting, applied at process start through the
@@ -79,7 +82,7 @@ from recipe_runs import machine  # noqa: E402  (benchmarks/, the script's own fo
 RESULTS = ROOT / "benchmarks" / "results" / "cpu_probes.json"
 TEMPLATE = "{problem}\n\nHere is a reference solution:\n{solution}\n\nUnderstand it, then answer in your own words."
 PROBES = ("bf16", "bf16gen", "bf16copy", "teacher", "cache", "student", "decode", "profile", "reuse", "overlap", "step",
-          "matmul", "heap", "bandwidth", "padding", "views")
+          "matmul", "heap", "bandwidth", "padding", "views", "srtsample")
 # The allocator setting the launch scripts (scripts/main_job.sh, scripts/launch.sh) export before Python starts.
 TUNED_HEAP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
 LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
@@ -715,6 +718,28 @@ def probe_bandwidth(_ctx) -> dict:
     return out
 
 
+def probe_srtsample(ctx) -> dict:
+    from types import SimpleNamespace
+
+    from selfdistill.rollout import sample_completions, sampling_precision
+    from selfdistill.sequences import render_context
+    from selfdistill.tasks.arithmetic import make_arithmetic_dataset
+
+    tok, model, *_ = ctx
+    rows = make_arithmetic_dataset(2000, 200, seed=0, digits=2)["train"].select(range(64))
+    prompts = [render_context(tok, r["prompt"]) for r in rows]
+    out = {}
+    for name, bf16 in (("float32", False), ("bf16_autocast", True)):
+        def draw(bf16=bf16):
+            torch.manual_seed(0)
+            with torch.no_grad(), sampling_precision(model, SimpleNamespace(bf16=bf16)):
+                sample_completions(model, prompts, pad_id=tok.pad_token_id, eos=[tok.eos_token_id],
+                                   max_new_tokens=24, temperature=0.6)
+        out[f"sample_64x24_{name}_s"] = timed(draw, 2)
+    out["speedup"] = out["sample_64x24_float32_s"] / out["sample_64x24_bf16_autocast_s"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("probes", nargs="*", default=list(PROBES), help=f"some of {', '.join(PROBES)} (default: all)")
@@ -740,7 +765,7 @@ def main() -> None:
               "decode": probe_decode,
               "profile": probe_profile, "reuse": probe_reuse, "overlap": probe_overlap, "step": probe_step,
               "matmul": probe_matmul, "heap": probe_heap, "bandwidth": probe_bandwidth,
-              "padding": probe_padding, "views": probe_views}[name]
+              "padding": probe_padding, "views": probe_views, "srtsample": probe_srtsample}[name]
         results[name] = fn(ctx)
         for key, value in results[name].items():
             print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}", flush=True)
