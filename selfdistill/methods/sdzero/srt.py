@@ -165,7 +165,7 @@ def self_revision_training(
     # Verifiers get the same time limit as in phase 2 (reward_timeout).
     timeout = getattr(training_args, "reward_timeout", 60.0)
     # Sampled the way phase 2 samples: under bf16 autocast when the recipe trains in bf16 (one region for the whole
-    # stage keeps the weight casts; on a 2-core CPU a 64-row batch decodes in 6.0 s against 9.1 s in float32).
+    # stage keeps the weight casts; timing in docs/methods/sd-zero.md).
     with sampling_precision(model, training_args):
         examples, stats = collect_revisions(model, tokenizer, rows, reviser, reward_funcs, config, progress, timeout)
     stats["sample_seconds"] = round(time.perf_counter() - start, 1)
