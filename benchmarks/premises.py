@@ -148,6 +148,22 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
                                           f"training.distill_weight={w}"])
            for w in ("0.1", "0.3", "3.0")},
     }),
+    # Skill-SD where its premise holds by construction (eighth session): keyed recall (selfdistill/tasks/codes.py),
+    # where what an attempt finds out about a city serves every later attempt at it and the student cannot know it
+    # otherwise. The recipe's bank is seeded with one fact per city, retrieved by similarity (diagnose: teacher 0.95
+    # against the student's 0.00, every premise holds). Against GRPO alone (the same recipe with the distillation
+    # term off) and Skill-SD with the skills the model writes about its own attempts, filed under each city.
+    "codes_skillsd": ("codes", {
+        "skillsd_seeded": ("recipes/skillsd_codes.yaml", []),
+        "grpo": ("recipes/skillsd_codes.yaml", ["training.distill_weight=0", "source.seed_skills=[]"]),
+        "skillsd_learned": ("recipes/skillsd_codes.yaml", ["source.seed_skills=[]", "source.summaries_per_step=2"]),
+        # Seed 0 at the recipe's settings drifted to the 32-token cap from step 20 (95% of rollouts cut by step 40):
+        # after a wrong code the teacher, which knows the right one, would go on to correct it rather than stop. Two
+        # screens: the initial model as a teacher that does not follow the student, and the whole vocabulary as the
+        # support (the same reverse KL, not a one-sample estimate of it).
+        "skillsd_seeded_initial_teacher": ("recipes/skillsd_codes.yaml", ["training.teacher_policy=initial"]),
+        "skillsd_seeded_full_support": ("recipes/skillsd_codes.yaml", ["training.support=full"]),
+    }),
     # SD-Zero on open addition at the main job's budget (960 training rollouts after SRT), against the same GRPO as
     # arithmetic_sdpo's (whose runs it shares) and its SRT stage alone (from the same run). Before SRT the 135M reviser
     # turns 9% of its wrong answers right; after it, 28% (diagnose measures the reviser SRT leaves).

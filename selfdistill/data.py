@@ -1,4 +1,4 @@
-"""Datasets for recipes: the built-in arithmetic task, local files, or a hub dataset, with a column mapping."""
+"""Datasets for recipes: the built-in tasks (arithmetic, codes), local files, or a hub dataset with a column mapping."""
 
 from __future__ import annotations
 
@@ -65,6 +65,16 @@ def load_splits(spec: DataSpec) -> tuple[Dataset, Dataset | None]:
             reference_error=spec.reference_error,
         )
         return dd["train"], dd["test"]
+    if spec.task == "codes":
+        from selfdistill.tasks.codes import make_codes_dataset
+
+        dd = make_codes_dataset(seed=spec.seed)
+        train, test = dd["train"], dd["test"]
+        if spec.n_train is not None and len(train) > spec.n_train:
+            train = train.select(range(spec.n_train))
+        if spec.n_test is not None and len(test) > spec.n_test:
+            test = test.select(range(spec.n_test))
+        return train, test
     if spec.train_files:
         files = {"train": spec.train_files}
         if spec.test_files:

@@ -32,13 +32,16 @@ class RecipeError(ValueError):
     """A recipe that cannot run, with the key at fault and the fix."""
 
 
+BUILT_IN_TASKS = ("arithmetic", "codes")
+
+
 @dataclass
 class DataSpec:
     """Where the rows come from: the built-in ``task`` or files / a hub dataset with a column mapping."""
 
-    task: str | None = "arithmetic"
-    n_train: int | None = None  # built-in task: 2000; files/hub: all rows
-    n_test: int | None = None  # built-in task: 200; files/hub: all rows
+    task: str | None = "arithmetic"  # or "codes": keyed recall of city codes (selfdistill.tasks.codes)
+    n_train: int | None = None  # arithmetic: 2000; codes: every city in every training wording; files/hub: all rows
+    n_test: int | None = None  # arithmetic: 200; codes: every city in every held-out wording; files/hub: all rows
     digits: Any = 2
     ops: Any = ("add",)
     prompt_template: Any = None  # built-in task: one wording with {question}, or a list of them (one per problem)
@@ -348,9 +351,9 @@ def parse_recipe(raw: Any, path: str | None = None, hardware_checks: bool = True
             )
     elif data.task is None and not (data.train_files or data.hub):
         raise RecipeError("data: give a built-in task (task: arithmetic), train_files (json/jsonl/parquet/csv) or hub")
-    if data.task is not None and data.task != "arithmetic":
-        raise RecipeError(f"data.task={data.task!r} is not a built-in task; use 'arithmetic' or set task: null and "
-                          "give train_files or hub")
+    if data.task is not None and data.task not in BUILT_IN_TASKS:
+        raise RecipeError(f"data.task={data.task!r} is not a built-in task; use one of {', '.join(BUILT_IN_TASKS)} "
+                          "or set task: null and give train_files or hub")
     recipe = Recipe(
         description=raw.get("description", ""),
         method=method,
