@@ -163,6 +163,10 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
         # support (the same reverse KL, not a one-sample estimate of it).
         "skillsd_seeded_initial_teacher": ("recipes/skillsd_codes.yaml", ["training.teacher_policy=initial"]),
         "skillsd_seeded_full_support": ("recipes/skillsd_codes.yaml", ["training.support=full"]),
+        # Both: seeds 0 and 1 of the full support drifted to the cap too (the student took up the synced teacher's
+        # talk about its tip: "I'll give you a tip, and ..."), while learning faster than the one-sample estimate.
+        "skillsd_seeded_full_support_initial_teacher": ("recipes/skillsd_codes.yaml", [
+            "training.support=full", "training.teacher_policy=initial"]),
     }),
     # SD-Zero on open addition at the main job's budget (960 training rollouts after SRT), against the same GRPO as
     # arithmetic_sdpo's (whose runs it shares) and its SRT stage alone (from the same run). Before SRT the 135M reviser

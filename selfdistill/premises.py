@@ -506,6 +506,11 @@ def verdicts(report: dict[str, Any]) -> list[dict[str, str]]:
                  "the limit; use teacher_policy=initial, or a max_completion_length that ends near the answer "
                  "(docs/diagnose.md, stops)")) if follows else " does not follow the student: its lower readiness "
                 "to stop is not taught back"))
+    elif policy in FOLLOWING_TEACHERS and report["signal"].get("stops") == 0:
+        add("stops", None,
+            f"no student rollout ended after a right answer, so there is no stop to compare; teacher_policy={policy} "
+            "follows the student: watch completions/clipped_ratio in training, or use teacher_policy=initial "
+            "(docs/diagnose.md, stops)")
     view = report["teacher"][report["teacher_view"]]
     too_long, cut = view.get("successes_too_long"), report["student_lengths"].get("cut_share", 0.0)
     if too_long is None:

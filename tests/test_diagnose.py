@@ -102,6 +102,11 @@ def test_verdicts_follow_the_thresholds():
     assert _verdict(_report(signal=level, teacher_policy="live"), "stops") == "holds"
     for unread in (_report(signal=stop), _report(signal={**stop, "teacher_p_stop": None}, teacher_policy="ema")):
         assert "stops" not in {v["premise"] for v in verdicts(unread)}  # no policy given, or no right stop seen
+    # a following teacher and no right answer among the student's rollouts (keyed recall: the student knows no code):
+    # nothing to compare, said so rather than left out; a fixed teacher needs no such reading
+    none_right = {"reverse_kl": 0.3, "stops": 0, "student_p_stop": None, "teacher_p_stop": None}
+    assert _verdict(_report(signal=none_right, teacher_policy="sync"), "stops") == "unknown"
+    assert "stops" not in {v["premise"] for v in verdicts(_report(signal=none_right, teacher_policy="initial"))}
 
 
 def test_digit_focus_matches_a_count_over_the_kept_tokens(tokenizer):
