@@ -25,6 +25,8 @@ from pathlib import Path
 
 from recipe_runs import ROOT, diagnose_recipe, machine, run_recipe
 
+from selfdistill.tasks.codes import code_facts, code_table
+
 RESULTS = ROOT / "benchmarks" / "results" / "premises.json"
 DIAGNOSES = ROOT / "benchmarks" / "results" / "premises_diagnosis.json"
 PLOT = ROOT / "docs" / "img" / "premises.png"
@@ -162,6 +164,10 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
         # screens: the initial model as a teacher that does not follow the student, and the whole vocabulary as the
         # support (the same reverse KL, not a one-sample estimate of it).
         "skillsd_seeded_initial_teacher": ("recipes/skillsd_codes.yaml", ["training.teacher_policy=initial"]),
+        # Diagnosed only: the same 24 facts as one skill, one list shown for every city. Does the 135M teacher look a
+        # code up in a list, or only copy the one fact it is shown?
+        "skillsd_seeded_one_list": ("recipes/skillsd_codes.yaml", [
+            f"source.seed_skills=[{json.dumps(' '.join(code_facts(code_table())))}]"]),
         "skillsd_seeded_full_support": ("recipes/skillsd_codes.yaml", ["training.support=full"]),
         # Both: seeds 0 and 1 of the full support drifted to the cap too (the student took up the synced teacher's
         # talk about its tip: "I'll give you a tip, and ..."), while learning faster than the one-sample estimate.

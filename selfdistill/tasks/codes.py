@@ -1,15 +1,17 @@
 """Keyed recall: each of a fixed set of cities has a code number that no prompt states.
 
 A miniature where Skill-SD's premise holds by construction: what one attempt at a task learns ("the code number of
-Oslo is 59") serves every later attempt at the same task, and the model cannot know it otherwise. A skill bank that
+Oslo is 2") serves every later attempt at the same task, and the model cannot know it otherwise. A skill bank that
 holds such facts, retrieved by task, makes the teacher answer; the student, which never sees the bank, can only
-take the facts into its weights. The 135M model copies a stated fact reliably but does not look one up in a table
-(a one-off probe: 30 of 32 greedy answers right with the city's own fact, 6 of 32 with all eight facts in one list),
-so the bank holds one skill per city and retrieval picks it.
+take the facts into its weights. The 135M model copies a stated fact reliably but does not look one up in a list
+(diagnose, sampled: right 0.91 of the time shown its city's fact, 0.20 shown all 24 facts as one skill; `python
+benchmarks/premises.py codes_skillsd skillsd_seeded skillsd_seeded_one_list --diagnose`), so the bank holds one skill
+per city and retrieval picks it.
 
 The codes are single digits by default. Reverse KL is mode-seeking: it moves the student's mass among what the student
 already gives some, and GRPO needs a right answer sampled by chance. With two-digit codes neither had anything to
-work with (Skill-SD at the recipe's settings: 0% after 60 steps, seed 0, with a teacher right 95% of the time).
+work with (a first draft of this task with codes 10-99: Skill-SD at the recipe's settings 0% after 60 steps, seed 0,
+with a teacher right 95% of the time).
 
 Every city appears in both splits; the held-out split asks in wordings training never uses, so held-out accuracy
 reads whether the student learned the codes, not the training sentences.
@@ -54,7 +56,7 @@ def code_table(cities: int = len(CITIES), seed: int = 0, low: int = 1, high: int
 
 
 def code_facts(table: dict[str, int]) -> list[str]:
-    """One skill text per city ("The code number of Oslo is 59."): what a bank seeded with the facts holds."""
+    """One skill text per city ("The code number of Oslo is 2."): what a bank seeded with the facts holds."""
     return [FACT_TEMPLATE.format(city=city, code=code) for city, code in table.items()]
 
 
