@@ -152,17 +152,18 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
     }),
     # Skill-SD where its premise holds by construction (eighth session): keyed recall (selfdistill/tasks/codes.py),
     # where what an attempt finds out about a city serves every later attempt at it and the student cannot know it
-    # otherwise. The recipe's bank is seeded with one fact per city, retrieved by similarity (diagnose: teacher 0.95
-    # against the student's 0.00, every premise holds). Against GRPO alone (the same recipe with the distillation
-    # term off) and Skill-SD with the skills the model writes about its own attempts, filed under each city.
+    # otherwise. The recipe's bank is seeded with one fact per city, retrieved by similarity (diagnose: teacher 0.91
+    # against the student's 0.02; `stops` fails with the recipe's synced teacher, every premise holds with the initial
+    # one). Against GRPO alone (the same recipe with the distillation term off) and Skill-SD with the skills the model
+    # writes about its own attempts, filed under each city.
     "codes_skillsd": ("codes", {
         "skillsd_seeded": ("recipes/skillsd_codes.yaml", []),
         "grpo": ("recipes/skillsd_codes.yaml", ["training.distill_weight=0", "source.seed_skills=[]"]),
         "skillsd_learned": ("recipes/skillsd_codes.yaml", ["source.seed_skills=[]", "source.summaries_per_step=2"]),
-        # Seed 0 at the recipe's settings drifted to the 32-token cap from step 20 (95% of rollouts cut by step 40):
-        # after a wrong code the teacher, which knows the right one, would go on to correct it rather than stop. Two
-        # screens: the initial model as a teacher that does not follow the student, and the whole vocabulary as the
-        # support (the same reverse KL, not a one-sample estimate of it).
+        # Seed 0 at the recipe's settings drifted to the 32-token cap from step 20 (95% of rollouts cut by step 40)
+        # and learned slowly. Two screens: the initial model as a teacher that does not follow the student (it kept
+        # the replies short), and the whole vocabulary as the support (the same reverse KL, not a one-sample estimate
+        # of it: it learned faster).
         "skillsd_seeded_initial_teacher": ("recipes/skillsd_codes.yaml", ["training.teacher_policy=initial"]),
         # Diagnosed only: the same 24 facts as one skill, one list shown for every city. Does the 135M teacher look a
         # code up in a list, or only copy the one fact it is shown?
