@@ -354,6 +354,8 @@ def parse_recipe(raw: Any, path: str | None = None, hardware_checks: bool = True
     if data.task is not None and data.task not in BUILT_IN_TASKS:
         raise RecipeError(f"data.task={data.task!r} is not a built-in task; use one of {', '.join(BUILT_IN_TASKS)} "
                           "or set task: null and give train_files or hub")
+    if data.task == "codes" and env is None:
+        _check_code_facts(data, source)
     recipe = Recipe(
         description=raw.get("description", ""),
         method=method,
@@ -383,6 +385,29 @@ def parse_recipe(raw: Any, path: str | None = None, hardware_checks: bool = True
             f"source.type={source.type!r} needs a verifier; add one under rewards (e.g. rewards: [arithmetic])"
         )
     return recipe
+
+
+def _check_code_facts(data: DataSpec, source: SourceSpec) -> None:
+    """Keyed recall draws its codes from ``data.seed``; seeded facts written for another seed would teach wrong
+    codes, silently (the teacher copies what it is shown)."""
+    seeded = source.args.get("seed_skills")
+    if not seeded:
+        return
+    from selfdistill.methods.skillsd.source import read_seed_skills
+    from selfdistill.tasks.codes import code_table, contradicted_facts
+
+    try:
+        skills = read_seed_skills(seeded)
+    except ValueError as err:
+        raise RecipeError(f"source.seed_skills: {err}") from err
+    wrong = contradicted_facts(skills, code_table(seed=data.seed))
+    if wrong:
+        raise RecipeError(
+            f"source.seed_skills states {len(wrong)} code(s) that data.seed={data.seed} does not draw, e.g. {wrong[0]}: "
+            "the codes are drawn from data.seed. Seed the bank with that seed's facts (python -c \"from "
+            "selfdistill.tasks.codes import code_facts, code_table; print(code_facts(code_table(seed="
+            f"{data.seed})))\") or keep the data.seed the facts were written for"
+        )
 
 
 def parse_source(raw: Any, default_type: str, allow_code: Sequence[str] = ()) -> SourceSpec:

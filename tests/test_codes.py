@@ -70,3 +70,15 @@ def test_an_unknown_built_in_task_names_the_ones_there_are(tmp_path):
 def test_data_spec_cuts_the_codes_splits_when_asked():
     train, test = load_splits(DataSpec(task="codes", n_train=10, n_test=5))
     assert len(train) == 10 and len(test) == 5
+
+
+def test_facts_written_for_another_data_seed_are_refused_with_the_fix(tmp_path):
+    # The codes follow data.seed; the recipe's facts are seed 0's. Overriding the seed alone would have the teacher
+    # copy wrong codes, silently.
+    with pytest.raises(RecipeError, match=r"data.seed=1 does not draw.*Oslo is 2.*code_table\(seed=1\)"):
+        load_recipe(str(RECIPE), overrides=["data.seed=1"])
+    facts = code_facts(code_table(seed=1))
+    path = tmp_path / "facts.txt"
+    path.write_text("\n".join(["# seed 1's facts", *facts, "Answer with the digit alone."]))
+    recipe = load_recipe(str(RECIPE), overrides=["data.seed=1", f"source.seed_skills={path}"])
+    assert recipe.data.seed == 1  # the facts of its own seed (and a text that states no code) pass

@@ -20,6 +20,7 @@ reads whether the student learned the codes, not the training sentences.
 from __future__ import annotations
 
 import random
+import re
 from typing import Any
 
 CITIES = (
@@ -58,6 +59,20 @@ def code_table(cities: int = len(CITIES), seed: int = 0, low: int = 1, high: int
 def code_facts(table: dict[str, int]) -> list[str]:
     """One skill text per city ("The code number of Oslo is 2."): what a bank seeded with the facts holds."""
     return [FACT_TEMPLATE.format(city=city, code=code) for city, code in table.items()]
+
+
+_FACT = re.compile(r"The code number of (?P<city>[A-Za-z ]+) is (?P<code>-?\d+)\.")
+
+
+def contradicted_facts(skills: list[str], table: dict[str, int]) -> list[str]:
+    """The skills that state a city's code (in :data:`FACT_TEMPLATE`'s words) other than ``table``'s: a bank seeded
+    with them would teach wrong codes. Other texts are not facts of this task and are left alone."""
+    wrong = []
+    for text in skills:
+        match = _FACT.fullmatch(text.strip())
+        if match and match["city"] in table and int(match["code"]) != table[match["city"]]:
+            wrong.append(f"{text!r} (the table says {table[match['city']]})")
+    return wrong
 
 
 def make_codes_dataset(cities: int = len(CITIES), seed: int = 0, low: int = 1, high: int = 9) -> Any:
