@@ -38,9 +38,8 @@ from tqdm.auto import tqdm
 from selfdistill.rollout import eos_ids, sample_completions, sampling_precision, take_rows, verify_completions
 from selfdistill.sequences import (
     _plain_head,
-    completion_hidden,
-    completion_logits,
     render_context,
+    score_completions,
     splice,
     teacher_contexts,
 )
@@ -178,21 +177,26 @@ class Diagnosis:
         1 where the token is the model's own; an episode's observations are 0). The head runs on the kept positions
         only (an episode's transcript is mostly observations) when applying it by hand gives the model's logits; a
         head with a logit transform after it (Gemma's soft-capping) takes the model's own logits instead."""
-        out = []
+        out: list[torch.Tensor | None] = [None] * len(contexts)
         step = max(1, self.batch_size // 4)
         head = _plain_head(self.model)
-        for i in range(0, len(contexts), step):
-            batch = splice(contexts[i : i + step], completions[i : i + step], self.pad)
-            model = self.model
-            scores = completion_logits(model, batch) if head is None else completion_hidden(model, head, batch)
-            for k, mask in enumerate(masks[i : i + step]):
-                keep = torch.tensor(mask, dtype=torch.bool, device=scores.device)
-                kept = scores[k, : len(mask)][keep]
+        # Batched in context order, so that rows sharing a beginning (a prompt's samples; the teacher's prompt and
+        # privileged text) sit together and that prefix runs once, as the trainer's passes run it
+        # (score_completions); in the rollouts' own order (rollout j is prompt j % n's) no two rows of a batch
+        # would share more than the system prompt.
+        order = sorted(range(len(contexts)), key=lambda i: list(contexts[i]))
+        for i in range(0, len(order), step):
+            chunk = order[i : i + step]
+            batch = splice([contexts[j] for j in chunk], [completions[j] for j in chunk], self.pad)
+            scores = score_completions(self.model, batch, [contexts[j] for j in chunk], share_prefix=True, head=head)
+            for k, j in enumerate(chunk):
+                keep = torch.tensor(masks[j], dtype=torch.bool, device=scores.device)
+                kept = scores[k, : len(masks[j])][keep]
                 logits = (kept if head is None else head(kept)).float()
                 if not torch.isfinite(logits).all():
                     raise FloatingPointError("the model produced NaN/inf logits while diagnosing; check the model's "
                                              "weights and dtype (bf16 weights overflow more easily than float32)")
-                out.append(torch.log_softmax(logits, dim=-1))
+                out[j] = torch.log_softmax(logits, dim=-1)
         return out
 
     # ---------------------------------------------------------------------------------------------- run

@@ -250,6 +250,33 @@ def test_scoring_keeps_the_models_own_tokens_and_matches_the_full_head(tokenizer
         torch.testing.assert_close(kept[k], full[k, positions], rtol=1e-6, atol=1e-6)
 
 
+def test_scoring_runs_a_shared_beginning_once_and_keeps_the_rollouts_order(tokenizer):
+    """Rows sharing a prompt (a prompt's samples, interleaved as diagnose samples them) are scored from one pass over
+    that prompt, and each rollout gets its own log-probabilities back in its own place."""
+    from selfdistill.premises import Diagnosis
+    from selfdistill.sequences import completion_logits, splice
+
+    model = build_model(tokenizer).double().eval()
+    diag = Diagnosis(model, tokenizer, [], BareProblem(), [], max_completion_length=4, progress=False)
+    a, b = list(range(5, 17)), list(range(30, 42))  # two 12-token prompts
+    contexts = [a, b, a, b + [50], a]
+    completions = [[12, 13], [17, 18, 19], [14], [20, 21], [15, 16, 17]]
+    masks = [[1] * len(c) for c in completions]
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: seen.append(int(kw["input_ids"].numel())),
+                                           with_kwargs=True)
+    try:
+        kept = diag._logprobs(contexts, completions, masks)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        batch = splice(contexts, completions, tokenizer.pad_token_id)
+        full = torch.log_softmax(completion_logits(model, batch).float(), -1)
+    for k, c in enumerate(completions):
+        torch.testing.assert_close(kept[k], full[k, : len(c)], rtol=1e-6, atol=1e-6)
+    assert sum(seen) < batch.input_ids.numel()  # fewer positions run than the rows one by one (padded)
+
+
 def test_scoring_takes_the_models_own_logits_when_its_head_is_followed_by_a_transform(tokenizer):
     """A soft-capped head (Gemma 2) cannot be applied by hand: the kept positions' log-probabilities are still the
     model's own."""
