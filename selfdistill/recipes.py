@@ -403,8 +403,8 @@ def _check_code_facts(data: DataSpec, source: SourceSpec) -> None:
     wrong = contradicted_facts(skills, code_table(seed=data.seed))
     if wrong:
         raise RecipeError(
-            f"source.seed_skills states {len(wrong)} code(s) that data.seed={data.seed} does not draw, e.g. {wrong[0]}: "
-            "the codes are drawn from data.seed. Seed the bank with that seed's facts (python -c \"from "
+            f"source.seed_skills states {len(wrong)} code(s) that data.seed={data.seed} does not draw, e.g. "
+            f"{wrong[0]}: the codes are drawn from data.seed. Seed the bank with that seed's facts (python -c \"from "
             "selfdistill.tasks.codes import code_facts, code_table; print(code_facts(code_table(seed="
             f"{data.seed})))\") or keep the data.seed the facts were written for"
         )
