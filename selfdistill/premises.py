@@ -120,6 +120,10 @@ def dense_share(values: torch.Tensor, mass: float = 0.8) -> float | None:
     return min(carry, values.numel()) / values.numel()
 
 
+#: Greedy generations kept in diagnosis.json per role (the table prints the first).
+EXAMPLES = 3
+
+
 class Diagnosis:
     """Measures one source's premises with a model; :meth:`run` returns the report (``diagnosis.json``'s content)."""
 
@@ -239,6 +243,7 @@ class Diagnosis:
                 "student_success": _success(sampled.rewards, self.threshold),
                 "student_success_greedy": _success(greedy.rewards, self.threshold),
                 "student_lengths": _lengths(sampled.completion_ids, sampled.truncated),
+                "student_examples": list(greedy.texts[:EXAMPLES]),
                 "views": names, "truncated_pi": teacher.truncated_pi, "episodes": self.env_factory is not None,
             }
             self.bar.update()
@@ -358,6 +363,9 @@ class Diagnosis:
                 "successes_too_long": (sum(n_ > self.limit for n_ in good_long) / len(good_long)) if good_long
                 else None,
                 "rewards": verified.rewards,
+                # What the teacher writes (greedy, the first contexts): the form a failed `focus` reads as wording
+                # may be the help (an equation the model computes better in) or a preamble (docs/diagnose.md).
+                "examples": list(greedy.texts[:EXAMPLES]),
             }
         return out
 
@@ -609,6 +617,13 @@ def format_report(report: dict[str, Any]) -> str:
         extra = "" if t.get("successes_too_long") is None else f", successes too long {t['successes_too_long']:.0%}"
         lines.append(f"{'teacher length mean / p90 [' + name + ']':48} {tl.get('mean', 0):.1f} / "
                      f"{tl.get('p90', 0):.0f}{extra}")
+    shown = [("student writes (greedy)", (report.get("student_examples") or [None])[0])]
+    shown += [(f"teacher writes (greedy) [{name}]", (t.get("examples") or [None])[0])
+              for name, t in report["teacher"].items()]
+    for label, text in shown:
+        if text is not None:
+            text = " ".join(str(text).split())
+            lines.append(f"{label:48} {text[:70] + '...' if len(text) > 70 else text!s}")
     if report.get("srt"):
         st = report["srt"]
         seconds = st.get('sample_seconds', 0) + st.get('sft_seconds', 0)

@@ -227,6 +227,13 @@ def test_a_reference_teacher_is_scored_on_the_student_tokens(tmp_path, tokenizer
                                                    "reward_unbounded"}
     assert "rewards" not in report["teacher"]["reference"]
     assert report["teacher_policy"] == _args(tmp_path).teacher_policy  # the stops verdict reads the run's policy
+    # What each role writes is kept (a few greedy texts) and the table shows the first.
+    examples = report["teacher"]["reference"]["examples"]
+    assert 1 <= len(examples) <= 3 and all(isinstance(t, str) for t in examples)
+    assert 1 <= len(report["student_examples"]) <= 3
+    from selfdistill.premises import format_report
+
+    assert "teacher writes (greedy) [reference]" in format_report(report)
 
 
 def test_scoring_keeps_the_models_own_tokens_and_matches_the_full_head(tokenizer):
