@@ -64,6 +64,9 @@ def main() -> None:
         results[recipe.name] = entry
         RESULTS.write_text(json.dumps(results, indent=1))
         split = f", of which {stage:.0f} s the self-revision stage" if stage else ""
+        if "error" in entry:  # e.g. a GPU recipe whose model is not on this machine: no time to judge
+            print(f"{recipe.name}: did not run to its end ({seconds:.0f} s): {entry['error']}", flush=True)
+            continue
         print(f"{recipe.name}: {seconds:.0f} s{split}{'' if entry['within_budget'] else ' (over the 3-minute budget)'}",
               flush=True)
     print(f"wrote {RESULTS}")
