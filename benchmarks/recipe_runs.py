@@ -61,6 +61,7 @@ def diagnose_recipe(recipe: str | Path, overrides: list[str], out: Path) -> dict
     entry.update({k: report.get(k) for k in ("method", "student_reward", "student_reward_greedy", "teacher_reward",
                                              "teacher_view", "revision", "skills", "srt", "blind_rule")})
     entry.update({k: report["signal"].get(k) for k in ("reverse_kl", "digit_share", "digit_token_fraction",
+                                                       "digit_pull_share", "digit_pull_fraction",
                                                        "student_p_stop", "teacher_p_stop")})
     entry["verdicts"] = {v["premise"]: v["verdict"] for v in report["verdicts"]}
     entry["table"] = done.stdout.strip().split("wrote")[0]

@@ -389,8 +389,9 @@ class Diagnosis:
             if flat.numel() == 0:
                 out[name] = {"reverse_kl": None, "dense_share": None, "tokens": 0}
                 continue
+            pulls = torch.cat([t.argmax(-1) for t in view_logps[k]]) if view_logps[k] else None
             out[name] = {"reverse_kl": float(flat.mean()), "dense_share": dense_share(flat),
-                         "tokens": int(flat.numel()), **self._digit_focus(flat, sampled, masks),
+                         "tokens": int(flat.numel()), **self._digit_focus(flat, sampled, masks, pulls),
                          **self._stopping(student, view_logps[k], sampled)}
         if len(names) > 1:
             pairs = {}
@@ -404,7 +405,8 @@ class Diagnosis:
         first = out[names[0]] if len(names) == 1 else None
         out["reverse_kl"] = first["reverse_kl"] if first else _mean([out[n]["reverse_kl"] for n in names])
         out["dense_share"] = first["dense_share"] if first else _mean([out[n]["dense_share"] for n in names])
-        for key in ("digit_share", "digit_token_fraction", "student_p_stop", "teacher_p_stop"):
+        for key in ("digit_share", "digit_token_fraction", "digit_pull_share", "digit_pull_fraction",
+                    "student_p_stop", "teacher_p_stop"):
             out[key] = first.get(key) if first else _mean([out[n].get(key) for n in names])
         return out
 
@@ -425,10 +427,17 @@ class Diagnosis:
 
         return {"stops": len(stops), "student_p_stop": p_stop(student), "teacher_p_stop": p_stop(teacher)}
 
-    def _digit_focus(self, values: torch.Tensor, sampled: _Batch, masks: list[list[int]]) -> dict[str, float]:
+    def _digit_focus(self, values: torch.Tensor, sampled: _Batch, masks: list[list[int]],
+                     pulls: torch.Tensor | None = None) -> dict[str, float]:
         """Where the divergence sits: the share of it on tokens that spell digits, and those tokens' share of the
         student's tokens (the same measure as training's ``divergence/digit_share``; ``values`` are the per-token
-        divergences of the kept tokens, in rollout order)."""
+        divergences of the kept tokens, in rollout order).
+
+        With ``pulls`` (the teacher's most likely token at each of those positions), also where it pulls: the share
+        of the divergence at positions where the student's token *or the teacher's* spells a digit, and those
+        positions' share (``digit_pull_share``, ``digit_pull_fraction``). A teacher that would write the sum out
+        where the student writes "The answer is" differs on the student's wording, towards digits; a preamble differs
+        towards words. Reported beside `focus`, not in its verdict (a hypothesis from two rows, docs/diagnose.md)."""
         from selfdistill.step import digit_share, digit_tokens
 
         if getattr(self, "_digits", None) is None:
@@ -438,8 +447,17 @@ class Diagnosis:
         if tokens.numel() != values.numel():  # the scored tokens are the kept ones; a mismatch measures nothing
             return {}
         shares = digit_share(values, tokens, self._digits)
-        return {"digit_share": shares.get("divergence/digit_share"),
-                "digit_token_fraction": shares.get("divergence/digit_token_fraction")}
+        out = {"digit_share": shares.get("divergence/digit_share"),
+               "digit_token_fraction": shares.get("divergence/digit_token_fraction")}
+        if pulls is not None and pulls.numel() == tokens.numel() and tokens.numel():
+            digit = self._digits.to(tokens.device)
+            top = pulls.to(tokens.device).clamp(0, digit.numel() - 1)
+            either = digit[tokens.clamp(0, digit.numel() - 1)] | digit[top]
+            weight = values.detach().float()
+            total = float(weight.sum())
+            out["digit_pull_fraction"] = float(either.float().mean())
+            out["digit_pull_share"] = float(weight[either].sum()) / total if total > 0 else None
+        return out
 
     def _method_sections(self, rollouts: list[Rollout], teacher: Any, names: list[str],
                          report: dict[str, Any]) -> dict[str, Any]:
@@ -607,6 +625,9 @@ def format_report(report: dict[str, Any]) -> str:
     if sig.get("digit_share") is not None:
         lines.append(f"{'share of it on digit tokens / their share':48} {pct(sig['digit_share'])} / "
                      f"{pct(sig.get('digit_token_fraction'))}")
+    if sig.get("digit_pull_share") is not None:
+        lines.append(f"{'... where student or teacher spells a digit':48} {pct(sig['digit_pull_share'])} / "
+                     f"{pct(sig.get('digit_pull_fraction'))}")
     for pair, jsd in (sig.get("pairwise_jsd") or {}).items():
         lines.append(f"{'JSD ' + pair:48} {jsd:.3f}")
     sl = report["student_lengths"]

@@ -223,6 +223,8 @@ def test_a_reference_teacher_is_scored_on_the_student_tokens(tmp_path, tokenizer
                       _args(tmp_path), prompts=4, samples=2, progress=False)
     assert report["signal"]["reverse_kl"] > 0 and report["signal"]["reference"]["tokens"] > 0
     assert 0.0 <= report["signal"]["digit_token_fraction"] <= 1.0
+    # where the student or the teacher's top token spells a digit: a superset of the student's digit tokens
+    assert report["signal"]["digit_pull_fraction"] >= report["signal"]["digit_token_fraction"]
     assert set(report["teacher"]["reference"]) >= {"reward", "reward_greedy", "lengths", "successes_too_long",
                                                    "reward_unbounded"}
     assert "rewards" not in report["teacher"]["reference"]
@@ -552,3 +554,20 @@ def test_a_self_revision_stage_runs_once_per_recipe_and_output_folder(tmp_path, 
     assert runs() == 2 and "reused_from" not in json.loads((tmp_path / "out" / "diagnosis.json").read_text())["srt"]
     (stage / "stage.json").unlink()
     assert main(diag) == 0 and runs() == 3
+
+
+def test_the_pull_share_counts_where_the_student_or_the_teacher_spells_a_digit():
+    """Beside `focus`: a teacher that would write a digit where the student writes a word pulls towards the answer;
+    the divergence at such positions counts with the student's own digit tokens (hand-made, ids 1 and 3 digits)."""
+    from types import SimpleNamespace
+
+    from selfdistill.premises import Diagnosis
+
+    diag = Diagnosis.__new__(Diagnosis)  # only the digit table is needed
+    diag._digits = torch.tensor([False, True, False, True])
+    sampled = SimpleNamespace(completion_ids=[[0, 2], [1]], masks=None)
+    values = torch.tensor([0.5, 0.3, 0.2])
+    out = diag._digit_focus(values, sampled, [[1, 1], [1]], pulls=torch.tensor([3, 2, 1]))
+    assert out["digit_share"] == pytest.approx(0.2) and out["digit_token_fraction"] == pytest.approx(1 / 3)
+    assert out["digit_pull_share"] == pytest.approx(0.7) and out["digit_pull_fraction"] == pytest.approx(2 / 3)
+    assert "digit_pull_share" not in diag._digit_focus(values, sampled, [[1, 1], [1]])  # no teacher tokens given
