@@ -438,7 +438,7 @@ class Diagnosis:
         positions' share (``digit_pull_share``, ``digit_pull_fraction``). A teacher that would write the sum out
         where the student writes "The answer is" differs on the student's wording, towards digits; a preamble differs
         towards words. Reported beside `focus`, not in its verdict (a hypothesis from two rows, docs/diagnose.md)."""
-        from selfdistill.step import digit_share, digit_tokens
+        from selfdistill.step import digit_share, digit_tokens, mask_share, spells_digit
 
         if getattr(self, "_digits", None) is None:
             self._digits = digit_tokens(self.tokenizer)
@@ -450,13 +450,8 @@ class Diagnosis:
         out = {"digit_share": shares.get("divergence/digit_share"),
                "digit_token_fraction": shares.get("divergence/digit_token_fraction")}
         if pulls is not None and pulls.numel() == tokens.numel() and tokens.numel():
-            digit = self._digits.to(tokens.device)
-            top = pulls.to(tokens.device).clamp(0, digit.numel() - 1)
-            either = digit[tokens.clamp(0, digit.numel() - 1)] | digit[top]
-            weight = values.detach().float()
-            total = float(weight.sum())
-            out["digit_pull_fraction"] = float(either.float().mean())
-            out["digit_pull_share"] = float(weight[either].sum()) / total if total > 0 else None
+            either = spells_digit(tokens, self._digits) | spells_digit(pulls.to(tokens.device), self._digits)
+            out["digit_pull_fraction"], out["digit_pull_share"] = mask_share(values, either)
         return out
 
     def _method_sections(self, rollouts: list[Rollout], teacher: Any, names: list[str],
@@ -644,7 +639,7 @@ def format_report(report: dict[str, Any]) -> str:
     for label, text in shown:
         if text is not None:
             text = " ".join(str(text).split())
-            lines.append(f"{label:48} {text[:70] + '...' if len(text) > 70 else text!s}")
+            lines.append(f"{label:48} {text if len(text) <= 70 else text[:70] + '...'}")
     if report.get("srt"):
         st = report["srt"]
         seconds = st.get('sample_seconds', 0) + st.get('sft_seconds', 0)

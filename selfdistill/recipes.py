@@ -388,26 +388,21 @@ def parse_recipe(raw: Any, path: str | None = None, hardware_checks: bool = True
 
 
 def _check_code_facts(data: DataSpec, source: SourceSpec) -> None:
-    """Keyed recall draws its codes from ``data.seed``; seeded facts written for another seed would teach wrong
-    codes, silently (the teacher copies what it is shown)."""
+    """Keyed recall's seeded facts must be those of its ``data.seed`` (``tasks.codes.check_seeded_facts``)."""
     seeded = source.args.get("seed_skills")
     if not seeded:
         return
     from selfdistill.methods.skillsd.source import read_seed_skills
-    from selfdistill.tasks.codes import code_table, contradicted_facts
+    from selfdistill.tasks.codes import check_seeded_facts
 
     try:
         skills = read_seed_skills(seeded)
     except ValueError as err:
         raise RecipeError(f"source.seed_skills: {err}") from err
-    wrong = contradicted_facts(skills, code_table(seed=data.seed))
-    if wrong:
-        raise RecipeError(
-            f"source.seed_skills states {len(wrong)} code(s) that data.seed={data.seed} does not draw, e.g. "
-            f"{wrong[0]}: the codes are drawn from data.seed. Seed the bank with that seed's facts (python -c \"from "
-            "selfdistill.tasks.codes import code_facts, code_table; print(code_facts(code_table(seed="
-            f"{data.seed})))\") or keep the data.seed the facts were written for"
-        )
+    try:
+        check_seeded_facts(skills, data.seed)
+    except ValueError as err:
+        raise RecipeError(str(err)) from err
 
 
 def parse_source(raw: Any, default_type: str, allow_code: Sequence[str] = ()) -> SourceSpec:

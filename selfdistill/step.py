@@ -113,13 +113,23 @@ def digit_share(values: torch.Tensor, tokens: torch.Tensor, is_digit: torch.Tens
     drift arXiv 2606.11709 describes)? Empty when there are no tokens or no divergence."""
     if tokens.numel() == 0:
         return {}
-    digits = is_digit.to(tokens.device)[tokens.clamp(0, is_digit.numel() - 1)] & (tokens < is_digit.numel())
+    fraction, share = mask_share(values, spells_digit(tokens, is_digit))
+    out = {"divergence/digit_token_fraction": fraction}
+    if share is not None:
+        out["divergence/digit_share"] = share
+    return out
+
+
+def spells_digit(tokens: torch.Tensor, is_digit: torch.Tensor) -> torch.Tensor:
+    """``[N]`` bools: which of ``tokens`` spell a digit (ids beyond the tokenizer, e.g. a padded vocabulary, do not)."""
+    return is_digit.to(tokens.device)[tokens.clamp(0, is_digit.numel() - 1)] & (tokens < is_digit.numel())
+
+
+def mask_share(values: torch.Tensor, mask: torch.Tensor) -> tuple[float, float | None]:
+    """The share of positions in ``mask``, and the share of ``values`` (>= 0) they carry (None when all are 0)."""
     values = values.detach().float()
     total = values.sum()
-    out = {"divergence/digit_token_fraction": digits.float().mean().item()}
-    if total > 0:
-        out["divergence/digit_share"] = (values[digits].sum() / total).item()
-    return out
+    return mask.float().mean().item(), (values[mask].sum() / total).item() if total > 0 else None
 
 
 @torch.no_grad()

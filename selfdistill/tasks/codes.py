@@ -75,6 +75,19 @@ def contradicted_facts(skills: list[str], table: dict[str, int]) -> list[str]:
     return wrong
 
 
+def check_seeded_facts(skills: list[str], seed: int) -> None:
+    """Refuse seeded skills that state codes ``seed`` does not draw (facts written for another ``data.seed``): the
+    teacher copies what it is shown, so they would teach wrong codes, silently."""
+    wrong = contradicted_facts(skills, code_table(seed=seed))
+    if wrong:
+        raise ValueError(
+            f"source.seed_skills states {len(wrong)} code(s) that data.seed={seed} does not draw, e.g. {wrong[0]}: "
+            "the codes are drawn from data.seed. Seed the bank with that seed's facts (python -c \"from "
+            f"selfdistill.tasks.codes import code_facts, code_table; print(code_facts(code_table(seed={seed})))\") "
+            "or keep the data.seed the facts were written for"
+        )
+
+
 def make_codes_dataset(cities: int = len(CITIES), seed: int = 0, low: int = 1, high: int = 9) -> Any:
     """Train and test splits as a ``datasets.DatasetDict``: every city in every wording of its split.
 
