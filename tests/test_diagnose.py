@@ -571,3 +571,41 @@ def test_the_pull_share_counts_where_the_student_or_the_teacher_spells_a_digit()
     assert out["digit_share"] == pytest.approx(0.2) and out["digit_token_fraction"] == pytest.approx(1 / 3)
     assert out["digit_pull_share"] == pytest.approx(0.7) and out["digit_pull_fraction"] == pytest.approx(2 / 3)
     assert "digit_pull_share" not in diag._digit_focus(values, sampled, [[1, 1], [1]])  # no teacher tokens given
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("73 + 99 = 172", True),  # the two operands before the result
+    ("The answer is: 73 + 99 = 172.", True),
+    ("The answer is 172.", False),  # the result alone
+    ("132 is indeed one of the two: 132 is indeed", False),  # one of the task's numbers, twice
+    ("12 + 34 = 46", False),  # numbers the task does not hold
+    ("73 + 99", False),  # the last number is the result, not work
+])
+def test_an_answer_shows_its_work_when_it_names_two_of_the_tasks_numbers_before_its_last(answer, expected):
+    from selfdistill.premises import shows_work
+
+    task = [{"role": "system", "content": "You add 2 numbers."},
+            {"role": "user", "content": "What is 73 + 99? The answer is one of: 172 or 182."}]
+    assert shows_work(answer, task) is expected
+    assert shows_work(answer, task[1]["content"]) is expected  # a plain prompt reads the same
+
+
+def test_pi_gap_reads_the_greedy_rewards_and_focus_the_worked_form_where_measured():
+    """The two rows the revised rules were drawn from (docs/diagnose.md, "Does diagnose predict?"): SD-Zero on open
+    addition (+0.14 sampled, -0.05 greedy: gained nothing over its stage) and a teacher that writes the sum out where
+    the student writes "The answer is" (focus 0.54x; gained 16 points over GRPO, adding)."""
+    open_addition = _report(student=0.28, teacher=0.42, student_reward_greedy=0.45, teacher_reward_greedy=0.41)
+    assert _verdict(open_addition, "pi_gap") == "fails"
+    assert _verdict(_report(student=0.28, teacher=0.42), "pi_gap") == "holds"  # no greedy figures: the sampled gap
+    skill = _report(student=0.09, teacher=0.12, student_reward_greedy=0.08, teacher_reward_greedy=0.27,
+                    skills={"bank_size": 1, "shown": True, "teacher_reward_with_skills": 0.12,
+                            "teacher_reward_without": 0.09})
+    skill["teacher"]["v"]["reward_greedy"] = 0.27
+    assert _verdict(skill, "pi_gap") == "holds" and _verdict(skill, "skills") == "holds"
+    wording = {"reverse_kl": 0.3, "digit_share": 0.16, "digit_token_fraction": 0.29}
+    worked = _report(signal=wording, student_shows_work=0.0)
+    assert _verdict(worked, "focus") == "fails"  # the teacher's form not measured
+    worked["teacher"]["v"]["shows_work"] = THRESHOLDS["work_gap"]
+    assert _verdict(worked, "focus") == "holds"
+    worked["student_shows_work"] = 0.01  # both write the sum out: the wording is not the form
+    assert _verdict(worked, "focus") == "fails"
