@@ -181,6 +181,11 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
     "open_sdzero": ("arithmetic", {
         "sdzero": ("recipes/sdzero_arithmetic.yaml", []),
         "grpo": ("recipes/opsd_arithmetic.yaml", GRPO_ARITHMETIC),
+        # The recipe's earlier self-revision stage (256 prompts x 3 epochs at 1e-5): a test of diagnose's rules as
+        # revised in the tenth session, which read every premise holding for it (greedy gap +0.20, the teacher writing
+        # the sum out in 92% of its answers against the student's 16%) and failing two for the current stage.
+        "sdzero_earlier_stage": ("recipes/sdzero_arithmetic.yaml", ["srt.prompts=256", "srt.epochs=3",
+                                                                     "srt.learning_rate=1e-5"]),
     }),
     # SD-Zero on two-option addition, where "this response is wrong" leaves one option; its SRT stage alone is read
     # from the same run (eval_after_srt, recorded as method "srt"), GRPO has the same binary reward.
