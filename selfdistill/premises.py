@@ -58,7 +58,6 @@ THRESHOLDS: dict[str, float] = {
     "blind_gap": 0.10,  # rows with options: teacher reward - the best rule that ignores the problem
     "digit_focus": 1.5,  # digit share of the divergence / digit share of the tokens (answers that spell numbers)
     "digit_tokens": 0.02,  # below this share of digit tokens in the rollouts, `focus` has nothing to read
-    "work_gap": 0.25,  # share of greedy answers writing the problem's numbers out: teacher - student (`focus`)
     "stop_gap": 0.03,  # a teacher that follows the student: p(stop) student - teacher after a right answer
 }
 
@@ -555,21 +554,20 @@ def verdicts(report: dict[str, Any]) -> list[dict[str, str]]:
         focus = share / fraction
         why = (f"{share:.0%} of the divergence sits on the {fraction:.0%} of tokens that spell digits ({focus:.2f}x "
                f"their share; needs >= {th['digit_focus']:.2f}x)")
+        # Reported, not judged: a teacher writing the task out where the student does not turned two failed `focus`
+        # rows into gains, but failed its first test (SD-Zero's earlier stage on open addition; docs/diagnose.md).
         work_s = report.get("student_shows_work")
         work_t = (report["teacher"].get(report.get("teacher_view")) or {}).get("shows_work")
-        works = work_s is not None and work_t is not None and work_t - work_s >= th["work_gap"]
         if work_s is not None and work_t is not None:
             why += (f"; the teacher writes the problem's numbers out before its answer in {work_t:.0%} of its greedy "
                     f"answers, the student in {work_s:.0%}")
         if focus >= th["digit_focus"]:
             add("focus", True, why)
-        elif works:
-            add("focus", True, why + f" (a gap >= {th['work_gap']:.2f}): the wording it teaches is the worked form, "
-                "which the answer's digits follow (docs/diagnose.md, focus)")
         else:
             add("focus", False, why + ": the teacher differs from the student mostly in wording, not in the answer's "
-                "digits, so distillation teaches the teacher's style; try another wording of the privileged "
-                "information (docs/diagnose.md, focus)")
+                "digits, so distillation teaches the teacher's style; read what the teacher writes (a worked form "
+                "can help, a preamble does not) or try another wording of the privileged information "
+                "(docs/diagnose.md, focus)")
     ps, pt, policy = report["signal"].get("student_p_stop"), report["signal"].get("teacher_p_stop"), report.get(
         "teacher_policy")
     if ps is not None and pt is not None and policy is not None:
