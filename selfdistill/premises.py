@@ -44,7 +44,7 @@ from selfdistill.sequences import (
     splice,
     teacher_contexts,
 )
-from selfdistill.sources.base import PrivilegedSource, Rollout
+from selfdistill.sources.base import PrivilegedSource, Rollout, user_text
 
 #: Verdict thresholds (docs/diagnose.md says where each comes from).
 THRESHOLDS: dict[str, float] = {
@@ -90,19 +90,10 @@ def _success(values: Sequence[float | None], threshold: float) -> float | None:
 _NUMBER = re.compile(r"\d+")
 
 
-def _task_text(prompt: Any) -> str:
-    """The task as the student reads it: a plain prompt, or a conversation's user turns."""
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, (list, tuple)):
-        return " ".join(str(m.get("content", "")) for m in prompt if isinstance(m, dict) and m.get("role") == "user")
-    return str(prompt)
-
-
 def shows_work(answer: str, prompt: Any) -> bool:
     """Whether ``answer`` writes the problem out before its result: it names at least two distinct numbers of the
     task before its last number ("73 + 99 = 172" does; "The answer is 172." and "172 is one of the two: 172" do not)."""
-    given = set(_NUMBER.findall(_task_text(prompt)))
+    given = set(_NUMBER.findall(user_text(prompt)))
     said = _NUMBER.findall(answer)
     return len({n for n in said[:-1] if n in given}) >= 2
 
@@ -527,8 +518,9 @@ def verdicts(report: dict[str, Any]) -> list[dict[str, str]]:
                     "why": why})
 
     student, teacher = report.get("student_reward"), report.get("teacher_reward")
-    student_g, teacher_g = report.get("student_reward_greedy"), report.get("teacher_reward_greedy", (
-        report.get("teacher", {}).get(report.get("teacher_view")) or {}).get("reward_greedy"))
+    view = report.get("teacher", {}).get(report.get("teacher_view")) or {}  # the best view's section
+    student_g, teacher_g = report.get("student_reward_greedy"), report.get("teacher_reward_greedy",
+                                                                           view.get("reward_greedy"))
     if student is None or teacher is None:
         add("pi_gap", None, "no reward to compare: give the recipe a verifier (rewards:) or an environment")
     else:
@@ -557,7 +549,7 @@ def verdicts(report: dict[str, Any]) -> list[dict[str, str]]:
         # Reported, not judged: a teacher writing the task out where the student does not turned two failed `focus`
         # rows into gains, but failed its first test (SD-Zero's earlier stage on open addition; docs/diagnose.md).
         work_s = report.get("student_shows_work")
-        work_t = (report["teacher"].get(report.get("teacher_view")) or {}).get("shows_work")
+        work_t = view.get("shows_work")
         if work_s is not None and work_t is not None:
             why += (f"; the teacher writes the problem's numbers out before its answer in {work_t:.0%} of its greedy "
                     f"answers, the student in {work_s:.0%}")
@@ -586,7 +578,6 @@ def verdicts(report: dict[str, Any]) -> list[dict[str, str]]:
             f"no student rollout ended after a right answer, so there is no stop to compare; teacher_policy={policy} "
             "follows the student: watch completions/clipped_ratio in training, or use teacher_policy=initial "
             "(docs/diagnose.md, stops)")
-    view = report["teacher"][report["teacher_view"]]
     too_long, cut = view.get("successes_too_long"), report["student_lengths"].get("cut_share", 0.0)
     if too_long is None:
         what = "student episodes with a reply" if report.get("episodes") else "student rollouts"
@@ -625,10 +616,9 @@ def verdicts(report: dict[str, Any]) -> list[dict[str, str]]:
         if not sk["shown"]:
             add("skills", None, "the bank is empty: seed it (source.seed_skills) or load one (--skills PATH)")
         else:
-            with_g = (report["teacher"].get(report.get("teacher_view")) or {}).get("reward_greedy")
-            if with_g is not None and student_g is not None:  # greedy where measured, as pi_gap
-                gap = with_g - student_g
-                why = f"teacher with the bank's skills {with_g:.2f} vs without {student_g:.2f} greedy (sampled " \
+            if teacher_g is not None and student_g is not None:  # greedy where measured, as pi_gap (the same view)
+                gap = teacher_g - student_g
+                why = f"teacher with the bank's skills {teacher_g:.2f} vs without {student_g:.2f} greedy (sampled " \
                       f"{sk['teacher_reward_with_skills']:.2f} vs {sk['teacher_reward_without'] or 0.0:.2f})"
             else:
                 gap = sk["teacher_reward_with_skills"] - (sk["teacher_reward_without"] or 0.0)
