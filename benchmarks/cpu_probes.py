@@ -34,6 +34,10 @@ the main job's prompts (8 two-digit additions) and the OPSD teacher wording:
 - ``step``: one real G = 1 training step of ``benchmarks/train_step.py`` (selfdistill side, every lever on) under
   the profiler: its seconds in ``aten::mm`` (split into decoding products of at most 64 rows and the rest) against
   the step's other operators.
+- ``g1``: where a G = 1 step's sampling goes in bf16 (matrix products, ``torch.multinomial``'s exponential draws,
+  attention, under the profiler), and three well-kept paths tried against it: SDPA's math kernel for sampling, the
+  teacher and the student pass; transformers' compiled static cache on a bfloat16 copy of the weights; the
+  teacher's prefill in a second thread during sampling (all bf16).
 - ``matmul``: float32 matrix-product rate (GFLOP/s) of a large square product and of the training passes' shapes,
   the ceiling a compute-bound pass runs into.
 - ``srtsample``: SD-Zero's self-revision stage samples a batch of 64 training prompts x up to 24 tokens
@@ -82,7 +86,7 @@ from recipe_runs import machine  # noqa: E402  (benchmarks/, the script's own fo
 RESULTS = ROOT / "benchmarks" / "results" / "cpu_probes.json"
 TEMPLATE = "{problem}\n\nHere is a reference solution:\n{solution}\n\nUnderstand it, then answer in your own words."
 PROBES = ("bf16", "bf16gen", "bf16copy", "teacher", "cache", "student", "decode", "profile", "reuse", "overlap", "step",
-          "matmul", "heap", "bandwidth", "padding", "views", "srtsample")
+          "matmul", "heap", "bandwidth", "padding", "views", "srtsample", "g1")
 # The allocator setting the launch scripts (scripts/main_job.sh, scripts/launch.sh) export before Python starts.
 TUNED_HEAP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
 LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
@@ -507,6 +511,134 @@ def probe_overlap(ctx) -> dict:
     return out
 
 
+def probe_g1(ctx) -> dict:
+    """Where a G = 1 step's sampling goes in bf16, and the well-kept paths tried against it (issue "lean core").
+
+    ``generate`` of the 8 main-job prompts x 16 sampled tokens in one bf16 autocast region (as the trainer samples),
+    under the profiler: its seconds in matrix products, in ``aten::exponential_`` (``torch.multinomial`` draws a
+    token through it, over the whole 49,152-token vocabulary each step) and in attention. Then, medians of 3 after a
+    warm-up: SDPA's math kernel instead of its CPU flash kernel (``torch.nn.attention.sdpa_kernel``) for sampling,
+    the teacher pass and the packed student pass; transformers' static cache compiled by inductor on a bfloat16
+    copy of the weights (no autocast, so no cast inside the compiled graph) against the same copy eager; and the
+    teacher's prefill in a second thread while sampling runs, both in bf16."""
+    import copy
+    import statistics
+    import threading
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import CompileConfig
+
+    import selfdistill.rollout as rollout
+    from selfdistill.sequences import (
+        CACHE_KEY,
+        left_pad,
+        packed_completion_logits,
+        run_shared_prefixes,
+        shared_prefix_logits,
+        splice,
+    )
+
+    tok, model, prompts, teacher, completions = ctx
+    pad = tok.pad_token_id
+    completions = [c[: 8 + i % 6] for i, c in enumerate(completions)]
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+
+    def median(fn, n=3):
+        fn()
+        seconds = []
+        for _ in range(n):
+            start = time.perf_counter()
+            fn()
+            seconds.append(time.perf_counter() - start)
+        return statistics.median(seconds)
+
+    def sample(target=model, autocast=True):
+        torch.manual_seed(0)
+        with torch.no_grad(), bf16() if autocast else contextlib.nullcontext():
+            return rollout.sample_completions(target, prompts, pad_id=pad, eos=[tok.eos_token_id], max_new_tokens=16,
+                                              temperature=0.6)
+
+    out = {}
+    sample()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        sample()
+        out["generate_profiled_wall_s"] = time.perf_counter() - start
+    events = prof.key_averages()
+    out["generate_self_cpu_s"] = sum(e.self_cpu_time_total for e in events) / 1e6
+    out["generate_mm_s"] = _self_seconds(prof, {"aten::mm"})
+    out["generate_exponential_s"] = _self_seconds(prof, {"aten::exponential_"})
+    out["generate_attention_s"] = _self_seconds(prof, {"aten::_scaled_dot_product_flash_attention_for_cpu",
+                                                       "aten::_scaled_dot_product_attention_math"})
+
+    tbatch, sbatch = splice(teacher, completions, pad), splice(prompts, completions, pad)
+
+    def teacher_pass():
+        with torch.no_grad(), bf16():
+            shared_prefix_logits(model, tbatch, teacher)
+
+    def student_pass():
+        with bf16():
+            logits = packed_completion_logits(model, sbatch, prompts)
+        logits.float().logsumexp(-1).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    for name, fn in (("generate", sample), ("teacher", teacher_pass), ("student", student_pass)):
+        out[f"{name}_flash_s"] = median(fn)
+        with sdpa_kernel([SDPBackend.MATH]):
+            out[f"{name}_math_s"] = median(fn)
+
+    twin = copy.deepcopy(model).to(torch.bfloat16).eval()
+    batch = splice(prompts, [[] for _ in prompts], pad)
+    width = batch.context_width
+    ids, mask = batch.input_ids[:, :width], batch.attention_mask[:, :width]
+    config = CompileConfig()
+    config._compile_all_devices = True  # transformers compiles on the CPU only when told to
+
+    def generate_static(compiled: bool):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            twin.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.6, top_k=0,
+                          max_new_tokens=16, min_new_tokens=16, pad_token_id=pad, cache_implementation="static",
+                          **({"compile_config": config} if compiled else {}))
+
+    out["bf16_weights_static_cache_eager_s"] = median(lambda: generate_static(False))
+    start = time.perf_counter()
+    generate_static(True)
+    out["bf16_weights_static_cache_compiled_first_call_s"] = time.perf_counter() - start
+    out["bf16_weights_static_cache_compiled_s"] = median(lambda: generate_static(True))
+
+    teacher_model = copy.deepcopy(model).eval()
+    threads = torch.get_num_threads()
+
+    @torch.no_grad()
+    def teacher_prefill():  # each teacher context but its last token, shared prefix once, into a KV cache
+        with bf16():
+            shared = run_shared_prefixes(teacher_model, teacher, 8, "cpu", keep_last=True, pad_id=pad)
+            suffix, suffix_mask = left_pad(shared.suffixes, max(map(len, shared.suffixes)), pad)
+            full = torch.cat([shared.mask, suffix_mask], 1)
+            teacher_model(input_ids=suffix, attention_mask=full, use_cache=True, logits_to_keep=1,
+                          position_ids=(full.cumsum(-1) - 1).clamp_min(0)[:, shared.mask.shape[1]:],
+                          **{CACHE_KEY: shared.cache})
+
+    def together():
+        def run(fn):
+            torch.set_num_threads(1)
+            fn()
+
+        workers = [threading.Thread(target=run, args=(fn,)) for fn in (sample, teacher_prefill)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        torch.set_num_threads(threads)
+
+    out["overlap_one_after_other_s"] = median(lambda: (sample(), teacher_prefill()))
+    out["overlap_together_1_1_threads_s"] = median(together)
+    return out
+
+
 def probe_step(_ctx) -> dict:
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback, set_seed
@@ -765,7 +897,7 @@ def main() -> None:
               "decode": probe_decode,
               "profile": probe_profile, "reuse": probe_reuse, "overlap": probe_overlap, "step": probe_step,
               "matmul": probe_matmul, "heap": probe_heap, "bandwidth": probe_bandwidth,
-              "padding": probe_padding, "views": probe_views, "srtsample": probe_srtsample}[name]
+              "padding": probe_padding, "views": probe_views, "srtsample": probe_srtsample, "g1": probe_g1}[name]
         results[name] = fn(ctx)
         for key, value in results[name].items():
             print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}", flush=True)

@@ -199,6 +199,10 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
         # on every rollout. It did not (benchmarks/reviser_anchoring.py --name switch_cue: 35% of wrong answers
         # turned right), so this configuration was not trained. Its SRT stage would be recorded as srt_switch_cue.
         "sdzero_switch_cue": ("recipes/sdzero_choice.yaml", [f"source.cues={json.dumps({'wrong': SWITCH_CUE})}"]),
+        # A self-revision stage between the seventh session's (256 x 3 at 1e-5) and the ninth's (96 x 2 at 3e-5): a
+        # test of `focus`'s form clause (eleventh session), diagnosed and its prediction written down before training.
+        "sdzero_stage160": ("recipes/sdzero_choice.yaml", ["srt.prompts=160", "srt.epochs=2",
+                                                           "srt.learning_rate=2e-5"]),
     }),
     # SDPO where its premise holds: on two-option addition the student's rollouts succeed about a quarter of the time,
     # so with G = 4 most rollouts have a successful sibling (on open addition, 5-10%: most steps had none). Same

@@ -61,7 +61,9 @@ def diagnose_recipe(recipe: str | Path, overrides: list[str], out: Path) -> dict
     entry.update({k: report.get(k) for k in ("method", "student_reward", "student_reward_greedy", "teacher_reward",
                                              "teacher_reward_greedy", "teacher_view", "student_shows_work",
                                              "revision", "skills", "srt", "blind_rule")})
-    entry["teacher_shows_work"] = (report["teacher"].get(report.get("teacher_view")) or {}).get("shows_work")
+    view = report["teacher"].get(report.get("teacher_view")) or {}
+    entry["teacher_shows_work"] = view.get("shows_work")
+    entry["student_in_teacher_form"] = {k: v for k, v in (view.get("in_form") or {}).items() if k != "examples"} or None
     entry.update({k: report["signal"].get(k) for k in ("reverse_kl", "digit_share", "digit_token_fraction",
                                                        "digit_pull_share", "digit_pull_fraction",
                                                        "student_p_stop", "teacher_p_stop")})

@@ -58,6 +58,7 @@ THRESHOLDS: dict[str, float] = {
     "blind_gap": 0.10,  # rows with options: teacher reward - the best rule that ignores the problem
     "digit_focus": 1.5,  # digit share of the divergence / digit share of the tokens (answers that spell numbers)
     "digit_tokens": 0.02,  # below this share of digit tokens in the rollouts, `focus` has nothing to read
+    "form_gain": 0.10,  # `focus`: the student's greedy reward in the teacher's form - its own
     "stop_gap": 0.03,  # a teacher that follows the student: p(stop) student - teacher after a right answer
 }
 
@@ -161,6 +162,7 @@ class Diagnosis:
         self.eos = eos_ids(model, tokenizer)
         self.pad = tokenizer.pad_token_id
         self.bar = tqdm(total=6, desc="diagnose", disable=not progress, unit="stage")
+        self._student_greedy: list[float | None] | None = None  # the student's greedy rewards, by row
 
     # ------------------------------------------------------------------------------------------ generation
     def _generate(self, rows, prompts, prompt_ids, *, greedy: bool, max_new_tokens: int) -> _Batch:
@@ -232,6 +234,7 @@ class Diagnosis:
         try:
             self.bar.set_postfix_str("student greedy")
             greedy = self._generate(rows, prompts, prompt_ids, greedy=True, max_new_tokens=self.limit)
+            self._student_greedy = None if self.env_factory is not None else greedy.rewards
             self.bar.update()
             self.bar.set_postfix_str("student sampled")
             g = self.samples
@@ -372,6 +375,7 @@ class Diagnosis:
             distinct = list(first.values())
             greedy = self._generate([rows[j] for j in distinct], [rollouts[idx[j]].prompt for j in distinct],
                                     [contexts[j] for j in distinct], greedy=True, max_new_tokens=self.limit)
+            in_form = self._in_form(greedy, [idx[j] % len(self.rows) for j in distinct])
             good_long = [len(ids) for ids, r in zip(long.completion_ids, long.rewards)
                          if r is not None and r >= self.threshold]
             out[name] = {
@@ -388,8 +392,50 @@ class Diagnosis:
                 "examples": list(greedy.texts[:EXAMPLES]),
                 # The share of them that write the problem's numbers out before the answer (`focus` reads it).
                 "shows_work": _work_share(greedy.texts, greedy.rows),
+                # The student answering in that form: its greedy reward when its reply starts with the teacher's
+                # greedy answer up to the answer's last number (what reverse KL on the wording would teach it).
+                "in_form": in_form,
             }
         return out
+
+    def _form_prefix(self, ids: Sequence[int]) -> list[int] | None:
+        """The tokens of a greedy answer before its last number ("The answer is: 91 + 94 = " of "... = 185"); ``None``
+        when it names no number."""
+        decode = self.tokenizer.decode
+        numbers = list(_NUMBER.finditer(decode(ids, skip_special_tokens=True)))
+        if not numbers:
+            return None
+        cut, k = numbers[-1].start(), 0
+        while k < len(ids) and len(decode(ids[: k + 1], skip_special_tokens=True)) <= cut:
+            k += 1
+        return list(ids[:k])
+
+    def _in_form(self, teacher: _Batch, row_index: list[int]) -> dict[str, Any] | None:
+        """The student's greedy reward when its reply is started with each teacher answer's form (the answer up to its
+        last number) and it writes the rest, beside its own greedy reward on the same rows. Reverse KL on the wording
+        teaches the form; the student's own digits then follow it. A form the student computes better in is a help
+        `focus` cannot see (SD-Zero on two options, Skill-SD's format skill); one it does not is style."""
+        if self._student_greedy is None:
+            return None
+        items = [(row, prompt, i, prefix) for row, prompt, i, ids in zip(teacher.rows, teacher.prompts, row_index,
+                                                                        teacher.completion_ids)
+                 if (prefix := self._form_prefix(ids)) is not None and len(prefix) < self.limit]
+        if not items:
+            return None
+        contexts = [render_context(self.tokenizer, prompt) + prefix for _, prompt, _, prefix in items]
+        replies = []
+        for start in range(0, len(contexts), self.batch_size):
+            out = sample_completions(self.model, contexts[start : start + self.batch_size], pad_id=self.pad,
+                                     eos=self.eos, max_new_tokens=self.limit, do_sample=False)
+            replies += out.completion_ids
+        ids = [prefix + reply[: self.limit - len(prefix)] for (_, _, _, prefix), reply in zip(items, replies)]
+        verified = verify_completions(self.tokenizer, self.reward_funcs, [1.0] * len(self.reward_funcs),
+                                      [x[1] for x in items], ids, [x[0] for x in items])
+        own = [self._student_greedy[i] for _, _, i, _ in items]
+        in_form, plain = _mean(verified.rewards), _mean(own)
+        return {"rows": len(items), "student_reward_greedy": plain, "student_reward_in_form": in_form,
+                "gain": None if in_form is None or plain is None else in_form - plain,
+                "examples": list(verified.texts[:EXAMPLES])}
 
     def _signal(self, sampled: _Batch, teacher: Any, names: list[str]) -> dict[str, Any]:
         """Reverse KL student -> teacher per student token (full vocabulary), its density, and the views' JSDs."""
@@ -553,8 +599,21 @@ def verdicts(report: dict[str, Any]) -> list[dict[str, str]]:
         if work_s is not None and work_t is not None:
             why += (f"; the teacher writes the problem's numbers out before its answer in {work_t:.0%} of its greedy "
                     f"answers, the student in {work_s:.0%}")
+        # The wording may be a form that helps: the student answering in the teacher's form gains, and the teacher
+        # is right in it at least as often, so distilling its digits too does not pull the student's down.
+        form = view.get("in_form") or {}
+        in_form, own = form.get("student_reward_in_form"), form.get("student_reward_greedy")
+        helps = None
+        if in_form is not None and own is not None and teacher_g is not None:
+            helps = in_form - own >= th["form_gain"] - 1e-9 and teacher_g >= in_form - 1e-9
+            why += (f"; answering in the teacher's form the student scores {in_form:.2f} greedy against its own "
+                    f"{own:.2f} (needs +{th['form_gain']:.2f}) and the teacher {teacher_g:.2f} (needs at least the "
+                    "student's in that form)")
         if focus >= th["digit_focus"]:
             add("focus", True, why)
+        elif helps:
+            add("focus", True, why + ": the divergence sits on a form of answer the student computes better in, and "
+                "the teacher's digits in it are no worse than the student's own")
         else:
             add("focus", False, why + ": the teacher differs from the student mostly in wording, not in the answer's "
                 "digits, so distillation teaches the teacher's style; read what the teacher writes (a worked form "
@@ -670,6 +729,12 @@ def format_report(report: dict[str, Any]) -> str:
         view = report["teacher"].get(report.get("teacher_view")) or {}
         lines.append(f"{'answers writing the task out, student / teacher':48} {pct(report['student_shows_work'])} / "
                      f"{pct(view.get('shows_work'))}")
+    form = (report["teacher"].get(report.get("teacher_view")) or {}).get("in_form")
+    if form and form.get("student_reward_in_form") is not None:
+        label = "student greedy, own form / in the teacher's form"
+        lines.append(f"{label:48} "
+                     f"{pct(form.get('student_reward_greedy'))} / {pct(form['student_reward_in_form'])} "
+                     f"({form['rows']} rows)")
     if sig.get("digit_pull_share") is not None:
         lines.append(f"{'... where student or teacher spells a digit':48} {pct(sig['digit_pull_share'])} / "
                      f"{pct(sig.get('digit_pull_fraction'))}")

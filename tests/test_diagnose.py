@@ -607,3 +607,60 @@ def test_pi_gap_reads_the_greedy_rewards_and_focus_reports_the_worked_form_witho
     worked["teacher"]["v"]["shows_work"] = 0.77
     line = next(v for v in verdicts(worked) if v["premise"] == "focus")
     assert line["verdict"] == "fails" and "in 77% of its greedy answers, the student in 5%" in line["why"]
+
+
+def test_the_form_prefix_is_a_greedy_answer_up_to_its_last_number(tokenizer):
+    from selfdistill.premises import Diagnosis
+
+    diag = Diagnosis(build_model(tokenizer), tokenizer, list(build_dataset(2)), ReferenceSolution(column="solution"),
+                     [even_answer], max_completion_length=16, progress=False)
+    text = "The answer is: 91 + 94 = 185"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prefix = diag._form_prefix(ids)
+    assert ids[: len(prefix)] == prefix
+    shown = tokenizer.decode(prefix)
+    assert text.startswith(shown) and "94" in shown and text[len(shown):].strip() == "185"
+    assert diag._form_prefix(tokenizer("no number here", add_special_tokens=False)["input_ids"]) is None
+
+
+def test_the_student_is_scored_continuing_the_teachers_form_beside_its_own_greedy_reward(tokenizer):
+    """The student's reply starts with the teacher's answer up to its last number; the verifier reads the whole reply
+    (the form included), the student's own greedy rewards are read on the same rows, and a teacher answer without a
+    number is left out."""
+    from selfdistill.premises import Diagnosis, _Batch
+
+    rows = list(build_dataset(3))
+
+    def writes_equation(prompts, completions, **_):
+        return [float("=" in c) for c in completions]
+
+    diag = Diagnosis(build_model(tokenizer), tokenizer, rows, ReferenceSolution(column="solution"),
+                     [writes_equation], max_completion_length=12, progress=False)
+    diag._student_greedy = [0.0, 1.0, 0.0]
+    answers = ["30 = 30", "no number", "12 + 34 = 46"]
+    ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+    teacher = _Batch(rows, [r["prompt"] for r in rows], [[] for _ in rows], ids, [False] * 3, [None] * 3, answers)
+    form = diag._in_form(teacher, [0, 1, 2])
+    assert form["rows"] == 2  # "no number" has no form
+    assert form["student_reward_in_form"] == 1.0  # every reply kept the form's "="
+    assert form["student_reward_greedy"] == 0.0 and form["gain"] == 1.0  # rows 0 and 2 of the student's own
+    assert all("=" in t for t in form["examples"])
+
+
+@pytest.mark.parametrize("in_form, own, teacher_g, expected", [
+    (0.75, 0.53, 0.81, "holds"),  # SD-Zero on two options (ninth session's stage): +16.3 over GRPO
+    (0.25, 0.08, 0.27, "holds"),  # Skill-SD's format skill, initial teacher: +10.8 over GRPO's mean
+    (0.56, 0.23, 0.44, "fails"),  # SD-Zero's earlier stage on open addition: the reviser's sums are worse, -0.5
+    (0.15, 0.08, 0.33, "fails"),  # SDPO in its own wording: the form helps too little, -56.5
+    (0.45, 0.45, 0.41, "fails"),  # SD-Zero on open addition: no help from the form, -1.0
+])
+def test_focus_holds_on_wording_when_it_is_a_form_the_student_computes_better_in(in_form, own, teacher_g, expected):
+    """Rows of docs/diagnose.md ("Does diagnose predict?", eleventh session): the divergence sits on wording (0.54x)
+    in every case; `focus` then reads the student answering in the teacher's form."""
+    report = _report(signal={"reverse_kl": 0.3, "digit_share": 0.16, "digit_token_fraction": 0.29},
+                     student_reward_greedy=own, teacher_reward_greedy=teacher_g)
+    report["teacher"]["v"]["in_form"] = {"rows": 64, "student_reward_greedy": own, "student_reward_in_form": in_form}
+    line = next(v for v in verdicts(report) if v["premise"] == "focus")
+    assert line["verdict"] == expected and f"scores {in_form:.2f} greedy against its own {own:.2f}" in line["why"]
+    digits = _report(signal={"reverse_kl": 0.3, "digit_share": 0.6, "digit_token_fraction": 0.3})
+    assert _verdict(digits, "focus") == "holds"  # on the answer's digits it holds without any form figure
