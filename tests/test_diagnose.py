@@ -631,8 +631,8 @@ def test_the_student_is_scored_continuing_the_teachers_form_beside_its_own_greed
 
     rows = list(build_dataset(3))
 
-    def writes_equation(prompts, completions, **_):
-        return [float("=" in c) for c in completions]
+    def writes_equation(prompts, completions, **_):  # chat prompts: each completion is a list of messages
+        return [float("=" in (c if isinstance(c, str) else c[-1]["content"])) for c in completions]
 
     diag = Diagnosis(build_model(tokenizer), tokenizer, rows, ReferenceSolution(column="solution"),
                      [writes_equation], max_completion_length=12, progress=False)
