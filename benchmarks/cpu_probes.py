@@ -452,13 +452,26 @@ def probe_reuse(ctx) -> dict:
     return out
 
 
+@torch.no_grad()
+def _teacher_prefill(teacher_model, teacher, pad) -> None:
+    """Each teacher context but its last token into a KV cache, the shared prefix once (what the teacher pass can run
+    before sampling ends)."""
+    from selfdistill.sequences import CACHE_KEY, left_pad, run_shared_prefixes
+
+    shared = run_shared_prefixes(teacher_model, teacher, 8, "cpu", keep_last=True, pad_id=pad)
+    ids, mask = left_pad(shared.suffixes, max(map(len, shared.suffixes)), pad)
+    full = torch.cat([shared.mask, mask], 1)
+    positions = (full.cumsum(-1) - 1).clamp_min(0)[:, shared.mask.shape[1]:]
+    teacher_model(input_ids=ids, attention_mask=full, use_cache=True, logits_to_keep=1, position_ids=positions,
+                  **{CACHE_KEY: shared.cache})
+
+
 def probe_overlap(ctx) -> dict:
     import copy
     import statistics
     import threading
 
     import selfdistill.rollout as rollout
-    from selfdistill.sequences import CACHE_KEY, left_pad, run_shared_prefixes
 
     tok, model, prompts, teacher, _ = ctx
     pad = tok.pad_token_id
@@ -470,14 +483,8 @@ def probe_overlap(ctx) -> dict:
         rollout.sample_completions(model, prompts, pad_id=pad, eos=[tok.eos_token_id], max_new_tokens=16,
                                    temperature=0.6)
 
-    @torch.no_grad()
-    def teacher_prefill():  # each teacher context but its last token, shared prefix once, into a KV cache
-        shared = run_shared_prefixes(teacher_model, teacher, 8, "cpu", keep_last=True, pad_id=pad)
-        ids, mask = left_pad(shared.suffixes, max(map(len, shared.suffixes)), pad)
-        full = torch.cat([shared.mask, mask], 1)
-        teacher_model(input_ids=ids, attention_mask=full, use_cache=True, logits_to_keep=1,
-                      position_ids=(full.cumsum(-1) - 1).clamp_min(0)[:, shared.mask.shape[1]:],
-                      **{CACHE_KEY: shared.cache})
+    def teacher_prefill():
+        _teacher_prefill(teacher_model, teacher, pad)
 
     def one_after_other():
         start = time.perf_counter()
@@ -531,10 +538,7 @@ def probe_g1(ctx) -> dict:
 
     import selfdistill.rollout as rollout
     from selfdistill.sequences import (
-        CACHE_KEY,
-        left_pad,
         packed_completion_logits,
-        run_shared_prefixes,
         shared_prefix_logits,
         splice,
     )
@@ -612,15 +616,9 @@ def probe_g1(ctx) -> dict:
     teacher_model = copy.deepcopy(model).eval()
     threads = torch.get_num_threads()
 
-    @torch.no_grad()
-    def teacher_prefill():  # each teacher context but its last token, shared prefix once, into a KV cache
+    def teacher_prefill():
         with bf16():
-            shared = run_shared_prefixes(teacher_model, teacher, 8, "cpu", keep_last=True, pad_id=pad)
-            suffix, suffix_mask = left_pad(shared.suffixes, max(map(len, shared.suffixes)), pad)
-            full = torch.cat([shared.mask, suffix_mask], 1)
-            teacher_model(input_ids=suffix, attention_mask=full, use_cache=True, logits_to_keep=1,
-                          position_ids=(full.cumsum(-1) - 1).clamp_min(0)[:, shared.mask.shape[1]:],
-                          **{CACHE_KEY: shared.cache})
+            _teacher_prefill(teacher_model, teacher, pad)
 
     def together():
         def run(fn):

@@ -8,8 +8,9 @@ model, data and source, this measures whether there is anything to teach, and wh
 - the **signal**: the mean per-token reverse KL from the student to the teacher on the student's own rollouts, and
   the share of tokens that carry 80% of it (how dense the signal is);
 - **focus**: where the divergence sits, when the answers spell numbers: its share on the tokens that spell digits
-  against those tokens' share (a teacher that differs from the student mostly in wording teaches its style), and
-  at the student's own stops after a right answer the probability each model gives that stop;
+  against those tokens' share (a teacher that differs from the student mostly in wording teaches its style, unless
+  that wording is a form the student computes better in: its reward when its reply starts with the teacher's form),
+  and at the student's own stops after a right answer the probability each model gives that stop;
 - **stops**: with a teacher that follows the student (``live``, ``ema``, ``sync``), whether the teacher is as ready
   as the student to stop after a right answer (one less ready teaches the student to write on, and then follows it);
 - **room**: the share of student and teacher generations cut at ``max_completion_length``, their lengths, and the
