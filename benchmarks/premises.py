@@ -186,6 +186,10 @@ COMPARISONS: dict[str, tuple[str, dict[str, tuple[str, list[str]]]]] = {
         # the sum out in 92% of its answers against the student's 16%) and failing two for the current stage.
         "sdzero_earlier_stage": ("recipes/sdzero_arithmetic.yaml", ["srt.prompts=256", "srt.epochs=3",
                                                                      "srt.learning_rate=1e-5"]),
+        # choice_sdzero's sdzero_stage160 stage on open addition: a second test of `focus`'s form clause (eleventh
+        # session), diagnosed and its prediction written down before training.
+        "sdzero_stage160": ("recipes/sdzero_arithmetic.yaml", ["srt.prompts=160", "srt.epochs=2",
+                                                               "srt.learning_rate=2e-5"]),
     }),
     # SD-Zero on two-option addition, where "this response is wrong" leaves one option; its SRT stage alone is read
     # from the same run (eval_after_srt, recorded as method "srt"), GRPO has the same binary reward.
