@@ -166,9 +166,8 @@ class Diagnosis:
         self._student_greedy: list[float | None] | None = None  # the student's greedy rewards, by row
 
     # ------------------------------------------------------------------------------------------ generation
-    def _generate(self, rows, prompts, prompt_ids, *, greedy: bool, max_new_tokens: int) -> _Batch:
-        if self.env_factory is not None:
-            return self._episodes(rows, prompts, greedy=greedy)
+    def _complete(self, prompt_ids, *, greedy: bool, max_new_tokens: int) -> tuple[list[list[int]], list[bool]]:
+        """The model's completions of ``prompt_ids`` in batches of ``batch_size``, and which were cut at the limit."""
         ids, cut = [], []
         for i in range(0, len(prompt_ids), self.batch_size):
             out = sample_completions(self.model, prompt_ids[i : i + self.batch_size], pad_id=self.pad, eos=self.eos,
@@ -176,6 +175,12 @@ class Diagnosis:
                                      temperature=self.temperature, top_p=self.top_p)
             ids += out.completion_ids
             cut += out.truncated
+        return ids, cut
+
+    def _generate(self, rows, prompts, prompt_ids, *, greedy: bool, max_new_tokens: int) -> _Batch:
+        if self.env_factory is not None:
+            return self._episodes(rows, prompts, greedy=greedy)
+        ids, cut = self._complete(prompt_ids, greedy=greedy, max_new_tokens=max_new_tokens)
         verified = verify_completions(self.tokenizer, self.reward_funcs, [1.0] * len(self.reward_funcs), prompts,
                                       ids, rows)
         return _Batch(list(rows), list(prompts), list(prompt_ids), ids, cut, verified.rewards, verified.texts)
@@ -424,11 +429,9 @@ class Diagnosis:
         if not items:
             return None
         contexts = [render_context(self.tokenizer, prompt) + prefix for _, prompt, _, prefix in items]
-        replies = []
-        for start in range(0, len(contexts), self.batch_size):
-            out = sample_completions(self.model, contexts[start : start + self.batch_size], pad_id=self.pad,
-                                     eos=self.eos, max_new_tokens=self.limit, do_sample=False)
-            replies += out.completion_ids
+        # the whole reply keeps the rollout limit: no row needs more new tokens than the shortest form leaves
+        replies, _ = self._complete(contexts, greedy=True,
+                                    max_new_tokens=self.limit - min(len(x[3]) for x in items))
         ids = [prefix + reply[: self.limit - len(prefix)] for (_, _, _, prefix), reply in zip(items, replies)]
         verified = verify_completions(self.tokenizer, self.reward_funcs, [1.0] * len(self.reward_funcs),
                                       [x[1] for x in items], ids, [x[0] for x in items])
