@@ -14,17 +14,21 @@ rate as a fraction), and the table and docs/img/premises.png are redrawn from th
         # record a run of the same configuration made by another benchmark (marked "reused_from")
     python benchmarks/premises.py --plot-only
     python benchmarks/premises.py arithmetic_sdpo sdpo_g8_len32 --diagnose  # diagnose a configuration, no training
+    python benchmarks/premises.py open_sdzero sdzero_stage160 --diagnose --seeds 0 1 2
+        # SD-Zero: diagnose the self-revision stage each seed's run trained from (kept in its folder), not a new one
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
 
 from recipe_runs import ROOT, diagnose_recipe, machine, run_recipe
 
+from selfdistill.premises import verdicts
 from selfdistill.tasks.codes import code_facts, code_table
 
 RESULTS = ROOT / "benchmarks" / "results" / "premises.json"
@@ -339,11 +343,74 @@ def plot(runs: list[dict], path: Path) -> None:
     fig.savefig(path)
 
 
+def seed_diagnoses(comparison: str, runs: list[dict], found: dict, prompts: int | None = None) -> str:
+    """Per seed of an SD-Zero comparison: its own stage's diagnosis beside that seed's gain over the stage (markdown).
+
+    A row needs a diagnosis saved as ``comparison/name@sS`` (``--diagnose --seeds``; ``@pN`` after it with
+    ``--prompts N``) and both runs of that seed in premises.json (``name`` and its stage, ``srt...``)."""
+    task = COMPARISONS[comparison][0]
+    acc = {(r["method"], r["seed"]): r["accuracy"] for r in runs if r["task"] == task}
+    lines = ["| run | stage alone | SD-Zero | gain | student greedy, own / in the reviser's form | reviser greedy | "
+             "wrong -> right | focus (digits) | verdicts failing |", "|---|---|---|---|---|---|---|---|---|"]
+    suffix = f"@p{prompts}" if prompts else ""
+    for key in sorted(k for k in found if k.startswith(comparison + "/") and "@s" in k
+                      and (k.endswith(suffix) if suffix else "@p" not in k)):
+        name, seed = key.split("/", 1)[1].removesuffix(suffix).rsplit("@s", 1)
+        d, seed = found[key], int(seed)
+        stage, method = acc.get((name.replace("sdzero", "srt", 1), seed)), acc.get((name, seed))
+        form = d.get("student_in_teacher_form") or {}
+        rev = d.get("revision") or {}
+        focus = (d["digit_share"] / d["digit_token_fraction"] if d.get("digit_share") is not None
+                 and d.get("digit_token_fraction") else None)
+        judged = d.get("verdicts") or {}
+        saved = ROOT / "outputs" / "premises" / "diagnose" / comparison / f"{name}@s{seed}" / "diagnosis.json"
+        if saved.exists():  # the whole report kept: judged again by the thresholds and rules as they stand now
+            report = json.loads(saved.read_text())
+            if report.get("prompts") == (prompts or 64):
+                judged = {v["premise"]: v["verdict"] for v in verdicts(report)}
+        failing = ", ".join(k for k, v in judged.items() if v == "fails") or "none"
+        nan = float("nan")
+
+        def pct(x: float | None) -> str:
+            return "–" if x is None else f"{x:.1%}"
+
+        lines.append(
+            f"| {name}@s{seed} | {pct(stage)} | {pct(method)} | "
+            f"{'–' if stage is None or method is None else f'{100 * (method - stage):+.1f}'} | "
+            f"{form.get('student_reward_greedy', nan):.2f} / {form.get('student_reward_in_form', nan):.2f} | "
+            f"{d.get('teacher_reward_greedy') or nan:.2f} | "
+            f"{round((rev.get('wrong_to_right') or 0) * rev.get('wrong', 0))} of {rev.get('wrong', 0)} "
+            f"({rev.get('wrong_to_right') or 0:.1%}) | "
+            f"{'–' if focus is None else f'{focus:.2f}x'} | {failing}"
+            + ("" if d.get("stage_reused", True) else " (stage rerun, not the run's)") + " |")
+    return "\n".join(lines)
+
+
+def _link_stage(run: Path, out: Path) -> None:
+    """Hard-link the self-revision stage kept under ``run`` (``srt/reviser``) into ``out``: a diagnosis of seed S
+    gets the stage that seed's trained run kept, and a run of seed S the stage its diagnosis made. ``srt_stage``
+    reuses it only when its fingerprint matches (same recipe, overrides and seed), so the diagnosis measures the
+    model training starts from; a stage that does not match is run again into the copy, never into the original
+    (a save replaces the link, not the file)."""
+    stage = run / "srt" / "reviser"
+    if not stage.is_dir():
+        return
+    target = out / "srt" / "reviser"
+    target.mkdir(parents=True, exist_ok=True)
+    for f in stage.iterdir():
+        dest = target / f.name
+        if dest.exists():
+            dest.unlink()
+        os.link(f, dest)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("comparison", nargs="?", help=f"one of: {', '.join(COMPARISONS)}")
     parser.add_argument("names", nargs="*", help="configurations of that comparison (default: all)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="training.seed of each run (default 0); with --diagnose, diagnose each seed's run as "
+                             "trained (SD-Zero: from the self-revision stage that run kept)")
     parser.add_argument("--reuse", action="append", default=[], metavar="SEED=FILE[:KEY]",
                         help="record a results.json (or KEY of a benchmark's results file) as the named "
                              "configuration's run of SEED, instead of running it")
@@ -352,15 +419,25 @@ def main() -> None:
     parser.add_argument("--diagnose", action="store_true",
                         help="run `selfdistill diagnose` on the named configurations instead of training them "
                              "(benchmarks/results/premises_diagnosis.json; docs/diagnose.md's table)")
+    parser.add_argument("--prompts", type=int, default=None,
+                        help="with --diagnose: training rows to roll out (diagnose's --prompts; saved as NAME@pN)")
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown (docs/results.md)")
+    parser.add_argument("--seed-diagnoses", action="store_true",
+                        help="print, per seed of the named comparison, its own stage's diagnosis beside its gain")
     args = parser.parse_args()
     if args.list:
         for name, (task, configs) in COMPARISONS.items():
             print(f"{name} ({task})")
             for config, (recipe, overrides) in configs.items():
                 print(f"    {config:28} {recipe} {' '.join(overrides)}")
+        return
+    if args.seed_diagnoses:
+        if args.comparison not in COMPARISONS:
+            raise SystemExit(f"name a comparison: {', '.join(COMPARISONS)}")
+        found = json.loads(DIAGNOSES.read_text()) if DIAGNOSES.exists() else {}
+        print(seed_diagnoses(args.comparison, load(args.results), found, args.prompts))
         return
     if not args.plot_only:
         if args.comparison not in COMPARISONS:
@@ -374,11 +451,18 @@ def main() -> None:
             found = json.loads(DIAGNOSES.read_text()) if DIAGNOSES.exists() else {}
             for name in args.names or list(configs):
                 recipe, overrides = configs[name]
-                print(f"diagnosing {args.comparison}/{name} ...", flush=True)
-                entry = diagnose_recipe(ROOT / recipe, overrides, args.out_root / "diagnose" / args.comparison / name)
-                print(entry.pop("table", entry.get("error", "")), flush=True)
-                found[f"{args.comparison}/{name}"] = {"recipe": recipe, **entry, "cpu": machine().get("cpu")}
-                DIAGNOSES.write_text(json.dumps(found, indent=1))
+                for seed in args.seeds or [None]:
+                    key = (f"{args.comparison}/{name}" + ("" if seed is None else f"@s{seed}")
+                           + (f"@p{args.prompts}" if args.prompts else ""))
+                    out = args.out_root / "diagnose" / key.removesuffix(f"@p{args.prompts}")
+                    extra = [] if seed is None else [f"training.seed={seed}"]
+                    if seed is not None:
+                        _link_stage(args.out_root / args.comparison / f"{name}@s{seed}", out)
+                    print(f"diagnosing {key} ...", flush=True)
+                    entry = diagnose_recipe(ROOT / recipe, [*overrides, *extra], out, prompts=args.prompts)
+                    print(entry.pop("table", entry.get("error", "")), flush=True)
+                    found[key] = {"recipe": recipe, **entry, "cpu": machine().get("cpu")}
+                    DIAGNOSES.write_text(json.dumps(found, indent=1))
             print(f"wrote {DIAGNOSES}")
             return
         if args.reuse:
@@ -394,11 +478,16 @@ def main() -> None:
         else:
             info = machine()
             print(f"machine: {info.get('cpu')}", flush=True)
-            for seed in args.seeds:
+            for seed in args.seeds or [0]:
                 for name in args.names or list(configs):
                     recipe, overrides = configs[name]
                     run = f"{args.comparison}/{name}@s{seed}"
                     print(f"running {run} ...", flush=True)
+                    # a stage diagnosed for this seed (--diagnose --seeds) is the one it trains from (srt_stage
+                    # reuses it only if its fingerprint matches); a run that kept its own stage keeps it
+                    if not (args.out_root / args.comparison / f"{name}@s{seed}" / "srt" / "reviser").is_dir():
+                        _link_stage(args.out_root / "diagnose" / args.comparison / f"{name}@s{seed}",
+                                    args.out_root / args.comparison / f"{name}@s{seed}")
                     result = run_recipe(f"{name}@s{seed}", recipe, [*overrides, f"training.seed={seed}"],
                                         args.out_root / args.comparison)
                     if "error" in result:

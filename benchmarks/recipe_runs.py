@@ -46,14 +46,15 @@ def run_recipe(name: str, recipe: str, overrides: list[str], out_root: Path) -> 
     return result
 
 
-def diagnose_recipe(recipe: str | Path, overrides: list[str], out: Path) -> dict:
+def diagnose_recipe(recipe: str | Path, overrides: list[str], out: Path, prompts: int | None = None) -> dict:
     """``selfdistill diagnose recipe overrides`` in its own process, timed: the whole command's wall seconds, and
     the top-level figures and verdicts of its diagnosis.json (or the error it ended with)."""
     cmd = [sys.executable, "-m", "selfdistill", "diagnose", str(recipe), f"training.output_dir={out}", *overrides,
-           "--no-progress"]
+           "--no-progress", *(["--prompts", str(prompts)] if prompts else [])]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    entry: dict = {"wall_seconds": round(time.perf_counter() - start, 1), "overrides": list(overrides)}
+    entry: dict = {"wall_seconds": round(time.perf_counter() - start, 1), "overrides": list(overrides),
+                   **({"prompts": prompts} if prompts else {})}
     if done.returncode:
         entry["error"] = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
         return entry
@@ -68,6 +69,8 @@ def diagnose_recipe(recipe: str | Path, overrides: list[str], out: Path) -> dict
                                                        "digit_pull_share", "digit_pull_fraction",
                                                        "student_p_stop", "teacher_p_stop")})
     entry["verdicts"] = {v["premise"]: v["verdict"] for v in report["verdicts"]}
+    if report.get("srt") is not None:  # SD-Zero: whether the stage was a kept one (srt_stage says so when it reuses)
+        entry["stage_reused"] = "reusing the reviser" in done.stdout
     entry["table"] = done.stdout.strip().split("wrote")[0]
     return entry
 

@@ -603,21 +603,21 @@ def verdicts(report: dict[str, Any]) -> list[dict[str, str]]:
         if work_s is not None and work_t is not None:
             why += (f"; the teacher writes the problem's numbers out before its answer in {work_t:.0%} of its greedy "
                     f"answers, the student in {work_s:.0%}")
-        # The wording may be a form that helps: the student answering in the teacher's form gains, and the teacher
-        # is right in it at least as often, so distilling its digits too does not pull the student's down.
+        # The wording may be a form that helps: the student answering in the teacher's form gains. (Until the
+        # twelfth session the teacher also had to be right in that form at least as often as the student; on open
+        # addition, each seed's own stage diagnosed, it failed on every seed that gained: docs/diagnose.md.)
         form = view.get("in_form") or {}
         in_form, own = form.get("student_reward_in_form"), form.get("student_reward_greedy")
         helps = None
-        if in_form is not None and own is not None and teacher_g is not None:
-            helps = in_form - own >= th["form_gain"] - 1e-9 and teacher_g >= in_form - 1e-9
+        if in_form is not None and own is not None:
+            helps = in_form - own >= th["form_gain"] - 1e-9
             why += (f"; answering in the teacher's form the student scores {in_form:.2f} greedy against its own "
-                    f"{own:.2f} (needs +{th['form_gain']:.2f}) and the teacher {teacher_g:.2f} (needs at least the "
-                    "student's in that form)")
+                    f"{own:.2f} (needs +{th['form_gain']:.2f})"
+                    + ("" if teacher_g is None else f", the teacher {teacher_g:.2f} in it"))
         if focus >= th["digit_focus"]:
             add("focus", True, why)
         elif helps:
-            add("focus", True, why + ": the divergence sits on a form of answer the student computes better in, and "
-                "the teacher's digits in it are no worse than the student's own")
+            add("focus", True, why + ": the divergence sits on a form of answer the student computes better in")
         else:
             add("focus", False, why + ": the teacher differs from the student mostly in wording, not in the answer's "
                 "digits, so distillation teaches the teacher's style; read what the teacher writes (a worked form "
@@ -817,8 +817,11 @@ def diagnose(model: Any, tokenizer: Any, dataset: Any, privileged: PrivilegedSou
                      max_teacher_length=args.max_teacher_length, env_factory=environment_factory,
                      max_turns=getattr(args, "max_turns", None), progress=progress,
                      teacher_policy=getattr(args, "teacher_policy", None),
-                     # episodes: the teacher plays half as many as the student (each costs several replies)
-                     teacher_rollouts=64 if environment_factory is None else min(64, len(rows) * g // 2)).run()
+                     # one teacher generation a prompt, at least 64 (so `--prompts 192` measures the teacher, the
+                     # reviser and the student in its form on 192 rows too); episodes: the teacher plays half as
+                     # many as the student (each costs several replies)
+                     teacher_rollouts=max(64, len(rows)) if environment_factory is None
+                     else min(64, len(rows) * g // 2)).run()
 
 
 def diagnose_recipe(recipe: Any, prompts: int | None = None, samples: int | None = None, skills: str | None = None,
