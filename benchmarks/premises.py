@@ -343,6 +343,23 @@ def plot(runs: list[dict], path: Path) -> None:
     fig.savefig(path)
 
 
+def rejudge(entry: dict) -> dict[str, str]:
+    """A saved diagnosis's verdicts by the thresholds and rules as they stand now, for the premises its recorded
+    figures cover (pi_gap, signal, focus, revision); the others (room, stops, ...) as recorded."""
+    view = {"reward": entry.get("teacher_reward"), "reward_greedy": entry.get("teacher_reward_greedy"),
+            "in_form": entry.get("student_in_teacher_form"), "successes_too_long": 0.0}
+    report = {k: entry.get(k) for k in ("student_reward", "student_reward_greedy", "teacher_reward",
+                                        "teacher_reward_greedy")}
+    report.update(teacher_view="v", teacher={"v": view}, max_completion_length=0, student_lengths={"cut_share": 0.0},
+                  signal={k: entry.get(k) for k in ("reverse_kl", "digit_share", "digit_token_fraction")})
+    if entry.get("revision"):
+        report["revision"] = entry["revision"]
+    now = {v["premise"]: v["verdict"] for v in verdicts(report)}
+    recorded = dict(entry.get("verdicts") or {})
+    recorded.update({k: now[k] for k in ("pi_gap", "signal", "focus", "revision") if k in now and k in recorded})
+    return recorded
+
+
 def seed_diagnoses(comparison: str, runs: list[dict], found: dict, prompts: int | None = None) -> str:
     """Per seed of an SD-Zero comparison: its own stage's diagnosis beside that seed's gain over the stage (markdown).
 
@@ -362,9 +379,9 @@ def seed_diagnoses(comparison: str, runs: list[dict], found: dict, prompts: int 
         rev = d.get("revision") or {}
         focus = (d["digit_share"] / d["digit_token_fraction"] if d.get("digit_share") is not None
                  and d.get("digit_token_fraction") else None)
-        judged = d.get("verdicts") or {}
+        judged = rejudge(d)
         saved = ROOT / "outputs" / "premises" / "diagnose" / comparison / f"{name}@s{seed}" / "diagnosis.json"
-        if saved.exists():  # the whole report kept: judged again by the thresholds and rules as they stand now
+        if saved.exists():  # the whole report kept: every premise judged again
             report = json.loads(saved.read_text())
             if report.get("prompts") == (prompts or 64):
                 judged = {v["premise"]: v["verdict"] for v in verdicts(report)}
