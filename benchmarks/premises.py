@@ -369,6 +369,7 @@ def seed_diagnoses(comparison: str, runs: list[dict], found: dict, prompts: int 
     acc = {(r["method"], r["seed"]): r["accuracy"] for r in runs if r["task"] == task}
     lines = ["| run | stage alone | SD-Zero | gain | student greedy, own / in the reviser's form | reviser greedy | "
              "wrong -> right | focus (digits) | verdicts failing |", "|---|---|---|---|---|---|---|---|---|"]
+    summary: dict[bool, list[float]] = {True: [], False: []}
     suffix = f"@p{prompts}" if prompts else ""
     for key in sorted(k for k in found if k.startswith(comparison + "/") and "@s" in k
                       and (k.endswith(suffix) if suffix else "@p" not in k)):
@@ -386,6 +387,8 @@ def seed_diagnoses(comparison: str, runs: list[dict], found: dict, prompts: int 
             if report.get("prompts") == (prompts or 64):
                 judged = {v["premise"]: v["verdict"] for v in verdicts(report)}
         failing = ", ".join(k for k, v in judged.items() if v == "fails") or "none"
+        if stage is not None and method is not None:
+            summary[failing == "none"].append(100 * (method - stage))
         nan = float("nan")
 
         def pct(x: float | None) -> str:
@@ -399,8 +402,24 @@ def seed_diagnoses(comparison: str, runs: list[dict], found: dict, prompts: int 
             f"{round((rev.get('wrong_to_right') or 0) * rev.get('wrong', 0))} of {rev.get('wrong', 0)} "
             f"({rev.get('wrong_to_right') or 0:.1%}) | "
             f"{'–' if focus is None else f'{focus:.2f}x'} | {failing}"
-            + ("" if d.get("stage_reused", True) else " (stage rerun, not the run's)") + " |")
+            + ("" if _same_stage(comparison, name, seed) else " (not the run's stage)") + " |")
+    agree = sum(g > 0 for g in summary[True]) + sum(g <= 0 for g in summary[False])
+    for held, gains in ((True, summary[True]), (False, summary[False])):
+        if gains:
+            each = " / ".join(f"{g:+.1f}" for g in gains)
+            lines.append(f"\n{'every premise holds' if held else 'a premise fails'}: {len(gains)} seeds, gain over "
+                         f"the stage {statistics.mean(gains):+.1f} on average ({each})")
+    lines.append(f"\nthe verdicts agree with the sign of the gain on {agree} of "
+                 f"{len(summary[True]) + len(summary[False])} seeds")
     return "\n".join(lines)
+
+
+def _same_stage(comparison: str, name: str, seed: int) -> bool:
+    """Whether a seed's diagnosis measured the very stage its run trained from (one file, hard-linked both ways)."""
+    weights = Path("srt") / "reviser" / "model.safetensors"
+    diagnosed = ROOT / "outputs" / "premises" / "diagnose" / comparison / f"{name}@s{seed}" / weights
+    trained = ROOT / "outputs" / "premises" / comparison / f"{name}@s{seed}" / weights
+    return diagnosed.exists() and trained.exists() and os.path.samefile(diagnosed, trained)
 
 
 def _link_stage(run: Path, out: Path) -> None:

@@ -567,6 +567,14 @@ def verdicts(report: dict[str, Any]) -> list[dict[str, str]]:
         out.append({"premise": premise, "verdict": "unknown" if ok is None else ("holds" if ok else "fails"),
                     "why": why})
 
+    def close(margin: float, se: float | None) -> str:
+        """Said when a figure is within one standard error of its threshold: another draw of the same size may
+        well land on the other side (on open addition two SD-Zero seeds did: docs/diagnose.md, twelfth session)."""
+        if se is None or not abs(margin) < se:
+            return ""
+        return (f" [within one standard error (about {se:.2f}) of the threshold: a draw of this size could fall "
+                "either side; rerun with more --prompts to settle it]")
+
     student, teacher = report.get("student_reward"), report.get("teacher_reward")
     view = report.get("teacher", {}).get(report.get("teacher_view")) or {}  # the best view's section
     student_g, teacher_g = report.get("student_reward_greedy"), report.get("teacher_reward_greedy",
@@ -582,10 +590,13 @@ def verdicts(report: dict[str, Any]) -> list[dict[str, str]]:
         measured = (f"teacher {teacher_g:.2f} vs student {student_g:.2f} greedy (gap {gap:+.2f}; sampled "
                     f"{teacher:.2f} vs {student:.2f})" if greedy else
                     f"teacher {teacher:.2f} vs student {student:.2f} (gap {gap:+.2f})")
+        n, se = report.get("prompts"), None
+        if greedy and n:  # two shares of about n rows each, taken as independent
+            se = math.sqrt((teacher_g * (1 - teacher_g) + student_g * (1 - student_g)) / n)
         add("pi_gap", gap >= th["pi_gap"],
             f"{measured}, needs >= {th['pi_gap']:.2f}: "
             + ("the teacher knows something to teach" if gap >= th["pi_gap"] else
-               "the teacher does no better than the student: no gap, no signal"))
+               "the teacher does no better than the student: no gap, no signal") + close(gap - th["pi_gap"], se))
     kl = report["signal"].get("reverse_kl")
     add("signal", None if kl is None else kl >= th["signal_kl"],
         "no student tokens to score" if kl is None else
@@ -656,10 +667,12 @@ def verdicts(report: dict[str, Any]) -> list[dict[str, str]]:
                                               "zero while the divergence falls"))
     if "revision" in report:
         rate = report["revision"]["wrong_to_right"]
+        wrong = report["revision"].get("wrong") or 0
         add("revision", None if rate is None else rate >= th["revision"],
             "no wrong rollout to revise" if rate is None else
-            f"the reviser turns {rate:.0%} of wrong answers right (needs >= {th['revision']:.0%}) and keeps "
-            f"{report['revision']['right_kept_right'] or 0:.0%} of right ones right")
+            f"the reviser turns {rate:.1%} of {wrong} wrong answers right (needs >= {th['revision']:.0%}) and keeps "
+            f"{report['revision']['right_kept_right'] or 0:.0%} of right ones right"
+            + close(rate - th["revision"], math.sqrt(rate * (1 - rate) / wrong) if wrong else None))
     if "multiview" in report and student is not None:
         gaps = {n: v["teacher_reward"] - student for n, v in report["multiview"].items()
                 if v["teacher_reward"] is not None}

@@ -687,3 +687,27 @@ def test_focus_holds_on_wording_when_it_is_a_form_the_student_computes_better_in
     assert line["verdict"] == expected and f"scores {in_form:.2f} greedy against its own {own:.2f}" in line["why"]
     digits = _report(signal={"reverse_kl": 0.3, "digit_share": 0.6, "digit_token_fraction": 0.3})
     assert _verdict(digits, "focus") == "holds"  # on the answer's digits it holds without any form figure
+
+
+@pytest.mark.parametrize("rate, wrong, close", [
+    (0.245, 143, True),  # the earlier stage's seed 0 on open addition: failed, and gained +10.0
+    (0.429, 163, False),  # the recipe's stage, seed 3: held clearly
+    (0.20, 10, True),  # ten wrong answers: a standard error of 0.13
+])
+def test_a_revision_rate_within_one_standard_error_of_its_threshold_is_said_to_be_close(rate, wrong, close):
+    report = _report(revision={"wrong_to_right": rate, "wrong": wrong, "right_kept_right": 1.0, "right": 5})
+    line = next(v for v in verdicts(report) if v["premise"] == "revision")
+    se = math.sqrt(rate * (1 - rate) / wrong)
+    assert (abs(rate - THRESHOLDS["revision"]) < se) == close  # the brute-force reading of "close"
+    assert ("within one standard error" in line["why"]) == close
+    assert line["verdict"] == ("holds" if rate >= THRESHOLDS["revision"] else "fails")  # the verdict is unchanged
+
+
+def test_a_greedy_gap_near_its_threshold_is_said_to_be_close_on_few_prompts_only():
+    near = _report(student_reward_greedy=0.3125, teacher_reward_greedy=0.3958, prompts=192)  # seed 4: +0.08
+    line = next(v for v in verdicts(near) if v["premise"] == "pi_gap")
+    assert line["verdict"] == "fails" and "within one standard error (about 0.05)" in line["why"]
+    far = _report(student_reward_greedy=0.12, teacher_reward_greedy=0.46, prompts=192)  # seed 3: +0.34
+    assert "within one standard error" not in next(v for v in verdicts(far) if v["premise"] == "pi_gap")["why"]
+    many = _report(student_reward_greedy=0.3125, teacher_reward_greedy=0.3958, prompts=100_000)
+    assert "within one standard error" not in next(v for v in verdicts(many) if v["premise"] == "pi_gap")["why"]
