@@ -403,6 +403,9 @@ def seed_diagnoses(comparison: str, runs: list[dict], found: dict, prompts: int 
             f"({rev.get('wrong_to_right') or 0:.1%}) | "
             f"{'–' if focus is None else f'{focus:.2f}x'} | {failing}"
             + ("" if _same_stage(comparison, name, seed) else " (not the run's stage)") + " |")
+    if len(lines) == 2:
+        return (f"no per-seed diagnosis of {comparison}" + (f" at {prompts} prompts" if prompts else "") + ": run "
+                f"`python benchmarks/premises.py {comparison} NAME --diagnose --seeds 0 1 2` first")
     agree = sum(g > 0 for g in summary[True]) + sum(g <= 0 for g in summary[False])
     for held, gains in ((True, summary[True]), (False, summary[False])):
         if gains:
