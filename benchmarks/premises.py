@@ -343,6 +343,21 @@ def plot(runs: list[dict], path: Path) -> None:
     fig.savefig(path)
 
 
+def stage_name(name: str) -> str:
+    """The name an SD-Zero configuration's self-revision stage alone is recorded under (``sdzero_x`` -> ``srt_x``)."""
+    return name.replace("sdzero", "srt", 1)
+
+
+def run_dir(out_root: Path, comparison: str, name: str, seed: int) -> Path:
+    """Where ``name@sS`` of a comparison trains."""
+    return out_root / comparison / f"{name}@s{seed}"
+
+
+def diagnosis_dir(out_root: Path, comparison: str, name: str, seed: int) -> Path:
+    """Where ``name@sS`` is diagnosed (any ``--prompts``: the folder keeps the latest report and the linked stage)."""
+    return out_root / "diagnose" / comparison / f"{name}@s{seed}"
+
+
 def rejudge(entry: dict) -> dict[str, str]:
     """A saved diagnosis's verdicts by the thresholds and rules as they stand now, for the premises its recorded
     figures cover (pi_gap, signal, focus, revision); the others (room, stops, ...) as recorded."""
@@ -360,7 +375,7 @@ def rejudge(entry: dict) -> dict[str, str]:
     return recorded
 
 
-def seed_diagnoses(comparison: str, runs: list[dict], found: dict, prompts: int | None = None) -> str:
+def seed_diagnoses(comparison: str, runs: list[dict], found: dict, out_root: Path, prompts: int | None = None) -> str:
     """Per seed of an SD-Zero comparison: its own stage's diagnosis beside that seed's gain over the stage (markdown).
 
     A row needs a diagnosis saved as ``comparison/name@sS`` (``--diagnose --seeds``; ``@pN`` after it with
@@ -370,30 +385,30 @@ def seed_diagnoses(comparison: str, runs: list[dict], found: dict, prompts: int 
     lines = ["| run | stage alone | SD-Zero | gain | student greedy, own / in the reviser's form | reviser greedy | "
              "wrong -> right | focus (digits) | verdicts failing |", "|---|---|---|---|---|---|---|---|---|"]
     summary: dict[bool, list[float]] = {True: [], False: []}
+    nan = float("nan")
+
+    def pct(x: float | None) -> str:
+        return "–" if x is None else f"{x:.1%}"
+
     suffix = f"@p{prompts}" if prompts else ""
     for key in sorted(k for k in found if k.startswith(comparison + "/") and "@s" in k
                       and (k.endswith(suffix) if suffix else "@p" not in k)):
         name, seed = key.split("/", 1)[1].removesuffix(suffix).rsplit("@s", 1)
         d, seed = found[key], int(seed)
-        stage, method = acc.get((name.replace("sdzero", "srt", 1), seed)), acc.get((name, seed))
+        stage, method = acc.get((stage_name(name), seed)), acc.get((name, seed))
         form = d.get("student_in_teacher_form") or {}
         rev = d.get("revision") or {}
         focus = (d["digit_share"] / d["digit_token_fraction"] if d.get("digit_share") is not None
                  and d.get("digit_token_fraction") else None)
-        judged = rejudge(d)
-        saved = ROOT / "outputs" / "premises" / "diagnose" / comparison / f"{name}@s{seed}" / "diagnosis.json"
-        if saved.exists():  # the whole report kept: every premise judged again
-            report = json.loads(saved.read_text())
-            if report.get("prompts") == (prompts or 64):
-                judged = {v["premise"]: v["verdict"] for v in verdicts(report)}
+        saved = diagnosis_dir(out_root, comparison, name, seed) / "diagnosis.json"
+        report = json.loads(saved.read_text()) if saved.exists() else {}
+        if report.get("prompts") == (prompts or 64):  # the whole report kept: every premise judged again
+            judged = {v["premise"]: v["verdict"] for v in verdicts(report)}
+        else:
+            judged = rejudge(d)
         failing = ", ".join(k for k, v in judged.items() if v == "fails") or "none"
         if stage is not None and method is not None:
             summary[failing == "none"].append(100 * (method - stage))
-        nan = float("nan")
-
-        def pct(x: float | None) -> str:
-            return "–" if x is None else f"{x:.1%}"
-
         lines.append(
             f"| {name}@s{seed} | {pct(stage)} | {pct(method)} | "
             f"{'–' if stage is None or method is None else f'{100 * (method - stage):+.1f}'} | "
@@ -402,7 +417,7 @@ def seed_diagnoses(comparison: str, runs: list[dict], found: dict, prompts: int 
             f"{round((rev.get('wrong_to_right') or 0) * rev.get('wrong', 0))} of {rev.get('wrong', 0)} "
             f"({rev.get('wrong_to_right') or 0:.1%}) | "
             f"{'–' if focus is None else f'{focus:.2f}x'} | {failing}"
-            + ("" if _same_stage(comparison, name, seed) else " (not the run's stage)") + " |")
+            + ("" if _same_stage(out_root, comparison, name, seed) else " (not the run's stage)") + " |")
     if len(lines) == 2:
         return (f"no per-seed diagnosis of {comparison}" + (f" at {prompts} prompts" if prompts else "") + ": run "
                 f"`python benchmarks/premises.py {comparison} NAME --diagnose --seeds 0 1 2` first")
@@ -417,11 +432,11 @@ def seed_diagnoses(comparison: str, runs: list[dict], found: dict, prompts: int 
     return "\n".join(lines)
 
 
-def _same_stage(comparison: str, name: str, seed: int) -> bool:
+def _same_stage(out_root: Path, comparison: str, name: str, seed: int) -> bool:
     """Whether a seed's diagnosis measured the very stage its run trained from (one file, hard-linked both ways)."""
     weights = Path("srt") / "reviser" / "model.safetensors"
-    diagnosed = ROOT / "outputs" / "premises" / "diagnose" / comparison / f"{name}@s{seed}" / weights
-    trained = ROOT / "outputs" / "premises" / comparison / f"{name}@s{seed}" / weights
+    diagnosed = diagnosis_dir(out_root, comparison, name, seed) / weights
+    trained = run_dir(out_root, comparison, name, seed) / weights
     return diagnosed.exists() and trained.exists() and os.path.samefile(diagnosed, trained)
 
 
@@ -459,7 +474,8 @@ def main() -> None:
                         help="run `selfdistill diagnose` on the named configurations instead of training them "
                              "(benchmarks/results/premises_diagnosis.json; docs/diagnose.md's table)")
     parser.add_argument("--prompts", type=int, default=None,
-                        help="with --diagnose: training rows to roll out (diagnose's --prompts; saved as NAME@pN)")
+                        help="with --diagnose: training rows to roll out (diagnose's --prompts; saved as NAME@pN); "
+                             "with --seed-diagnoses: which of those diagnoses to print (default: the 64-prompt ones)")
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown (docs/results.md)")
@@ -476,7 +492,7 @@ def main() -> None:
         if args.comparison not in COMPARISONS:
             raise SystemExit(f"name a comparison: {', '.join(COMPARISONS)}")
         found = json.loads(DIAGNOSES.read_text()) if DIAGNOSES.exists() else {}
-        print(seed_diagnoses(args.comparison, load(args.results), found, args.prompts))
+        print(seed_diagnoses(args.comparison, load(args.results), found, args.out_root, args.prompts))
         return
     if not args.plot_only:
         if args.comparison not in COMPARISONS:
@@ -491,12 +507,14 @@ def main() -> None:
             for name in args.names or list(configs):
                 recipe, overrides = configs[name]
                 for seed in args.seeds or [None]:
-                    key = (f"{args.comparison}/{name}" + ("" if seed is None else f"@s{seed}")
-                           + (f"@p{args.prompts}" if args.prompts else ""))
-                    out = args.out_root / "diagnose" / key.removesuffix(f"@p{args.prompts}")
+                    key = f"{args.comparison}/{name}" + ("" if seed is None else f"@s{seed}")
                     extra = [] if seed is None else [f"training.seed={seed}"]
-                    if seed is not None:
-                        _link_stage(args.out_root / args.comparison / f"{name}@s{seed}", out)
+                    if seed is None:
+                        out = args.out_root / "diagnose" / key
+                    else:
+                        out = diagnosis_dir(args.out_root, args.comparison, name, seed)
+                        _link_stage(run_dir(args.out_root, args.comparison, name, seed), out)
+                    key += f"@p{args.prompts}" if args.prompts else ""
                     print(f"diagnosing {key} ...", flush=True)
                     entry = diagnose_recipe(ROOT / recipe, [*overrides, *extra], out, prompts=args.prompts)
                     print(entry.pop("table", entry.get("error", "")), flush=True)
@@ -524,9 +542,9 @@ def main() -> None:
                     print(f"running {run} ...", flush=True)
                     # a stage diagnosed for this seed (--diagnose --seeds) is the one it trains from (srt_stage
                     # reuses it only if its fingerprint matches); a run that kept its own stage keeps it
-                    if not (args.out_root / args.comparison / f"{name}@s{seed}" / "srt" / "reviser").is_dir():
-                        _link_stage(args.out_root / "diagnose" / args.comparison / f"{name}@s{seed}",
-                                    args.out_root / args.comparison / f"{name}@s{seed}")
+                    if not (run_dir(args.out_root, args.comparison, name, seed) / "srt" / "reviser").is_dir():
+                        _link_stage(diagnosis_dir(args.out_root, args.comparison, name, seed),
+                                    run_dir(args.out_root, args.comparison, name, seed))
                     result = run_recipe(f"{name}@s{seed}", recipe, [*overrides, f"training.seed={seed}"],
                                         args.out_root / args.comparison)
                     if "error" in result:
@@ -536,7 +554,7 @@ def main() -> None:
                                                  "cpu": info.get("cpu")})
                     if result.get("eval_after_srt"):  # SD-Zero's first stage alone, from the same run
                         srt = {**result, "eval_after": result["eval_after_srt"], "generated_tokens": 0}
-                        srt_name = name.replace("sdzero", "srt", 1)
+                        srt_name = stage_name(name)
                         runs = record(args.results, {**row(task, srt_name, seed, srt, args.comparison),
                                                      "cpu": info.get("cpu")})
                     print(table([r for r in runs if r["task"] == task]), flush=True)
