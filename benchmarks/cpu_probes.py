@@ -55,7 +55,7 @@ the main job's prompts (8 two-digit additions) and the OPSD teacher wording:
   one forward per view; seconds and token positions.
 - ``bandwidth``: GB/s of weights streamed by a decoding step's float32 products (8 rows and 1 row, and MKL's
   prepacked format with its packing cost) beside a plain sum and copy over 540 MB: how far decoding is from the
-  memory bandwidth.
+  memory bandwidth; then the same products in bf16, plain and through oneDNN's prepacked weights.
 
     python benchmarks/cpu_probes.py                     # every probe (~12 min on 2 cores)
     python benchmarks/cpu_probes.py bf16 teacher        # some probes only
@@ -854,6 +854,24 @@ def probe_bandwidth(_ctx) -> dict:
         out["head_prepacked_8_rows_GBps"] = head_bytes / timed(
             lambda: torch.ops.mkl._mkl_linear(xs[576], packed_head, head, None, 8), 10) / 1e9
         out["head_packing_s"] = timed(lambda: torch.ops.mkl._mkl_reorder_linear_weight(head, 8), 3)
+    # bf16, the trainer's mode: the same products on bfloat16 weights (as autocast's cached casts hold them during
+    # generate), plain and through oneDNN's prepacked weights (the private ops inductor's freezing uses).
+    layers16, head16 = [w.bfloat16() for w in layers], head.bfloat16()
+    xs16 = {576: torch.randn(8, 576).bfloat16(), 1536: torch.randn(8, 1536).bfloat16()}
+    out["bf16_layers_8_rows_GBps"] = layer_bytes / 2 / timed(
+        lambda: [F.linear(xs16[w.shape[1]], w) for w in layers16], 5) / 1e9
+    out["bf16_head_8_rows_GBps"] = head_bytes / 2 / timed(lambda: F.linear(xs16[576], head16), 10) / 1e9
+    mkldnn = torch.ops.mkldnn
+    if hasattr(mkldnn, "_reorder_linear_weight"):
+        packed16 = [mkldnn._reorder_linear_weight(w, 8) for w in layers16]
+        out["bf16_layers_onednn_prepacked_8_rows_GBps"] = layer_bytes / 2 / timed(
+            lambda: [mkldnn._linear_pointwise(xs16[w.shape[1]], p, None, "none", [], "")
+                     for w, p in zip(layers16, packed16)], 5) / 1e9
+        packed_head16 = mkldnn._reorder_linear_weight(head16, 8)
+        out["bf16_head_onednn_prepacked_8_rows_GBps"] = head_bytes / 2 / timed(
+            lambda: mkldnn._linear_pointwise(xs16[576], packed_head16, None, "none", [], ""), 10) / 1e9
+        out["bf16_onednn_packing_s"] = timed(
+            lambda: [mkldnn._reorder_linear_weight(w, 8) for w in [*layers16, head16]], 2)
     return out
 
 

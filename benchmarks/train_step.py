@@ -18,6 +18,7 @@ and student passes, optimizer).
     python benchmarks/train_step.py --ablate 1 4 8   # also selfdistill with each speed lever off (~25 min)
     python benchmarks/train_step.py --bf16 --out benchmarks/results/train_step_bf16.json   # both in bf16 autocast
     python benchmarks/train_step.py --bf16 --heap tuned  # both workers started with the launch scripts' allocator
+    python benchmarks/train_step.py --G 1 --bf16 --attn eager  # both with transformers' eager attention
     python benchmarks/train_step.py --G 1 --compile  # both with torch_compile=True, 3 warm-up steps (~7 min a G)
     python benchmarks/train_step.py --plot-only --out benchmarks/results/train_step_bf16_amd.json   # its table, plot
     python benchmarks/train_step.py --quick          # plumbing check: G = 1, 4 rollouts, 1 + 1 steps, 1 thread
@@ -222,7 +223,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     out_dir = str(ROOT / "outputs" / "train_step" / f"{spec['trainer']}_{spec['levers']}_G{g}")
     dataset = make_dataset()
     tok = load_tokenizer(MODEL)
-    model = load_model(MODEL)  # float32
+    model = load_model(MODEL, {"attn_implementation": spec["attn"]})  # float32; the same attention on both sides
     rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     class Clock(TrainerCallback):
@@ -363,12 +364,12 @@ def merge_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def parse_spec(items: list[str]) -> dict[str, Any]:
     spec: dict[str, Any] = {"trainer": None, "G": 1, "rollouts": 8, "steps": 5, "threads": 0, "levers": "all",
-                            "bf16": 0, "compile": 0, "warmup": 1}
+                            "bf16": 0, "compile": 0, "warmup": 1, "attn": "sdpa"}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in spec:
             raise SystemExit(f"worker argument {item!r} is not one of {', '.join(f'{k}=...' for k in spec)}")
-        spec[key] = value if key in ("trainer", "levers") else int(value)
+        spec[key] = value if key in ("trainer", "levers", "attn") else int(value)
     if spec["levers"] not in LEVERS:
         raise SystemExit(f"levers={spec['levers']!r} is not one of {', '.join(LEVERS)}")
     if spec["rollouts"] % spec["G"]:
@@ -516,6 +517,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="both trainers with torch_compile=True "
                         "(TrainingArguments' switch) and --warmup 3: compiling, then recompiling for dynamic shapes, "
                         "stays out of the measured steps")
+    parser.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="both trainers load the model "
+                        "with this attn_implementation (transformers' own switch; sdpa is its default)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps before the measured ones "
                         "(default 2; 3 with --compile, 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="G=1, 4 rollouts, 1 measured step, 1 thread")
@@ -550,7 +553,7 @@ def main() -> None:
     # slower than the later ones on both sides (selfdistill's heap grows once more: ~0.5 GB of page faults, which
     # no later step repeats; docs/benchmarks.md), so the measured steps are the steady state.
     warmup = opts.warmup or (3 if opts.compile else 1 if opts.quick else 2)
-    flags = {"bf16": int(opts.bf16), "compile": int(opts.compile), "warmup": warmup}
+    flags = {"bf16": int(opts.bf16), "compile": int(opts.compile), "warmup": warmup, "attn": opts.attn}
     bad = [g for g in opts.G if opts.rollouts % g]
     if bad:
         raise SystemExit(f"--rollouts {opts.rollouts} is not divisible by G={bad}")
@@ -610,6 +613,7 @@ def main() -> None:
         "measured_steps": opts.steps,
         "repeats": opts.repeats,
         "torch_threads": opts.threads or "default",
+        "attn_implementation": opts.attn,
         "allocator": f"GLIBC_TUNABLES={TUNED_HEAP}" if opts.heap == "tuned" else "glibc defaults",
         "timing": "wall time from the end of the last warm-up step to the end of the last step, over the measured "
                   "steps",
