@@ -266,6 +266,22 @@ class CheckpointMixin:
                 "and start a new run from them (`model: OUT`)."
             )
 
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """transformers' warnings, less the tied weights: a checkpoint stores a tied output head once, under the
+        embedding's name, so ``lm_head.weight`` is "missing" on every resume of a tied model (SmolLM2, Qwen) although
+        the embedding it shares its tensor with was loaded. A key missing for any other reason still warns."""
+        missing = list(getattr(load_result, "missing_keys", []) or [])
+        if missing:
+            by_tensor: dict[int, list[str]] = {}
+            for name, param in self.model.named_parameters(remove_duplicate=False):
+                by_tensor.setdefault(id(param), []).append(name)
+            gone = set(missing)
+            tied_and_loaded = {name for names in by_tensor.values() if any(n not in gone for n in names)
+                               for name in names if name in gone}
+            load_result = type(load_result)([k for k in missing if k not in tied_and_loaded],
+                                            list(load_result.unexpected_keys))
+        super()._issue_warnings_after_load(load_result)
+
     def _load_optimizer_and_scheduler(self, checkpoint):
         # transformers calls this once per resume for every engine (plain, DDP, DeepSpeed, FSDP), after the model is
         # restored and prepared; _load_from_checkpoint is skipped under DeepSpeed, so the extra state loads here.

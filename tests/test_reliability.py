@@ -382,3 +382,25 @@ def test_a_run_is_quiet_by_default(tmp_path, tokenizer):
     assert "it/s]" not in done.stderr  # --no-progress hides transformers' bars too
     saves = [x for x in done.stderr.splitlines() + done.stdout.splitlines() if "checkpoint-" in x]
     assert len(saves) <= 2, saves  # save_steps=1, max_steps=2: at most one line per save
+
+
+def test_resuming_a_tied_model_does_not_call_its_output_head_missing(tmp_path, tokenizer, monkeypatch):
+    """A checkpoint stores a tied head once, under the embedding's name; transformers' Trainer then warns
+    "missing keys ... ['lm_head.weight']" on every resume. The head was restored with the embedding: no warning.
+    A key missing for any other reason still warns."""
+    import transformers.trainer as hf_trainer
+    from conftest import build_model
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    common = dict(max_steps=2, save_strategy="steps", save_steps=1)
+    make_trainer(tmp_path, tokenizer, model=build_model(tokenizer, tie_word_embeddings=True), **common).train()
+    warned = []
+    monkeypatch.setattr(hf_trainer.logger, "warning", lambda msg, *a, **k: warned.append(str(msg)))
+    resumed = make_trainer(tmp_path, tokenizer, model=build_model(tokenizer, seed=1, tie_word_embeddings=True),
+                           **{**common, "max_steps": 3})
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert not [w for w in warned if "missing keys" in w], warned
+    assert resumed.model.lm_head.weight is resumed.model.model.embed_tokens.weight
+
+    resumed._issue_warnings_after_load(_IncompatibleKeys(["model.norm.weight", "lm_head.weight"], []))
+    assert any("['model.norm.weight']" in w for w in warned), warned
