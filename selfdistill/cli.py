@@ -125,7 +125,8 @@ def resume_or_restart(recipe: Any, restart: bool) -> Any:
         if found or os.path.isdir(os.path.join(out, STAGING_DIR)):
             aside = os.path.join(out, time.strftime("restarted-%Y%m%d-%H%M%S"))
             os.makedirs(aside)
-            for path in [*found, os.path.join(out, STAGING_DIR)]:
+            # with them the learning curve their run measured so far (a resumed run reads it back up to its step)
+            for path in [*found, os.path.join(out, STAGING_DIR), os.path.join(out, "learning_curve.json")]:
                 if os.path.exists(path):
                     shutil.move(path, os.path.join(aside, os.path.basename(path)))
             print(f"selfdistill: --restart: moved {len(found)} checkpoint(s) of {out} to {aside}; starting at step 0",
@@ -162,8 +163,22 @@ def _quiet_deepspeed_detection() -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; ``key=value`` overrides may also come after the options (``train r.yaml --no-progress
+    training.max_steps=4``), where argparse alone would refuse them."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    late = [a for a in extra if "=" in a and not a.startswith("-")]
+    if late and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *late]
+        extra = [a for a in extra if a not in late]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     _quiet_deepspeed_detection()
     if getattr(args, "no_progress", False):  # transformers' own bars too (loading weights, writing shards)
         from transformers.utils import logging as hf_logging

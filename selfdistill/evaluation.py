@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,11 +96,16 @@ def _score(reward_fn, tokenizer, prompts, completion_ids, rows, timeout: float |
 
 
 class LearningCurve(TrainerCallback):
-    """Greedy accuracy on a fixed slice of the test split every ``every`` optimizer steps (and at step 0)."""
+    """Greedy accuracy on a fixed slice of the test split every ``every`` optimizer steps (and at step 0).
+
+    ``path``: a JSON file the points are written to as they come (the main process's). A run resumed from a
+    checkpoint at step k reads back the points up to step k from it, so its curve starts at step 0 like an
+    uninterrupted run's (a resumed run's weights are the uninterrupted run's: tests/test_reliability.py)."""
 
     def __init__(self, trainer: Any, dataset: Any, reward_fn: Callable, every: int, n: int,
-                 evaluate_fn: Callable = evaluate, **eval_kwargs: Any):
+                 evaluate_fn: Callable = evaluate, path: str | os.PathLike | None = None, **eval_kwargs: Any):
         self.trainer = trainer
+        self.path = Path(path) if path is not None else None
         self.evaluate_fn = evaluate_fn  # evaluate, or selfdistill.agent.evaluate_env with an environment factory
         self.dataset = dataset
         self.reward_fn = reward_fn
@@ -129,9 +137,26 @@ class LearningCurve(TrainerCallback):
         })
         print(f"[curve] step {step}: held-out greedy accuracy {result['greedy_accuracy']:.1%} "
               f"({self.trainer.rollouts_generated} rollouts)", flush=True)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_name(self.path.name + ".partial")
+            partial.write_text(json.dumps(self.points, indent=1))
+            os.replace(partial, self.path)  # never half written
+
+    def earlier_points(self, step: int) -> list[dict[str, Any]]:
+        """The points an interrupted run measured up to ``step`` (where it resumes), read from ``path``."""
+        if self.path is None or step == 0 or not self.path.exists():
+            return []
+        try:
+            points = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return []  # unreadable: the resumed run's curve starts where it resumes, as without the file
+        return [p for p in points if isinstance(p, dict) and isinstance(p.get("step"), int) and p["step"] <= step]
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not self.points:
+            self.points = self.earlier_points(state.global_step)
+        if not any(p["step"] == state.global_step for p in self.points):
             self.measure(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -148,7 +148,7 @@ def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     curve = None
     if ev.every_steps and can_eval:
         curve = LearningCurve(trainer, test, verifier, every=ev.every_steps, n=ev.curve_n, evaluate_fn=evaluate_fn,
-                              **eval_kwargs)
+                              path=out_dir / "learning_curve.json" if main else None, **eval_kwargs)
         trainer.add_callback(curve)
     train_start = time.perf_counter()
     # training.resume_from_checkpoint: a checkpoint folder (written by any number of ranks), or true for the last one.

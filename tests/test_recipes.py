@@ -174,3 +174,17 @@ def test_a_trl_style_flat_config_parses_with_trls_own_parser(tmp_path):
                                       "per_device_train_batch_size": 4, "use_cpu": True}))
     with pytest.raises(ValueError, match="not divisible by num_generations=3"):
         TrlParser((SelfDistillConfig,)).parse_args_and_config(["--config", str(config)])
+
+
+def test_overrides_may_follow_the_options_and_anything_else_unknown_is_refused(capsys):
+    from selfdistill.cli import _parse
+
+    args = _parse(["train", "r.yaml", "training.seed=1", "--no-progress", "training.max_steps=4"])
+    assert args.overrides == ["training.seed=1", "training.max_steps=4"] and args.no_progress
+    args = _parse(["diagnose", "r.yaml", "--prompts", "8", "training.max_steps=4"])
+    assert args.overrides == ["training.max_steps=4"] and args.prompts == 8
+    with pytest.raises(SystemExit) as stop:
+        _parse(["train", "r.yaml", "--no-progress", "--bogus", "x=1"])
+    assert stop.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # `recipes` takes no overrides
+        _parse(["recipes", "training.max_steps=4"])

@@ -404,3 +404,35 @@ def test_resuming_a_tied_model_does_not_call_its_output_head_missing(tmp_path, t
 
     resumed._issue_warnings_after_load(_IncompatibleKeys(["model.norm.weight", "lm_head.weight"], []))
     assert any("['model.norm.weight']" in w for w in warned), warned
+
+
+def test_a_resumed_run_keeps_the_learning_curve_measured_before_it_stopped(tmp_path, tokenizer):
+    import yaml
+
+    recipe = _tiny_recipe(tmp_path, tokenizer, steps=2)
+    spec = yaml.safe_load(recipe.read_text())
+    spec["eval"].update(every_steps=1, curve_n=4, max_new_tokens=4, batch_size=4)
+    recipe.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    run = functools.partial(subprocess.run, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    cmd = [sys.executable, "-m", "selfdistill", "train", str(recipe), "--no-progress"]
+    first = run(cmd)
+    assert first.returncode == 0, first.stderr[-2000:]
+    curve_file = out / "learning_curve.json"
+    assert [p["step"] for p in json.loads(curve_file.read_text())] == [0, 1, 2]
+    # as if the run had measured step 3 and been killed before checkpoint-3 was written
+    points = json.loads(curve_file.read_text())
+    curve_file.write_text(json.dumps(points + [{**points[-1], "step": 3, "greedy_accuracy": 0.123}]))
+
+    resumed = run([*cmd, "training.max_steps=4"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stderr and "[curve] step 2" not in resumed.stdout  # not measured twice
+    curve = json.loads((out / "results.json").read_text())["learning_curve"]
+    assert [p["step"] for p in curve] == [0, 1, 2, 3, 4]
+    assert curve[:3] == points and curve[3]["greedy_accuracy"] != 0.123  # step 3 measured again
+
+    again = run([*cmd, "training.max_steps=1", "--restart"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    [aside] = list(out.glob("restarted-*"))
+    assert [p["step"] for p in json.loads((aside / "learning_curve.json").read_text())] == [0, 1, 2, 3, 4]
+    assert [p["step"] for p in json.loads(curve_file.read_text())] == [0, 1]
