@@ -30,17 +30,48 @@ def _load(loader: Any, name_or_path: str, what: str, **kwargs: Any) -> Any:
             f"folder {name_or_path!r} holds no model (no config.json; it has: {', '.join(inside) or 'nothing'}). Give "
             "the folder save_pretrained wrote: a training run's <output_dir>/final, or one of its checkpoint-N folders"
         )
+    target = resolve(name_or_path)
+    unreachable = None
+    if target == name_or_path and not os.path.isdir(folder):  # neither embedded nor a folder: a hub id
+        unreachable = hub_unreachable()
+        if unreachable:  # the hub cache only: the hub's client would retry for most of a minute before saying so
+            kwargs = {**kwargs, "local_files_only": True}
+            if loader is AutoModelForCausalLM:  # its look for a PEFT adapter takes its own hub arguments
+                kwargs["adapter_kwargs"] = {**(kwargs.get("adapter_kwargs") or {}), "local_files_only": True}
     try:
-        return loader.from_pretrained(resolve(name_or_path), **kwargs)
+        return loader.from_pretrained(target, **kwargs)
     except OSError as err:
         from selfdistill.embedded import EMBEDDED_MODELS
 
         known = ", ".join(EMBEDDED_MODELS)
+        why = (f"no model hub can be reached from this machine ({unreachable}) and its cache holds no copy"
+               if unreachable else f"no model hub answered for it ({err.__class__.__name__}: "
+                                    f"{str(err).splitlines()[0][:200]})")
         raise ModelNotFound(
             f"cannot load the {what} of model {name_or_path!r}: it is not an embedded model ({known}), "
-            f"not a folder holding a saved model, and no model hub answered for it ({err.__class__.__name__}: "
-            f"{str(err).splitlines()[0][:200]}). Give an embedded name, or a folder written by save_pretrained."
+            f"not a folder holding a saved model, and {why}. Give an embedded name, or a folder written by "
+            "save_pretrained."
         ) from err
+
+
+def hub_unreachable() -> str | None:
+    """Why the model hub cannot be reached, when its host does not even resolve (no network, no DNS); else None.
+    ``HF_HUB_OFFLINE`` is left to the hub's client, which then fails at once by itself."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    host = urlparse(constants.ENDPOINT).hostname
+    if not host:
+        return None
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as err:
+        return f"{host} does not resolve: {err}"
+    return None
 
 
 def load_model(name_or_path: str, init_kwargs: dict[str, Any] | None = None) -> Any:

@@ -174,3 +174,34 @@ def test_model_produces_logits(model_dir):
     # A real pretrained model, not random weights: it should be confident about what comes next.
     top = tok.decode(logits[0, -1].argmax().item())
     assert top.strip() == "The", f"unexpected first token {top!r}"
+
+
+def test_an_unknown_model_is_named_at_once_when_the_hub_cannot_be_reached(monkeypatch):
+    """Offline (the hub's host does not resolve), only the hub cache is asked: the hub client's own retries take most
+    of a minute to say the same. With a resolving host the load goes to the hub as before."""
+    import socket
+
+    from transformers import AutoModelForCausalLM
+
+    import selfdistill.modeling as modeling
+
+    calls = []
+
+    def fake_from_pretrained(name, **kwargs):
+        calls.append(kwargs)
+        raise OSError(f"{name} is not in the cache")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+
+    def no_dns(host, *args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(modeling.ModelNotFound, match="no model hub can be reached .*does not resolve"):
+        modeling.load_model("org/no-such-model")
+    assert calls[-1]["local_files_only"] is True and calls[-1]["adapter_kwargs"] == {"local_files_only": True}
+
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: [])
+    with pytest.raises(modeling.ModelNotFound, match="no model hub answered for it"):
+        modeling.load_model("org/no-such-model")
+    assert "local_files_only" not in calls[-1]
