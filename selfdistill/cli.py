@@ -214,8 +214,14 @@ def main(argv: list[str] | None = None) -> int:
 
             if (args.prompts is not None and args.prompts < 1) or (args.samples is not None and args.samples < 1):
                 raise RecipeError("--prompts and --samples must be at least 1")
-            report = diagnose_recipe(recipe, prompts=args.prompts, samples=args.samples, skills=args.skills,
-                                     progress=not args.no_progress, srt=not args.no_srt)
+            try:
+                with _stop_on_signals():
+                    report = diagnose_recipe(recipe, prompts=args.prompts, samples=args.samples, skills=args.skills,
+                                             progress=not args.no_progress, srt=not args.no_srt)
+            except _Stopped as stop:
+                print("selfdistill: diagnose stopped before its report; nothing was written (a self-revision stage it "
+                      "had finished is kept and reused by the next run)", file=sys.stderr)
+                return stop.code
             print(format_report(report))
             print(f"wrote {report['path']} ({report['wall_seconds']:.0f} s)")
             return 0
@@ -233,7 +239,12 @@ def main(argv: list[str] | None = None) -> int:
                 return stop.code
             leave_process_group(PartialState())
             return 0
-        result = run_eval(recipe, args.model, progress=not args.no_progress)
+        try:
+            with _stop_on_signals():
+                result = run_eval(recipe, args.model, progress=not args.no_progress)
+        except _Stopped as stop:
+            print("selfdistill: eval stopped before its result; nothing was written", file=sys.stderr)
+            return stop.code
         print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
         if args.output:
             with open(args.output, "w") as f:

@@ -436,3 +436,22 @@ def test_a_resumed_run_keeps_the_learning_curve_measured_before_it_stopped(tmp_p
     [aside] = list(out.glob("restarted-*"))
     assert [p["step"] for p in json.loads((aside / "learning_curve.json").read_text())] == [0, 1, 2, 3, 4]
     assert [p["step"] for p in json.loads(curve_file.read_text())] == [0, 1]
+
+
+@pytest.mark.parametrize("command", ["diagnose", "eval"])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_ends_diagnose_and_eval_in_one_line(monkeypatch, capsys, command, sig, code):
+    import selfdistill.premises as premises_module
+    import selfdistill.run as run_module
+    from selfdistill.cli import main
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), sig)  # the handler raises at once, inside the command
+        raise AssertionError("the signal did not stop the command")
+
+    monkeypatch.setattr(premises_module, "diagnose_recipe", interrupted)
+    monkeypatch.setattr(run_module, "run_eval", interrupted)
+    assert main([command, str(ROOT / "recipes" / "opsd_arithmetic.yaml"), "--no-progress"]) == code
+    err = capsys.readouterr().err
+    assert f"selfdistill: {command} stopped before its" in err and "nothing was written" in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
