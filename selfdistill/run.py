@@ -77,6 +77,8 @@ ACTIVE: dict[str, Any] = {}
 def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     """The whole job of ``selfdistill train``; returns the results written to results.json."""
     args = recipe.config()
+    if not progress:  # --no-progress: the trainer's own bar too
+        args.disable_tqdm = True
     if args.resume_from_checkpoint is True and not checkpoints_in(args.output_dir):
         raise RecipeError(f"training.resume_from_checkpoint=true, but {args.output_dir} holds no checkpoint yet; drop "
                           "it to start afresh (the selfdistill command resumes by itself when there is one)")
