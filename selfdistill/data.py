@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import glob
+import json
+import os
 from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset
@@ -79,10 +82,10 @@ def load_splits(spec: DataSpec) -> tuple[Dataset, Dataset | None]:
         files = {"train": spec.train_files}
         if spec.test_files:
             files["test"] = spec.test_files
-        dd = load_dataset(_format_of(spec.train_files), data_files=files)
+        dd = _load_files(files)
         train_split, test_split = "train", "test" if spec.test_files else None
     else:
-        dd = load_dataset(spec.hub, spec.hub_config)
+        dd = _load_hub(spec)
         train_split, test_split = spec.train_split, spec.test_split if spec.test_split in dd else None
     if not isinstance(dd, DatasetDict) or train_split not in dd:
         raise RecipeError(f"the dataset has no {train_split!r} split; set data.train_split")
@@ -98,3 +101,67 @@ def load_splits(spec: DataSpec) -> tuple[Dataset, Dataset | None]:
     if test is not None and spec.n_test is not None and len(test) > spec.n_test:
         test = test.select(range(spec.n_test))
     return train, test
+
+
+def _paths(value: Any) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+
+
+def _load_files(files: dict[str, Any]) -> Any:
+    """``load_dataset`` on local files, with a missing file or an unreadable line named instead of a traceback."""
+    fmt = _format_of(files["train"])
+    for split, value in files.items():
+        for path in _paths(value):
+            if not glob.has_magic(path) and not os.path.exists(path):
+                where = "" if os.path.isabs(path) else f" (a relative path is read from {os.getcwd()})"
+                raise RecipeError(f"data.{split}_files: {path!r} does not exist{where}")
+    try:
+        return load_dataset(fmt, data_files=files)
+    except Exception as err:  # datasets wraps the parser's error in DatasetGenerationError
+        cause = err.__cause__ or err
+        if fmt == "json":
+            for split, value in files.items():
+                for path in (p for pattern in _paths(value) for p in sorted(glob.glob(pattern))):
+                    bad = _bad_json_line(path)
+                    if bad:
+                        raise RecipeError(f"data.{split}_files: {path!r} line {bad[0]}: not valid JSON ({bad[1]}); "
+                                          "each line of a .jsonl file must be one JSON object") from err
+        first = str(cause).splitlines()[0][:300] if str(cause) else ""
+        raise RecipeError(f"data files {files}: datasets cannot read them as {fmt} "
+                          f"({cause.__class__.__name__}: {first})") from err
+
+
+def _bad_json_line(path: str) -> tuple[int, str] | None:
+    """The first line of a JSON Lines file that is not a JSON object (a whole-file JSON document: none)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    try:
+        json.loads(text)
+        return None  # one JSON document (an array or an object): not JSON Lines
+    except ValueError:
+        pass
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            return number, str(err)
+        if not isinstance(row, dict):
+            return number, f"a {type(row).__name__}, not an object"
+    return None
+
+
+def _load_hub(spec: DataSpec) -> Any:
+    """``load_dataset`` from the hub, named at once when the hub cannot be reached (its client retries for a while)."""
+    from selfdistill.modeling import hub_unreachable
+
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise RecipeError(f"data.hub {spec.hub!r}: the dataset hub cannot be reached from this machine "
+                          f"({unreachable}); put the data in files (data.train_files, data.test_files), or set "
+                          "HF_HUB_OFFLINE=1 to read a copy in the hub cache")
+    try:
+        return load_dataset(spec.hub, spec.hub_config)
+    except (ConnectionError, FileNotFoundError, ValueError) as err:
+        raise RecipeError(f"data.hub {spec.hub!r}: {err.__class__.__name__}: {str(err).splitlines()[0][:300]}") from err

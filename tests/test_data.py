@@ -44,3 +44,32 @@ def test_split_off_a_test_set_and_cap_sizes(tmp_path):
 def test_unknown_file_type(tmp_path):
     with pytest.raises(RecipeError, match="use .json, .jsonl, .parquet or .csv"):
         load_splits(DataSpec(task=None, train_files=str(tmp_path / "x.txt")))
+
+
+def test_a_missing_file_and_a_broken_line_are_named(tmp_path, monkeypatch):
+    _write(tmp_path / "train.jsonl", [{"prompt": "q", "solution": "s"}])
+    with pytest.raises(RecipeError, match="data.test_files: '.*nope.jsonl' does not exist"):
+        load_splits(DataSpec(task=None, train_files=str(tmp_path / "train.jsonl"),
+                             test_files=str(tmp_path / "nope.jsonl")))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError, match=f"'nope.jsonl' does not exist \\(a relative path is read from {tmp_path}\\)"):
+        load_splits(DataSpec(task=None, train_files="nope.jsonl"))
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "a", "solution": "b"}\n\n{"prompt": "c", "solution": "d"\n')
+    with pytest.raises(RecipeError, match="'broken.jsonl' line 3: not valid JSON .*one JSON object"):
+        load_splits(DataSpec(task=None, train_files="broken.jsonl"))
+    (tmp_path / "list.jsonl").write_text('{"prompt": "a", "solution": "b"}\n[1, 2]\n')
+    with pytest.raises(RecipeError, match="'list.jsonl' line 2: not valid JSON \\(a list, not an object\\)"):
+        load_splits(DataSpec(task=None, train_files="list.jsonl"))
+
+
+def test_an_unreachable_dataset_hub_is_named_at_once(monkeypatch):
+    import selfdistill.modeling as modeling
+
+    monkeypatch.setattr(modeling, "hub_unreachable", lambda: "huggingface.co does not resolve: no network")
+
+    def no_call(*args, **kwargs):
+        raise AssertionError("load_dataset was called")
+
+    monkeypatch.setattr("selfdistill.data.load_dataset", no_call)
+    with pytest.raises(RecipeError, match="data.hub 'org/x': the dataset hub cannot be reached .*HF_HUB_OFFLINE=1"):
+        load_splits(DataSpec(task=None, hub="org/x"))
