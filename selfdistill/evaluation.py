@@ -140,18 +140,27 @@ class LearningCurve(TrainerCallback):
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             partial = self.path.with_name(self.path.name + ".partial")
-            partial.write_text(json.dumps(self.points, indent=1))
+            partial.write_text(json.dumps({"settings": self.settings(), "points": self.points}, indent=1))
             os.replace(partial, self.path)  # never half written
 
+    def settings(self) -> dict[str, Any]:
+        """What a point's value depends on besides the weights: points measured otherwise are not mixed in."""
+        return {"n": self.n, "rows": len(self.dataset), "eval": {k: v for k, v in sorted(self.eval_kwargs.items())
+                                                              if isinstance(v, (int, float, str, bool, type(None)))}}
+
     def earlier_points(self, step: int) -> list[dict[str, Any]]:
-        """The points an interrupted run measured up to ``step`` (where it resumes), read from ``path``."""
+        """The points an interrupted run measured up to ``step`` (where it resumes), read from ``path``; none when
+        that run measured them with other settings (``curve_n``, the test split's size, the evaluation's limits)."""
         if self.path is None or step == 0 or not self.path.exists():
             return []
         try:
-            points = json.loads(self.path.read_text())
+            saved = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return []  # unreadable: the resumed run's curve starts where it resumes, as without the file
-        return [p for p in points if isinstance(p, dict) and isinstance(p.get("step"), int) and p["step"] <= step]
+        if not isinstance(saved, dict) or saved.get("settings") != json.loads(json.dumps(self.settings())):
+            return []
+        return [p for p in saved.get("points", [])
+                if isinstance(p, dict) and isinstance(p.get("step"), int) and p["step"] <= step]
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not self.points:

@@ -420,10 +420,12 @@ def test_a_resumed_run_keeps_the_learning_curve_measured_before_it_stopped(tmp_p
     first = run(cmd)
     assert first.returncode == 0, first.stderr[-2000:]
     curve_file = out / "learning_curve.json"
-    assert [p["step"] for p in json.loads(curve_file.read_text())] == [0, 1, 2]
+    saved = json.loads(curve_file.read_text())
+    points = saved["points"]
+    assert [p["step"] for p in points] == [0, 1, 2]
     # as if the run had measured step 3 and been killed before checkpoint-3 was written
-    points = json.loads(curve_file.read_text())
-    curve_file.write_text(json.dumps(points + [{**points[-1], "step": 3, "greedy_accuracy": 0.123}]))
+    cut = points + [{**points[-1], "step": 3, "greedy_accuracy": 0.123}]
+    curve_file.write_text(json.dumps({**saved, "points": cut}))
 
     resumed = run([*cmd, "training.max_steps=4"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -432,11 +434,16 @@ def test_a_resumed_run_keeps_the_learning_curve_measured_before_it_stopped(tmp_p
     assert [p["step"] for p in curve] == [0, 1, 2, 3, 4]
     assert curve[:3] == points and curve[3]["greedy_accuracy"] != 0.123  # step 3 measured again
 
+    # measured with other settings (here curve_n): not mixed into the resumed run's curve
+    other = run([*cmd, "training.max_steps=5", "eval.curve_n=2"])
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert [p["step"] for p in json.loads((out / "results.json").read_text())["learning_curve"]] == [4, 5]
+
     again = run([*cmd, "training.max_steps=1", "--restart"])
     assert again.returncode == 0, again.stderr[-2000:]
     [aside] = list(out.glob("restarted-*"))
-    assert [p["step"] for p in json.loads((aside / "learning_curve.json").read_text())] == [0, 1, 2, 3, 4]
-    assert [p["step"] for p in json.loads(curve_file.read_text())] == [0, 1]
+    assert [p["step"] for p in json.loads((aside / "learning_curve.json").read_text())["points"]] == [4, 5]
+    assert [p["step"] for p in json.loads(curve_file.read_text())["points"]] == [0, 1]
 
 
 @pytest.mark.parametrize("command", ["diagnose", "eval"])
