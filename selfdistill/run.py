@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -111,16 +113,25 @@ def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
 
     before = None
     if ev.before and can_eval:
-        # Under ZeRO-3 (zero.Init) every rank gathers the weights and generates in step with the others (transformers
-        # syncs the decoding steps of all ranks); otherwise the main process evaluates alone.
-        with gathered(model):
-            if main or is_zero3_model(model):
-                before = evaluate_fn(model, tokenizer, test, verifier, n=ev.n, pass_k=ev.pass_k,
-                                     desc="eval before", progress=progress, **eval_kwargs)
-                if main:
-                    what = "success rate" if recipe.env is not None else "accuracy"
-                    print(f"before training: greedy {what} {before['greedy_accuracy']:.1%} on {before['n']} "
-                          "held-out tasks")
+        what = "success rate" if recipe.env is not None else "accuracy"
+        before_file = out_dir / "eval_before.json"
+        settings = _before_settings(recipe, test, eval_kwargs)
+        if args.resume_from_checkpoint and main and not is_zero3_model(model):
+            before = _saved_before(before_file, settings)  # the run this one resumes measured the same model
+            if before is not None:
+                print(f"before training: greedy {what} {before['greedy_accuracy']:.1%} on {before['n']} held-out "
+                      f"tasks (measured by the run this one resumes: {before_file})")
+        if before is None:
+            # Under ZeRO-3 (zero.Init) every rank gathers the weights and generates in step with the others
+            # (transformers syncs the decoding steps of all ranks); otherwise the main process evaluates alone.
+            with gathered(model):
+                if main or is_zero3_model(model):
+                    before = evaluate_fn(model, tokenizer, test, verifier, n=ev.n, pass_k=ev.pass_k,
+                                         desc="eval before", progress=progress, **eval_kwargs)
+                    if main:
+                        print(f"before training: greedy {what} {before['greedy_accuracy']:.1%} on {before['n']} "
+                              "held-out tasks")
+                        _write_json(before_file, {"settings": settings, "result": before})
 
     srt, after_srt = None, None
     if recipe.srt is not None and recipe.srt.enabled:
@@ -210,6 +221,35 @@ def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         print(summary_table(results))
         print(f"wrote {out_dir / 'results.json'}")
     return results
+
+
+def _before_settings(recipe: Recipe, test: Any, eval_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What the evaluation before training depends on: the model named, the held-out rows and the evaluation's
+    settings (greedy decoding is deterministic, so the same settings give the same result)."""
+    rows = json.dumps(test.to_list() if hasattr(test, "to_list") else list(test), sort_keys=True, default=str)
+    ev = recipe.eval
+    return json.loads(json.dumps({
+        "model": recipe.model, "env": None if recipe.env is None else {"type": recipe.env.type, **recipe.env.args},
+        "rows": hashlib.sha256(rows.encode()).hexdigest(), "n": ev.n, "pass_k": ev.pass_k,
+        "eval": {k: v for k, v in sorted(eval_kwargs.items()) if isinstance(v, (int, float, str, bool, type(None)))},
+    }, default=str))
+
+
+def _saved_before(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("settings") != settings or not isinstance(saved.get("result"), dict):
+        return None
+    return {**saved["result"], "reused_from": str(path)}
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=1, default=str))
+    os.replace(partial, path)  # never half written
 
 
 def _last_train_logs(history: list[dict[str, Any]]) -> dict[str, Any]:

@@ -407,12 +407,12 @@ def test_resuming_a_tied_model_does_not_call_its_output_head_missing(tmp_path, t
     assert any("['model.norm.weight']" in w for w in warned), warned
 
 
-def test_a_resumed_run_keeps_the_learning_curve_measured_before_it_stopped(tmp_path, tokenizer):
+def test_a_resumed_run_keeps_its_learning_curve_and_its_evaluation_before_training(tmp_path, tokenizer):
     import yaml
 
     recipe = _tiny_recipe(tmp_path, tokenizer, steps=2)
     spec = yaml.safe_load(recipe.read_text())
-    spec["eval"].update(every_steps=1, curve_n=4, max_new_tokens=4, batch_size=4)
+    spec["eval"].update(every_steps=1, curve_n=4, max_new_tokens=4, batch_size=4, before=True)
     recipe.write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
     run = functools.partial(subprocess.run, capture_output=True, text=True, cwd=tmp_path, timeout=300)
@@ -433,16 +433,27 @@ def test_a_resumed_run_keeps_the_learning_curve_measured_before_it_stopped(tmp_p
     curve = json.loads((out / "results.json").read_text())["learning_curve"]
     assert [p["step"] for p in curve] == [0, 1, 2, 3, 4]
     assert curve[:3] == points and curve[3]["greedy_accuracy"] != 0.123  # step 3 measured again
+    # the evaluation before training is the first run's (same model, rows and settings), not measured again
+    assert "measured by the run this one resumes" in resumed.stdout
+    before = json.loads((out / "results.json").read_text())["eval_before"]
+    assert before["reused_from"] == str(out / "eval_before.json")
+    assert {k: v for k, v in before.items() if k != "reused_from"} == json.loads(
+        (out / "eval_before.json").read_text())["result"]
 
     # measured with other settings (here curve_n): not mixed into the resumed run's curve
     other = run([*cmd, "training.max_steps=5", "eval.curve_n=2"])
     assert other.returncode == 0, other.stderr[-2000:]
     assert [p["step"] for p in json.loads((out / "results.json").read_text())["learning_curve"]] == [4, 5]
+    assert "measured by the run this one resumes" in other.stdout  # curve_n is not the before-evaluation's setting
+    changed = run([*cmd, "training.max_steps=6", "eval.max_new_tokens=3"])
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    assert "measured by the run this one resumes" not in changed.stdout
+    assert "reused_from" not in json.loads((out / "results.json").read_text())["eval_before"]
 
     again = run([*cmd, "training.max_steps=1", "--restart"])
     assert again.returncode == 0, again.stderr[-2000:]
     [aside] = list(out.glob("restarted-*"))
-    assert [p["step"] for p in json.loads((aside / "learning_curve.json").read_text())["points"]] == [4, 5]
+    assert [p["step"] for p in json.loads((aside / "learning_curve.json").read_text())["points"]] == [5, 6]
     assert [p["step"] for p in json.loads(curve_file.read_text())["points"]] == [0, 1]
 
 
