@@ -204,6 +204,15 @@ def check_trainer_inputs(args: SelfDistillConfig, privileged: PrivilegedSource |
             "privileged= is required: the source of the teacher's privileged information, e.g. "
             "selfdistill.sources.ReferenceSolution(column='solution')"
         )
+    if isinstance(privileged, str) or not hasattr(privileged, "views"):
+        from selfdistill.sources.base import BUILTIN_SOURCES
+
+        names = "; ".join(f"{name!r}: {path}" for name, path in BUILTIN_SOURCES.items())
+        raise TypeError(
+            f"privileged= takes a privileged-information source object, got {type(privileged).__name__} "
+            f"{privileged!r:.80}; e.g. selfdistill.sources.ReferenceSolution(column='solution'). The names a recipe's "
+            f"source.type takes are these classes: {names}"
+        )
     funcs = [reward_funcs] if callable(reward_funcs) else list(reward_funcs or [])
     for func in funcs:
         if not callable(func):

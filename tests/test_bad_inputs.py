@@ -288,6 +288,11 @@ def test_the_python_api_names_bad_input_before_it_loads_a_model(tmp_path, monkey
 
         SelfDistillTrainer(model="smollm2-135m-instruct", args=make_args(tmp_path), train_dataset=build_dataset(),
                            privileged=Reviser())
+    # a recipe's source name instead of a source object
+    with pytest.raises(TypeError, match="privileged= takes a privileged-information source object, got str 'reference'"
+                                        ".*'reference': selfdistill.methods.opsd.ReferenceSolution"):
+        SelfDistillTrainer(model="smollm2-135m-instruct", args=make_args(tmp_path), train_dataset=build_dataset(),
+                           privileged="reference")
 
 
 def test_recipe_files_that_cannot_be_read_are_named(tmp_path, capsys, no_model_load):
