@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from datasets import IterableDataset
+from datasets import DatasetDict, IterableDataset, IterableDatasetDict
 
 if TYPE_CHECKING:
     from selfdistill.config import SelfDistillConfig
@@ -18,6 +18,12 @@ def check_datasets(privileged: PrivilegedSource, args: SelfDistillConfig, train_
     """The columns the trainer and the source read, and enough prompts for one generation batch; raised before any
     model work (``selfdistill train`` calls it before the model loads)."""
     for split, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+        if isinstance(dataset, (DatasetDict, IterableDatasetDict)):
+            raise TypeError(f"{split} is a {type(dataset).__name__} (splits: {', '.join(dataset)}); pass one split, "
+                            f"e.g. {split}=dataset[{next(iter(dataset), 'train')!r}]")
+        if isinstance(dataset, (list, tuple, dict)):
+            raise TypeError(f"{split} is a {type(dataset).__name__}; pass a datasets.Dataset (or IterableDataset), "
+                            "e.g. datasets.Dataset.from_list(rows) for a list of row dicts")
         columns = getattr(dataset, "column_names", None)
         if columns is None and isinstance(dataset, IterableDataset):
             # A stream built from a generator declares no columns: read them off its first row (a fresh iterator,
@@ -198,7 +204,9 @@ def check_trainer_inputs(args: SelfDistillConfig, privileged: PrivilegedSource |
     from selfdistill.config import SelfDistillConfig
 
     if not isinstance(args, SelfDistillConfig):
-        raise TypeError(f"args must be a SelfDistillConfig, got {type(args).__name__}")
+        hint = ("SelfDistillConfig(**args)" if isinstance(args, dict) else
+                "SelfDistillConfig(...), which takes the TrainingArguments fields as well")
+        raise TypeError(f"args must be a SelfDistillConfig, got {type(args).__name__}; build one with {hint}")
     if privileged is None:
         raise ValueError(
             "privileged= is required: the source of the teacher's privileged information, e.g. "

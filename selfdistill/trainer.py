@@ -120,7 +120,13 @@ class SelfDistillTrainer(CheckpointMixin, DataMixin, SamplingMixin, Trainer):
             if processing_class is None:
                 processing_class = load_tokenizer(name)
         if processing_class is None:
-            processing_class = load_tokenizer(model.config._name_or_path)
+            source = getattr(model.config, "_name_or_path", "")
+            if not source:
+                raise ValueError(
+                    "processing_class= is needed: the model was built in code (its config names no folder or hub id "
+                    "to load a tokenizer from); pass processing_class=AutoTokenizer.from_pretrained(...)"
+                )
+            processing_class = load_tokenizer(source)
         ensure_pad_token(processing_class)
         # What needs the model's window and the tokenizer, checked before any step: the configured lengths, and every
         # in-memory row's rendered prompt (streamed rows are checked as they are read, in _make_rollouts).

@@ -140,6 +140,12 @@ def _write(tmp_path, raw):
 
 
 # ------------------------------------------------------------------------------------------------- Python API
+def test_a_model_built_in_code_without_a_tokenizer_is_named(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="processing_class= is needed: the model was built in code"):
+        SelfDistillTrainer(model=build_model(tokenizer), args=make_args(tmp_path), train_dataset=build_dataset(),
+                           privileged=ReferenceSolution())
+
+
 def test_an_empty_dataset(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="train_dataset has 0 prompts"):
         make_trainer(tmp_path, tokenizer, dataset=build_dataset().select([]))
@@ -288,6 +294,23 @@ def test_the_python_api_names_bad_input_before_it_loads_a_model(tmp_path, monkey
 
         SelfDistillTrainer(model="smollm2-135m-instruct", args=make_args(tmp_path), train_dataset=build_dataset(),
                            privileged=Reviser())
+    # the wrong containers: rows as a list, every split at once, keyword dicts for the config
+    from datasets import DatasetDict
+    from transformers import TrainingArguments
+
+    with pytest.raises(TypeError, match="train_dataset is a list; pass a datasets.Dataset .*Dataset.from_list"):
+        SelfDistillTrainer(model="smollm2-135m-instruct", args=make_args(tmp_path),
+                           train_dataset=build_dataset().to_list(), privileged=ReferenceSolution())
+    with pytest.raises(TypeError, match="train_dataset is a DatasetDict \\(splits: train, test\\); pass one split, "
+                                        "e.g. train_dataset=dataset\\['train'\\]"):
+        SelfDistillTrainer(model="smollm2-135m-instruct", args=make_args(tmp_path), privileged=ReferenceSolution(),
+                           train_dataset=DatasetDict(train=build_dataset(), test=build_dataset()))
+    with pytest.raises(TypeError, match="got dict; build one with SelfDistillConfig\\(\\*\\*args\\)"):
+        SelfDistillTrainer(model="smollm2-135m-instruct", args={"output_dir": str(tmp_path)},
+                           train_dataset=build_dataset(), privileged=ReferenceSolution())
+    with pytest.raises(TypeError, match="got TrainingArguments; .*takes the TrainingArguments fields as well"):
+        SelfDistillTrainer(model="smollm2-135m-instruct", args=TrainingArguments(output_dir=str(tmp_path)),
+                           train_dataset=build_dataset(), privileged=ReferenceSolution())
     # a recipe's source name instead of a source object
     with pytest.raises(TypeError, match="privileged= takes a privileged-information source object, got str 'reference'"
                                         ".*'reference': selfdistill.methods.opsd.ReferenceSolution"):
