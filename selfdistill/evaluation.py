@@ -95,6 +95,32 @@ def _score(reward_fn, tokenizer, prompts, completion_ids, rows, timeout: float |
     return [r is not None and r >= 0.5 for r in verified.rewards]
 
 
+def plain_settings(eval_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation's keyword settings that a record can hold (numbers, strings, flags), sorted."""
+    return {k: v for k, v in sorted(eval_kwargs.items()) if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def write_record(path: Path, settings: dict[str, Any], **fields: Any) -> None:
+    """``{"settings": settings, **fields}`` as JSON at ``path``, never half written (a resumed run reads it back)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({"settings": settings, **fields}, indent=1, default=str))
+    os.replace(partial, path)
+
+
+def read_record(path: Path | None, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The record :func:`write_record` left at ``path`` when it was written with the same settings; else None
+    (no file, an unreadable one, or one measured otherwise)."""
+    if path is None or not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    same = json.loads(json.dumps(settings, default=str))  # as the file holds them (tuples as lists, ...)
+    return saved if isinstance(saved, dict) and saved.get("settings") == same else None
+
+
 class LearningCurve(TrainerCallback):
     """Greedy accuracy on a fixed slice of the test split every ``every`` optimizer steps (and at step 0).
 
@@ -138,28 +164,17 @@ class LearningCurve(TrainerCallback):
         print(f"[curve] step {step}: held-out greedy accuracy {result['greedy_accuracy']:.1%} "
               f"({self.trainer.rollouts_generated} rollouts)", flush=True)
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.path.with_name(self.path.name + ".partial")
-            partial.write_text(json.dumps({"settings": self.settings(), "points": self.points}, indent=1))
-            os.replace(partial, self.path)  # never half written
+            write_record(self.path, self.settings(), points=self.points)
 
     def settings(self) -> dict[str, Any]:
         """What a point's value depends on besides the weights: points measured otherwise are not mixed in."""
-        return {"n": self.n, "rows": len(self.dataset), "eval": {k: v for k, v in sorted(self.eval_kwargs.items())
-                                                              if isinstance(v, (int, float, str, bool, type(None)))}}
+        return {"n": self.n, "rows": len(self.dataset), "eval": plain_settings(self.eval_kwargs)}
 
     def earlier_points(self, step: int) -> list[dict[str, Any]]:
         """The points an interrupted run measured up to ``step`` (where it resumes), read from ``path``; none when
         that run measured them with other settings (``curve_n``, the test split's size, the evaluation's limits)."""
-        if self.path is None or step == 0 or not self.path.exists():
-            return []
-        try:
-            saved = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return []  # unreadable: the resumed run's curve starts where it resumes, as without the file
-        if not isinstance(saved, dict) or saved.get("settings") != json.loads(json.dumps(self.settings())):
-            return []
-        return [p for p in saved.get("points", [])
+        saved = read_record(self.path, self.settings()) if step else None
+        return [p for p in (saved or {}).get("points", [])
                 if isinstance(p, dict) and isinstance(p.get("step"), int) and p["step"] <= step]
 
     def on_train_begin(self, args, state, control, **kwargs):

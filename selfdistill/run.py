@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ from selfdistill.checks import check_datasets, check_output_dir
 from selfdistill.data import load_splits
 from selfdistill.distributed import gathered, is_zero3_model, rank_report
 from selfdistill.dotted import import_dotted, split_dotted
-from selfdistill.evaluation import LearningCurve, evaluate
+from selfdistill.evaluation import LearningCurve, evaluate, plain_settings, read_record, write_record
 from selfdistill.export import save_final_model
 from selfdistill.methods.sdzero import srt as srt_module
 from selfdistill.modeling import load_model, load_tokenizer
@@ -131,7 +130,7 @@ def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
                     if main:
                         print(f"before training: greedy {what} {before['greedy_accuracy']:.1%} on {before['n']} "
                               "held-out tasks")
-                        _write_json(before_file, {"settings": settings, "result": before})
+                        write_record(before_file, settings, result=before)
 
     srt, after_srt = None, None
     if recipe.srt is not None and recipe.srt.enabled:
@@ -228,28 +227,16 @@ def _before_settings(recipe: Recipe, test: Any, eval_kwargs: dict[str, Any]) -> 
     settings (greedy decoding is deterministic, so the same settings give the same result)."""
     rows = json.dumps(test.to_list() if hasattr(test, "to_list") else list(test), sort_keys=True, default=str)
     ev = recipe.eval
-    return json.loads(json.dumps({
-        "model": recipe.model, "env": None if recipe.env is None else {"type": recipe.env.type, **recipe.env.args},
-        "rows": hashlib.sha256(rows.encode()).hexdigest(), "n": ev.n, "pass_k": ev.pass_k,
-        "eval": {k: v for k, v in sorted(eval_kwargs.items()) if isinstance(v, (int, float, str, bool, type(None)))},
-    }, default=str))
+    return {"model": recipe.model, "env": None if recipe.env is None else {"type": recipe.env.type, **recipe.env.args},
+            "rows": hashlib.sha256(rows.encode()).hexdigest(), "n": ev.n, "pass_k": ev.pass_k,
+            "eval": plain_settings(eval_kwargs)}
 
 
 def _saved_before(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(saved, dict) or saved.get("settings") != settings or not isinstance(saved.get("result"), dict):
+    saved = read_record(path, settings)
+    if saved is None or not isinstance(saved.get("result"), dict):
         return None
     return {**saved["result"], "reused_from": str(path)}
-
-
-def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value, indent=1, default=str))
-    os.replace(partial, path)  # never half written
 
 
 def _last_train_logs(history: list[dict[str, Any]]) -> dict[str, Any]:
